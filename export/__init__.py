@@ -1,0 +1,1 @@
+"""absorb export: PyTorch modules of Unleashing Transformers and their ONNX bundle export."""
