@@ -91,6 +91,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, cfg: VQConfig, c: int):
         super().__init__()
+        self.scale = c**-0.5
         self.norm = normalize(cfg, c)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
@@ -102,7 +103,7 @@ class AttnBlock(nn.Module):
         q = self.q(h).flatten(2)  # (B, C, N), N = H*W; flatten keeps H, W dynamic in ONNX
         k = self.k(h).flatten(2)
         v = self.v(h).flatten(2)
-        att = torch.bmm(q.transpose(1, 2), k) * q.shape[1] ** -0.5  # (B, N, N) query x key
+        att = torch.bmm(q.transpose(1, 2), k) * self.scale  # (B, N, N) query x key
         att = F.softmax(att, dim=2)
         h = torch.bmm(v, att.transpose(1, 2))  # (B, C, N)
         return x + self.proj_out(h.reshape_as(x))
@@ -243,7 +244,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         d, nh = pc.bert_n_emb, pc.bert_n_head
         assert d % nh == 0, f"bert_n_emb {d} is not divisible by bert_n_head {nh}"
-        self.n_head = pc.bert_n_head
+        self.n_head, self.head_size = nh, d // nh
         self.key = nn.Linear(pc.bert_n_emb, pc.bert_n_emb)
         self.query = nn.Linear(pc.bert_n_emb, pc.bert_n_emb)
         self.value = nn.Linear(pc.bert_n_emb, pc.bert_n_emb)
@@ -251,7 +252,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):  # (B, L, D)
         B, L, D = x.shape
-        hs = D // self.n_head
+        hs = self.head_size
         k = self.key(x).view(B, L, self.n_head, hs).transpose(1, 2)  # (B, nh, L, hs)
         q = self.query(x).view(B, L, self.n_head, hs).transpose(1, 2)
         v = self.value(x).view(B, L, self.n_head, hs).transpose(1, 2)

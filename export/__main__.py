@@ -1,0 +1,20 @@
+"""Command line of export/: one subcommand per file, each file parsing its own flags.
+
+    python -m export official --random-init --hparams export/tests/digits_shape.json --out /tmp/b
+    python -m export train-digits ...
+"""
+
+import argparse
+import importlib
+
+# subcommand -> module whose main(argv) runs it
+COMMANDS = {
+    "official": "export.export",  # export official checkpoints (or random weights) to a bundle
+    "train-digits": "export.train",  # train the small digits model and write models/digits
+}
+
+p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+p.add_argument("command", choices=sorted(COMMANDS))
+p.add_argument("args", nargs=argparse.REMAINDER, help="flags of the subcommand (see its --help)")
+args = p.parse_args()
+importlib.import_module(COMMANDS[args.command]).main(args.args)
