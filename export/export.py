@@ -4,12 +4,13 @@ A bundle is a directory with encoder.onnx, decoder.onnx, transformer.onnx and mo
 last). Its layout is the contract with the Rust runtime (src/bundle.rs, src/graphs.rs); the names
 and numbers below are that contract. This file does not train (train.py) or sample (the runtime).
 
-    python -m export official --vqgan vqgan_ema_2200000.th --prior absorbing_ema_2000000.th \
+    python -m export official --vqgan vqgan_ema_2200000.th --prior absorbing_ema_2000000.th \\
         --preset churches --out models/churches
     python -m export official --random-init --hparams export/tests/digits_shape.json --out /tmp/b
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +37,11 @@ TRANSFORMER_INPUT = "tokens"
 TRANSFORMER_OUTPUT = "logits"
 OPSET = 17  # JetPack's ORT 1.17 / TensorRT 8.6 read opset 17; the dynamo exporter emits opset 20
 FORMAT = "absorb-bundle/1"
-GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "transformer": "transformer.onnx"}
+GRAPHS = {  # graph -> (file, input name, output name)
+    "encoder": ("encoder.onnx", ENCODER_INPUT, ENCODER_OUTPUT),
+    "decoder": ("decoder.onnx", DECODER_INPUT, DECODER_OUTPUT),
+    "transformer": ("transformer.onnx", TRANSFORMER_INPUT, TRANSFORMER_OUTPUT),
+}
 # Dynamic axes: batch everywhere; the decoder is fully convolutional, so its grid is dynamic too.
 DYNAMIC_AXES = {
     "encoder": {ENCODER_INPUT: {0: "batch"}, ENCODER_OUTPUT: {0: "batch"}},
@@ -52,10 +57,12 @@ PARITY_ATOL = 1e-4  # max abs difference allowed between onnxruntime and torch f
 VQGAN_PREFIX, PRIOR_PREFIX = "ae.", "_denoise_fn."
 VQGAN_IGNORED = ("disc.", "perceptual.", "ae.generator.logsigma.")
 PRIOR_IGNORED = ("Lt_history", "Lt_count", "loss_history")
-HPARAM_KEYS = (
-    "img_size", "n_channels", "nf", "ch_mult", "res_blocks", "attn_resolutions", "codebook_size",
-    "emb_dim", "latent_shape", "bert_n_emb", "bert_n_head", "bert_n_layers", "block_size",
-)  # plus the optional "norm_groups" (default 32, the official value)
+# hparams JSON keys: the official names; all required but norm_groups (default 32, official).
+VQ_KEYS = ("img_size", "n_channels", "nf", "ch_mult", "res_blocks", "attn_resolutions",
+           "codebook_size", "emb_dim")
+PRIOR_KEYS = ("bert_n_emb", "bert_n_head", "bert_n_layers", "block_size")
+HPARAM_KEYS = VQ_KEYS + ("latent_shape",) + PRIOR_KEYS
+LIST_KEYS = ("ch_mult", "attn_resolutions", "latent_shape")
 
 
 class ExportError(Exception):
@@ -70,65 +77,56 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
     """Official-name hparams dict -> configs; rejects unknown, missing and inconsistent keys."""
     unknown = sorted(set(hp) - set(HPARAM_KEYS) - {"norm_groups"})
     if unknown:
-        raise ExportError(f"hparams: unknown keys {unknown}; allowed: {list(HPARAM_KEYS)} + norm_groups")
+        raise ExportError(f"hparams: unknown keys {unknown}; "
+                          f"known: {list(HPARAM_KEYS)} and norm_groups")
     missing = [k for k in HPARAM_KEYS if k not in hp]
     if missing:
         raise ExportError(f"hparams: missing keys {missing}")
     for k in HPARAM_KEYS + ("norm_groups",):
-        v = hp.get(k, 1)
+        v = hp.get(k, 32)
         vals = v if isinstance(v, list) else [v]
-        if not vals or not all(type(x) is int and x > 0 for x in vals):
-            raise ExportError(f"hparams: {k} must be a positive integer or a list of them, got {v!r}")
-    for k in ("ch_mult", "attn_resolutions", "latent_shape"):
-        if not isinstance(hp[k], list):
-            raise ExportError(f"hparams: {k} must be a list, got {hp[k]!r}")
-    vq = VQConfig(
-        img_size=hp["img_size"], n_channels=hp["n_channels"], nf=hp["nf"], ch_mult=tuple(hp["ch_mult"]),
-        res_blocks=hp["res_blocks"], attn_resolutions=tuple(hp["attn_resolutions"]),
-        codebook_size=hp["codebook_size"], emb_dim=hp["emb_dim"], norm_groups=hp.get("norm_groups", 32),
-    )
-    pc = PriorConfig(
-        codebook_size=hp["codebook_size"], bert_n_emb=hp["bert_n_emb"], bert_n_head=hp["bert_n_head"],
-        bert_n_layers=hp["bert_n_layers"], block_size=hp["block_size"],
-    )
+        if (k in LIST_KEYS) != isinstance(v, list) or not vals:
+            kind = "a non-empty list" if k in LIST_KEYS else "an integer"
+            raise ExportError(f"hparams: {k} must be {kind}, got {v!r}")
+        if not all(type(x) is int and x > 0 for x in vals):
+            raise ExportError(f"hparams: {k} must hold positive integers, got {v!r}")
+    vq = VQConfig(**{k: tuple(hp[k]) if k in LIST_KEYS else hp[k] for k in VQ_KEYS},
+                  norm_groups=hp.get("norm_groups", 32))
+    pc = PriorConfig(codebook_size=hp["codebook_size"], **{k: hp[k] for k in PRIOR_KEYS})
     check_configs(vq, pc)
     h = vq.token_size
     if hp["latent_shape"] != [1, h, h]:
-        raise ExportError(
-            f"hparams: latent_shape {hp['latent_shape']} != [1, {h}, {h}] "
-            f"(img_size {vq.img_size} / 2^(len(ch_mult)-1))"
-        )
+        raise ExportError(f"hparams: latent_shape {hp['latent_shape']} != [1, {h}, {h}] "
+                          f"(img_size {vq.img_size} / 2^(len(ch_mult)-1))")
     return vq, pc
 
 
 def check_configs(vq: VQConfig, pc: PriorConfig):
     down = 2 ** (len(vq.ch_mult) - 1)
     if vq.img_size % down:
-        raise ExportError(f"hparams: img_size {vq.img_size} is not divisible by 2^(len(ch_mult)-1) = {down}")
+        raise ExportError(f"hparams: img_size {vq.img_size} is not divisible by "
+                          f"2^(len(ch_mult)-1) = {down}")
     bad = sorted({vq.nf * m for m in vq.ch_mult if (vq.nf * m) % vq.norm_groups})
     if bad:
-        raise ExportError(
-            f"hparams: norm_groups {vq.norm_groups} does not divide the channel counts {bad} "
-            f"(nf {vq.nf} x ch_mult {list(vq.ch_mult)})"
-        )
+        raise ExportError(f"hparams: norm_groups {vq.norm_groups} does not divide the channel "
+                          f"counts {bad} (nf {vq.nf} x ch_mult {list(vq.ch_mult)})")
     if pc.block_size != vq.token_size**2:
-        raise ExportError(f"hparams: block_size {pc.block_size} != h*w = {vq.token_size ** 2}")
+        raise ExportError(f"hparams: block_size {pc.block_size} != h*w = {vq.token_size**2}")
     if pc.bert_n_emb % pc.bert_n_head:
-        raise ExportError(f"hparams: bert_n_head {pc.bert_n_head} does not divide bert_n_emb {pc.bert_n_emb}")
+        raise ExportError(f"hparams: bert_n_head {pc.bert_n_head} does not divide "
+                          f"bert_n_emb {pc.bert_n_emb}")
     if pc.codebook_size != vq.codebook_size:
-        raise ExportError(f"codebook_size differs: vqgan {vq.codebook_size}, prior {pc.codebook_size}")
+        raise ExportError(f"codebook_size differs: vqgan {vq.codebook_size}, "
+                          f"prior {pc.codebook_size}")
 
 
 def hparams_of(vq: VQConfig, pc: PriorConfig) -> dict:
     """Inverse of config_from_hparams: the official-name dict stored in provenance."""
-    h = vq.token_size
-    return {
-        "img_size": vq.img_size, "n_channels": vq.n_channels, "nf": vq.nf, "ch_mult": list(vq.ch_mult),
-        "res_blocks": vq.res_blocks, "attn_resolutions": list(vq.attn_resolutions),
-        "codebook_size": vq.codebook_size, "emb_dim": vq.emb_dim, "latent_shape": [1, h, h],
-        "bert_n_emb": pc.bert_n_emb, "bert_n_head": pc.bert_n_head, "bert_n_layers": pc.bert_n_layers,
-        "block_size": pc.block_size, "norm_groups": vq.norm_groups,
-    }
+    hp = {k: list(v) if k in LIST_KEYS else v for k, v in dataclasses.asdict(vq).items()}
+    hp.pop("beta")
+    hp["latent_shape"] = [1, vq.token_size, vq.token_size]
+    hp.update({k: getattr(pc, k) for k in PRIOR_KEYS})
+    return hp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,32 +148,32 @@ def load_state(module: nn.Module, path, prefix: str, ignored: tuple, hint: str):
             unexpected.append(k)
     expected = module.state_dict()
     unexpected += [prefix + k for k in own if k not in expected]
-    problems = [
-        f"missing key {prefix + k!r} (model expects shape {list(v.shape)})"
-        for k, v in expected.items() if k not in own
-    ]
-    problems += [
-        f"key {prefix + k!r} has shape {list(own[k].shape)} in the file but the model expects "
-        f"{list(v.shape)}" for k, v in expected.items() if k in own and own[k].shape != v.shape
-    ]
+    problems = [f"missing key {prefix + k!r} (model expects shape {list(v.shape)})"
+                for k, v in expected.items() if k not in own]
+    problems += [f"key {prefix + k!r} has shape {list(own[k].shape)} in the file but the "
+                 f"model expects {list(v.shape)}"
+                 for k, v in expected.items() if k in own and own[k].shape != v.shape]
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:8]}")
     if problems:
-        shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"] if len(problems) > 12 else []))
+        more = [f"... {len(problems) - 12} more"] if len(problems) > 12 else []
+        shown = "\n  ".join(problems[:12] + more)
         raise ExportError(f"{path} does not fit the model:\n  {shown}\nlikely cause: {hint}")
     module.load_state_dict({k: v.float() for k, v in own.items()}, strict=True)
 
 
-def load_official(vqgan_path, prior_path, vq: VQConfig, pc: PriorConfig) -> tuple[Autoencoder, Transformer]:
-    """`vqgan_ema_<step>.th` + `absorbing_ema_<step>.th` -> (Autoencoder, Transformer) in eval mode."""
-    hint = "wrong --preset/--hparams (nf, ch_mult, res_blocks, emb_dim, codebook_size, ...) or wrong file"
+def load_official(vqgan_path, prior_path, vq: VQConfig, pc: PriorConfig):
+    """`vqgan_ema_<step>.th` + `absorbing_ema_<step>.th` -> (Autoencoder, Transformer), eval."""
+    hint = "wrong --preset/--hparams (nf, ch_mult, res_blocks, emb_dim, codebook_size, ...)"
     ae, prior = Autoencoder(vq), Transformer(pc)
-    load_state(ae, vqgan_path, VQGAN_PREFIX, VQGAN_IGNORED, hint + " (expected a vqgan_ema_*.th)")
-    load_state(prior, prior_path, PRIOR_PREFIX, PRIOR_IGNORED, hint + " (expected an absorbing_ema_*.th)")
+    load_state(ae, vqgan_path, VQGAN_PREFIX, VQGAN_IGNORED,
+               f"{hint}, or not a vqgan_ema_*.th file")
+    load_state(prior, prior_path, PRIOR_PREFIX, PRIOR_IGNORED,
+               f"{hint}, or not an absorbing_ema_*.th file")
     return ae.eval(), prior.eval()
 
 
-def random_init(vq: VQConfig, pc: PriorConfig, seed: int) -> tuple[Autoencoder, Transformer]:
+def random_init(vq: VQConfig, pc: PriorConfig, seed: int):
     """Seeded random weights at any size, for benchmarks and runtime tests (not for images)."""
     torch.manual_seed(seed)
     ae, prior = Autoencoder(vq), Transformer(pc)
@@ -211,19 +209,19 @@ def graph_modules(ae: Autoencoder, prior: Transformer) -> dict:
     return {"encoder": EncoderGraph(ae), "decoder": DecoderGraph(ae), "transformer": prior}
 
 
-def example_inputs(vq: VQConfig, pc: PriorConfig, batch: int, wide: bool = False, seed: int = 0) -> dict:
-    """Fixed, seeded inputs per graph; `wide` doubles the decoder's token grid width."""
-    g = torch.Generator().manual_seed(seed + batch)
+def example_inputs(vq: VQConfig, pc: PriorConfig, batch: int, wide: bool = False) -> dict:
+    """Fixed, seeded inputs per graph; `wide` doubles the width of the decoder's token grid."""
+    g = torch.Generator().manual_seed(batch + 10 * wide)
     s, h = vq.img_size, vq.token_size
     return {
         "encoder": torch.rand(batch, vq.n_channels, s, s, generator=g),
-        "decoder": torch.randint(0, vq.codebook_size, (batch, h, 2 * h if wide else h), generator=g),
+        "decoder": torch.randint(0, vq.codebook_size, (batch, h, h * (1 + wide)), generator=g),
         "transformer": torch.randint(0, pc.mask_id + 1, (batch, pc.block_size), generator=g),
     }
 
 
 def output_dims(graph: str, vq: VQConfig, pc: PriorConfig) -> list:
-    h, H = vq.token_size, vq.img_size
+    h = vq.token_size
     return {
         "encoder": ["batch", h, h],
         "decoder": ["batch", vq.n_channels, "H", "W"],
@@ -231,82 +229,74 @@ def output_dims(graph: str, vq: VQConfig, pc: PriorConfig) -> list:
     }[graph]
 
 
-def export_graphs(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir: Path):
-    names = {
-        "encoder": (ENCODER_INPUT, ENCODER_OUTPUT),
-        "decoder": (DECODER_INPUT, DECODER_OUTPUT),
-        "transformer": (TRANSFORMER_INPUT, TRANSFORMER_OUTPUT),
-    }
+def export_graphs(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir):
     inputs = example_inputs(vq, pc, batch=2)
     for graph, module in graph_modules(ae, prior).items():
-        path = out_dir / GRAPH_FILES[graph]
+        file, input_name, output_name = GRAPHS[graph]
+        path = str(out_dir / file)
         with torch.no_grad(), warnings.catch_warnings():
             # the legacy exporter is deliberate (see OPSET); its deprecation notice and its note
             # on a strided Slice it leaves unfolded are noise: the graphs are checked below
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-            torch.onnx.export(
-                module, (inputs[graph],), str(path), input_names=[names[graph][0]],
-                output_names=[names[graph][1]], dynamic_axes=DYNAMIC_AXES[graph],
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
-            )
-        model = onnx.load(str(path), load_external_data=False)
+            torch.onnx.export(module, (inputs[graph],), path, input_names=[input_name],
+                              output_names=[output_name], dynamic_axes=DYNAMIC_AXES[graph],
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        model = onnx.load(path, load_external_data=False)
         # The tracer names output dims after internal ops (and once even "batch" at dim 1): state
         # the contract's shapes and drop the stale intermediate shape annotations.
         del model.graph.value_info[:]
-        for value, dims in zip(model.graph.output, [output_dims(graph, vq, pc)]):
-            shape = value.type.tensor_type.shape
-            del shape.dim[:]
-            for d in dims:
-                if isinstance(d, str):
-                    shape.dim.add().dim_param = d
-                else:
-                    shape.dim.add().dim_value = d
-        onnx.save(model, str(path))
-        onnx.checker.check_model(str(path), full_check=True)
-        external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        shape = model.graph.output[0].type.tensor_type.shape
+        del shape.dim[:]
+        for d in output_dims(graph, vq, pc):
+            if isinstance(d, str):
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = d
+        onnx.save(model, path)
+        onnx.checker.check_model(path, full_check=True)
+        external = [t.name for t in model.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL]
         if external:
-            raise ExportError(f"graph {graph}: {len(external)} initializers went to external data")
+            raise ExportError(f"graph {graph}: {len(external)} initializers in external data")
 
 
-def check_parity(out_dir: Path, ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig,
+def check_parity(out_dir, ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig,
                  atol: float = PARITY_ATOL) -> dict:
     """Run each exported graph in onnxruntime against torch; raise ExportError beyond tolerance.
 
-    Floats: max abs difference <= atol. Encoder tokens: must be identical, except where
-    the two chosen codes are equally near in exact arithmetic (a float tie; counted, not failed).
+    Cases: batch 1, batch 2, and the decoder on a twice-as-wide grid. Floats: max abs difference
+    <= atol. Encoder tokens: identical, except where the two chosen codes are equally near in
+    float64 (a float tie: counted in the report, not failed).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     modules = graph_modules(ae, prior)
-    cases = [example_inputs(vq, pc, 1), example_inputs(vq, pc, 2), {"decoder": example_inputs(vq, pc, 1, wide=True)["decoder"]}]
+    wide = example_inputs(vq, pc, 1, wide=True)["decoder"]
+    cases = [example_inputs(vq, pc, 1), example_inputs(vq, pc, 2), {"decoder": wide}]
     report = {}
-    for graph in GRAPH_FILES:
-        sess = ort.InferenceSession(str(out_dir / GRAPH_FILES[graph]), opts, providers=["CPUExecutionProvider"])
+    for graph, (file, input_name, _) in GRAPHS.items():
+        sess = ort.InferenceSession(str(Path(out_dir) / file), opts,
+                                    providers=["CPUExecutionProvider"])
         max_diff, mismatches, ties = 0.0, 0, 0
-        for case in cases:
-            if graph not in case:
-                continue
-            x = case[graph]
+        for x in [case[graph] for case in cases if graph in case]:
             with torch.no_grad():
                 want = modules[graph](x).numpy()
-            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            got = sess.run(None, {input_name: x.numpy()})[0]
             if got.shape != want.shape or got.dtype != want.dtype:
-                raise ExportError(
-                    f"parity: graph {graph!r} gives {got.dtype}{list(got.shape)}, torch "
-                    f"{want.dtype}{list(want.shape)} for input {list(x.shape)}"
-                )
+                raise ExportError(f"parity: graph {graph!r} gives {got.dtype}{list(got.shape)}, "
+                                  f"torch {want.dtype}{list(want.shape)}, input {list(x.shape)}")
             if graph == "encoder":
-                bad = got != want
-                n_ties = count_ties(ae, x, want, got) if bad.any() else 0
-                mismatches += int(bad.sum()) - n_ties
+                n_ties = count_ties(ae, x, want, got) if (got != want).any() else 0
+                mismatches += int((got != want).sum()) - n_ties
                 ties += n_ties
             else:
                 max_diff = max(max_diff, float(np.abs(got.astype(np.float64) - want).max()))
         if graph == "encoder":
             report[graph] = {"token_mismatches": mismatches, "float_ties": ties}
             if mismatches:
-                raise ExportError(f"parity: graph 'encoder' gives {mismatches} token ids unlike torch's")
+                raise ExportError(f"parity: graph 'encoder' gives {mismatches} token ids that "
+                                  f"differ from torch's")
         else:
             report[graph] = {"max_abs_diff": max_diff}
             if not max_diff <= atol:  # also catches NaN
@@ -321,10 +311,10 @@ def count_ties(ae: Autoencoder, x, want, got) -> int:
     e = ae.quantize.embedding.weight.detach().double()  # (K, D)
     ties = 0
     for b, i, j in zip(*np.nonzero(got != want)):
-        d_want = ((z[b, i, j] - e[want[b, i, j]]) ** 2).sum()
-        d_got = ((z[b, i, j] - e[got[b, i, j]]) ** 2).sum()
-        scale = 1.0 + (z[b, i, j] ** 2).sum() + (e**2).sum(1).max()  # float32 rounding ~ eps * scale
-        ties += int(abs(d_got - d_want) <= 1e-5 * scale)
+        zz = z[b, i, j]
+        gap = ((zz - e[got[b, i, j]]) ** 2).sum() - ((zz - e[want[b, i, j]]) ** 2).sum()
+        scale = 1.0 + (zz**2).sum() + (e**2).sum(1).max()  # float32 rounding ~ eps * scale
+        ties += int(abs(gap) <= 1e-5 * scale)
     return ties
 
 
@@ -342,37 +332,36 @@ def sha256_of(path: Path) -> str:
 
 def git_short_hash() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *, name: str,
-                 image_range=(0.0, 1.0), steps: int, temperature: float, source: str,
+def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *,
+                 name: str, image_range=(0.0, 1.0), steps: int, temperature: float, source: str,
                  metrics: dict | None = None, parity_atol: float = PARITY_ATOL) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
-    assert steps >= 1 and temperature > 0, f"steps {steps} must be >= 1 and temperature {temperature} > 0"
+    assert steps >= 1, f"steps {steps} must be >= 1"
+    assert temperature > 0, f"temperature {temperature} must be > 0"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").unlink(missing_ok=True)  # no stale manifest over half-written graphs
     ae, prior = ae.eval(), prior.eval()
     export_graphs(ae, prior, vq, pc, out_dir)
     parity = check_parity(out_dir, ae, prior, vq, pc, atol=parity_atol)
-    h = vq.token_size
-    H = h * 2 ** (len(vq.ch_mult) - 1)
+    h, size = vq.token_size, vq.img_size
     manifest = {
         "format": FORMAT,
         "name": name,
-        "image": {"channels": vq.n_channels, "height": H, "width": H, "range": [float(r) for r in image_range]},
-        "tokens": {"height": h, "width": h, "codebook_size": vq.codebook_size, "mask_id": pc.mask_id},
-        "graphs": {
-            g: {"file": f, "sha256": sha256_of(out_dir / f)} for g, f in GRAPH_FILES.items()
-        },
+        "image": {"channels": vq.n_channels, "height": size, "width": size,
+                  "range": [float(r) for r in image_range]},
+        "tokens": {"height": h, "width": h, "codebook_size": vq.codebook_size,
+                   "mask_id": pc.mask_id},
+        "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
+                   for g, (f, _, _) in GRAPHS.items()},
         "sampling": {"steps": int(steps), "temperature": float(temperature)},
         "provenance": {
             "exporter": f"absorb export {git_short_hash()}",
@@ -393,18 +382,19 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m export official", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m export official",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--vqgan", type=Path, help="official vqgan_ema_<step>.th")
     p.add_argument("--prior", type=Path, help="official absorbing_ema_<step>.th")
-    p.add_argument("--random-init", action="store_true", help="seeded random weights instead of files")
+    p.add_argument("--random-init", action="store_true", help="seeded random weights, no files")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     arch = p.add_mutually_exclusive_group(required=True)
     arch.add_argument("--preset", choices=sorted(PRESETS))
     arch.add_argument("--hparams", type=Path, help="JSON with the official hparams names")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--name", help="bundle name (default: the preset or the hparams file stem)")
-    p.add_argument("--steps", type=int, default=256, help="default sampling steps (official: 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="default temperature (official: 1.0)")
+    p.add_argument("--steps", type=int, default=256, help="default sampling steps (official 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default temperature (1.0)")
     p.add_argument("--parity-atol", type=float, default=PARITY_ATOL,
                    help="max abs difference onnxruntime vs torch (default %(default)s)")
     args = p.parse_args(argv)
@@ -413,6 +403,7 @@ def main(argv=None):
     if not args.random_init and not (args.vqgan and args.prior):
         p.error("--vqgan and --prior go together")
     torch.set_num_threads(1)  # the machine is shared; see export/README.md
+    t0 = time.time()
     try:
         if args.preset:
             vq, pc = PRESETS[args.preset]
@@ -424,14 +415,13 @@ def main(argv=None):
         else:
             ae, prior = load_official(args.vqgan, args.prior, vq, pc)
             source = f"official checkpoints {args.vqgan.name} + {args.prior.name}"
-        t0 = time.time()
-        name = args.name or args.preset or args.hparams.stem
-        out = write_bundle(ae, prior, vq, pc, args.out, name=name, steps=args.steps,
-                           temperature=args.temperature, source=source, parity_atol=args.parity_atol)
+        out = write_bundle(ae, prior, vq, pc, args.out, name=args.name or args.preset or
+                           args.hparams.stem, steps=args.steps, temperature=args.temperature,
+                           source=source, parity_atol=args.parity_atol)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    manifest = json.loads((out / "model.json").read_text())
+    parity = json.loads((out / "model.json").read_text())["provenance"]["metrics"]["parity"]
     print(f"wrote {out} in {time.time() - t0:.1f}s")
-    for g, f in GRAPH_FILES.items():
-        print(f"  {f}: {(out / f).stat().st_size / 1e6:.1f} MB, parity {manifest['provenance']['metrics']['parity'][g]}")
+    for graph, (file, _, _) in GRAPHS.items():
+        print(f"  {file}: {(out / file).stat().st_size / 1e6:.1f} MB, parity {parity[graph]}")

@@ -18,7 +18,9 @@ from export.export import (
     DECODER_INPUT, ENCODER_INPUT, TRANSFORMER_INPUT, ExportError, check_parity, config_from_hparams,
     hparams_of, load_official, random_init, write_bundle,
 )
-from export.model import PRESETS, Autoencoder, AttnBlock, Downsample, ResBlock, Transformer, Upsample
+from export.model import (
+    PRESETS, AttnBlock, Autoencoder, Downsample, ResBlock, Transformer, Upsample,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_SHAPE = Path(__file__).with_name("digits_shape.json")
@@ -45,7 +47,10 @@ def churches_meta():
 def test_churches_parameter_counts_match_the_spec():
     ae, prior = churches_meta()
     sd = ae.state_dict()
-    count = lambda prefix: sum(v.numel() for k, v in sd.items() if k.startswith(prefix))  # noqa: E731
+
+    def count(prefix):
+        return sum(v.numel() for k, v in sd.items() if k.startswith(prefix))
+
     assert count("encoder.") == 30_349_568
     assert count("quantize.") == 262_144
     assert count("generator.blocks.") == 35_020_291
@@ -152,7 +157,8 @@ def write_official(tmp_path, vq, pc, seed=1, vq_edit=None, prior_edit=None):
     ae_sd["disc.main.3.running_mean"] = torch.zeros(4)
     ae_sd["perceptual.lin0.model.1.weight"] = torch.zeros(1, 4, 1, 1)
     prior_sd = {"_denoise_fn." + k: v for k, v in prior.state_dict().items()}
-    prior_sd.update(Lt_history=torch.zeros(1001), Lt_count=torch.zeros(1001), loss_history=torch.zeros(1001))
+    # training statistics; 1001 long if trained before commit 401229e (spec 9)
+    prior_sd.update({k: torch.zeros(1001) for k in ("Lt_history", "Lt_count", "loss_history")})
     for sd, edit in ((ae_sd, vq_edit), (prior_sd, prior_edit)):
         if edit:
             edit(sd)
@@ -277,8 +283,8 @@ def run_cli(*args):
 
 def test_cli_random_init_writes_a_contract_bundle(tmp_path):
     out = tmp_path / "bundle"
-    r = run_cli("--random-init", "--seed", 5, "--hparams", DIGITS_SHAPE, "--out", out, "--steps", 16,
-                "--name", "rand-digits")
+    r = run_cli("--random-init", "--seed", 5, "--hparams", DIGITS_SHAPE, "--out", out,
+                "--steps", 16, "--name", "rand-digits")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "model.json").read_text())
     assert list(m) == ["format", "name", "image", "tokens", "graphs", "sampling", "provenance"]
@@ -299,7 +305,8 @@ def test_cli_random_init_writes_a_contract_bundle(tmp_path):
 
 def test_cli_bad_checkpoint_exits_non_zero_naming_the_key(tmp_path):
     vq, pc = config_from_hparams(json.loads(DIGITS_SHAPE.read_text()))
-    _, _, fv, fp = write_official(tmp_path, vq, pc, vq_edit=lambda sd: sd.pop("ae.generator.blocks.0.bias"))
+    drop = lambda sd: sd.pop("ae.generator.blocks.0.bias")  # noqa: E731
+    _, _, fv, fp = write_official(tmp_path, vq, pc, vq_edit=drop)
     r = run_cli("--vqgan", fv, "--prior", fp, "--hparams", DIGITS_SHAPE, "--out", tmp_path / "b")
     assert r.returncode == 1
     assert "missing key 'ae.generator.blocks.0.bias'" in r.stderr
@@ -307,5 +314,6 @@ def test_cli_bad_checkpoint_exits_non_zero_naming_the_key(tmp_path):
 
 
 def test_cli_rejects_mixed_sources(tmp_path):
-    r = run_cli("--random-init", "--vqgan", tmp_path / "x.th", "--preset", "churches", "--out", tmp_path)
+    r = run_cli("--random-init", "--vqgan", tmp_path / "x.th", "--preset", "churches",
+                "--out", tmp_path)
     assert r.returncode == 2 and "--random-init" in r.stderr
