@@ -235,10 +235,13 @@ def export_graphs(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCo
         file, input_name, output_name = GRAPHS[graph]
         path = str(out_dir / file)
         with torch.no_grad(), warnings.catch_warnings():
-            # the legacy exporter is deliberate (see OPSET); its deprecation notice and its note
-            # on a strided Slice it leaves unfolded are noise: the graphs are checked below
+            # the legacy exporter is deliberate (see OPSET); its deprecation notice, its note on
+            # a strided Slice it leaves unfolded and GroupNorm's batch-size check are noise here:
+            # the graphs are checked below
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                    module="torch.nn.functional")
             torch.onnx.export(module, (inputs[graph],), path, input_names=[input_name],
                               output_names=[output_name], dynamic_axes=DYNAMIC_AXES[graph],
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
