@@ -23,3 +23,29 @@ $(VENV)/.installed: export/requirements.txt
 
 pytest: venv
 	$(PY) -m pytest -q export/tests
+
+ORT_SHA256_x86_64  := 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+ARCH := $(shell uname -m)
+
+.PHONY: ort build demo test rust-test lint
+ort: $(ORT_LIB)
+$(ORT_LIB):
+	scripts/fetch-ort.sh $(ORT_VERSION) manylinux_2_28_$(ARCH) $(ORT_SHA256_$(ARCH)) $(ORT_DIR)
+
+build:
+	cargo build --release
+
+# The demo: a grid of digits from the bundled model.
+demo: ort build
+	mkdir -p out
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 7 --count 64 --out out/digits.png
+	@echo "open out/digits.png"
+
+rust-test: ort
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release
+
+lint:
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+test: lint rust-test pytest

@@ -1,0 +1,424 @@
+//! The model bundle: `model.json` plus the three graphs it names (design section 3).
+//!
+//! This file parses and validates the manifest (unknown fields rejected, every number checked
+//! against the others), resolves graph paths inside the bundle directory and verifies their
+//! sha256. It does not open the graphs: checking their inputs and outputs against the manifest
+//! is `graphs.rs`'s job, right after ONNX Runtime loads them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The only manifest format this build reads.
+pub const FORMAT: &str = "absorb-bundle/1";
+
+/// Name of the manifest file inside a bundle directory.
+pub const MANIFEST_FILE: &str = "model.json";
+
+/// `model.json`, as written by `export/export.py`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Short name of the model, e.g. `digits`.
+    pub name: String,
+    /// Pixel space of the encoder input and decoder output.
+    pub image: ImageSpec,
+    /// The token grid the transformer was trained on.
+    pub tokens: TokenSpec,
+    /// The three graph files.
+    pub graphs: GraphFiles,
+    /// Default sampling settings.
+    pub sampling: SamplingDefaults,
+    /// Free-form: exporter, opset, source checkpoints, measured metrics.
+    #[serde(default)]
+    pub provenance: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Image tensor layout: `[B, channels, height, width]`, values in `range`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Pixels.
+    pub height: usize,
+    /// Pixels.
+    pub width: usize,
+    /// `[low, high]`: the value of a black and a white pixel.
+    pub range: [f32; 2],
+}
+
+/// The token grid: `height x width` positions, ids `0..codebook_size`, plus the mask id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSpec {
+    /// Rows of the grid.
+    pub height: usize,
+    /// Columns of the grid.
+    pub width: usize,
+    /// Number of VQ codes K; the transformer outputs K logits per position.
+    pub codebook_size: usize,
+    /// The absorbing state; always equal to `codebook_size` (the embedding's extra last row).
+    pub mask_id: i64,
+}
+
+impl TokenSpec {
+    /// L, the sequence length the transformer sees (row-major grid).
+    pub fn len(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// Never true for a validated manifest.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The `graphs` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFiles {
+    /// Image -> tokens.
+    pub encoder: GraphFile,
+    /// Tokens -> image.
+    pub decoder: GraphFile,
+    /// Tokens -> logits.
+    pub transformer: TransformerFile,
+}
+
+/// One graph file and its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    /// File name relative to the bundle directory.
+    pub file: String,
+    /// Lowercase hex sha256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// The transformer entry, which may list precision variants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerFile {
+    /// File name relative to the bundle directory.
+    pub file: String,
+    /// Lowercase hex sha256 of the file's bytes.
+    pub sha256: String,
+    /// Optional variants by name (`fp16`, `int8`) -> file name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, String>,
+}
+
+/// The `sampling` section: defaults used when a request does not say.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    /// Number of reverse steps S, 1..=L.
+    pub steps: usize,
+    /// Softmax temperature, > 0.
+    pub temperature: f32,
+}
+
+/// The three graphs of a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphKind {
+    /// Image -> tokens (quantizer argmin inside).
+    Encoder,
+    /// Tokens -> image (codebook gather inside).
+    Decoder,
+    /// Tokens -> logits.
+    Transformer,
+}
+
+impl GraphKind {
+    /// All three, in load order.
+    pub const ALL: [GraphKind; 3] = [GraphKind::Encoder, GraphKind::Decoder, GraphKind::Transformer];
+
+    /// The name used in `model.json`, logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            GraphKind::Encoder => "encoder",
+            GraphKind::Decoder => "decoder",
+            GraphKind::Transformer => "transformer",
+        }
+    }
+}
+
+/// A validated bundle on disk.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+    manifest_sha256: String,
+}
+
+impl Bundle {
+    /// Reads `DIR/model.json`, validates it and checks every graph file's presence and sha256.
+    pub fn load(dir: &Path) -> Result<Bundle> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = fs::read(&path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "no {MANIFEST_FILE} here: is {} a bundle directory (models/<name>/)?",
+                    dir.display()
+                )
+            } else {
+                e.to_string()
+            };
+            Error::Manifest {
+                path: path.clone(),
+                message: hint,
+            }
+        })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            message: format!("not a valid bundle manifest: {e}"),
+        })?;
+        validate(&manifest).map_err(|message| Error::Manifest {
+            path: path.clone(),
+            message,
+        })?;
+        let bundle = Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            manifest_sha256: sha256_hex(&bytes),
+        };
+        for kind in GraphKind::ALL {
+            bundle.verify_graph(kind)?;
+        }
+        Ok(bundle)
+    }
+
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The bundle directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// sha256 of `model.json`'s bytes; since the manifest holds every graph's hash, this names
+    /// the whole bundle. Recorded in PNG metadata.
+    pub fn sha256(&self) -> &str {
+        &self.manifest_sha256
+    }
+
+    /// Path of a graph file.
+    pub fn graph_path(&self, kind: GraphKind) -> PathBuf {
+        let g = &self.manifest.graphs;
+        let file = match kind {
+            GraphKind::Encoder => &g.encoder.file,
+            GraphKind::Decoder => &g.decoder.file,
+            GraphKind::Transformer => &g.transformer.file,
+        };
+        self.dir.join(file)
+    }
+
+    fn verify_graph(&self, kind: GraphKind) -> Result<()> {
+        let g = &self.manifest.graphs;
+        let expected = match kind {
+            GraphKind::Encoder => &g.encoder.sha256,
+            GraphKind::Decoder => &g.decoder.sha256,
+            GraphKind::Transformer => &g.transformer.sha256,
+        };
+        let path = self.graph_path(kind);
+        let bytes = fs::read(&path).map_err(|e| Error::GraphFile {
+            graph: kind.name(),
+            path: path.clone(),
+            message: format!("cannot read the file named in {MANIFEST_FILE}: {e}"),
+        })?;
+        let found = sha256_hex(&bytes);
+        if &found != expected {
+            return Err(Error::GraphFile {
+                graph: kind.name(),
+                path,
+                message: format!(
+                    "sha256 is {found}, {MANIFEST_FILE} records {expected}: the file was changed or \
+                     truncated; re-export the bundle or restore the file"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks every number against the others. Returns a message naming the field.
+fn validate(m: &Manifest) -> Result<(), String> {
+    if m.format != FORMAT {
+        return Err(format!(
+            "format is \"{}\", this build of absorb reads \"{FORMAT}\"; re-export with export/",
+            m.format
+        ));
+    }
+    if m.name.trim().is_empty() {
+        return Err("name is empty".into());
+    }
+    let i = &m.image;
+    if i.channels != 1 && i.channels != 3 {
+        return Err(format!("image.channels is {}, expected 1 or 3", i.channels));
+    }
+    if i.height == 0 || i.width == 0 {
+        return Err(format!("image size is {}x{}, must be positive", i.height, i.width));
+    }
+    let [lo, hi] = i.range;
+    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+        return Err(format!(
+            "image.range is [{lo}, {hi}], expected two finite numbers low < high"
+        ));
+    }
+    let t = &m.tokens;
+    if t.height == 0 || t.width == 0 {
+        return Err(format!("tokens grid is {}x{}, must be positive", t.height, t.width));
+    }
+    if i.height % t.height != 0 || i.width % t.width != 0 || i.height / t.height != i.width / t.width {
+        return Err(format!(
+            "image {}x{} is not an integer multiple (same factor both ways) of the tokens grid {}x{}",
+            i.height, i.width, t.height, t.width
+        ));
+    }
+    if t.codebook_size < 2 {
+        return Err(format!(
+            "tokens.codebook_size is {}, must be at least 2",
+            t.codebook_size
+        ));
+    }
+    if t.mask_id != t.codebook_size as i64 {
+        return Err(format!(
+            "tokens.mask_id is {} but must equal tokens.codebook_size ({}): the transformer's \
+             embedding has codebook_size + 1 rows with the mask last",
+            t.mask_id, t.codebook_size
+        ));
+    }
+    let l = t.len();
+    let s = &m.sampling;
+    if s.steps == 0 || s.steps > l {
+        return Err(format!(
+            "sampling.steps is {}, must be in 1..={l} (the number of tokens)",
+            s.steps
+        ));
+    }
+    if !(s.temperature.is_finite() && s.temperature > 0.0) {
+        return Err(format!(
+            "sampling.temperature is {}, must be a finite number > 0",
+            s.temperature
+        ));
+    }
+    let g = &m.graphs;
+    let files = [
+        ("graphs.encoder", &g.encoder.file, &g.encoder.sha256),
+        ("graphs.decoder", &g.decoder.file, &g.decoder.sha256),
+        ("graphs.transformer", &g.transformer.file, &g.transformer.sha256),
+    ];
+    for (field, file, sha) in files {
+        check_file_name(field, file)?;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("{field}.sha256 is \"{sha}\", expected 64 lowercase hex digits"));
+        }
+    }
+    for (name, file) in &g.transformer.variants {
+        check_file_name(&format!("graphs.transformer.variants.{name}"), file)?;
+    }
+    Ok(())
+}
+
+/// Graph files must stay inside the bundle: a plain relative name, no `..`, no absolute path.
+fn check_file_name(field: &str, file: &str) -> Result<(), String> {
+    let p = Path::new(file);
+    let plain = !file.is_empty() && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}.file is \"{file}\": must be a relative path inside the bundle directory"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format": "absorb-bundle/1",
+            "name": "t",
+            "image": {"channels": 1, "height": 32, "width": 32, "range": [0.0, 1.0]},
+            "tokens": {"height": 8, "width": 8, "codebook_size": 64, "mask_id": 64},
+            "graphs": {
+                "encoder": {"file": "encoder.onnx", "sha256": "0".repeat(64)},
+                "decoder": {"file": "decoder.onnx", "sha256": "0".repeat(64)},
+                "transformer": {"file": "transformer.onnx", "sha256": "0".repeat(64)}
+            },
+            "sampling": {"steps": 16, "temperature": 1.0},
+            "provenance": {"anything": [1, 2]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_consistent_manifest_validates() {
+        validate(&manifest()).unwrap();
+    }
+
+    #[test]
+    fn a_wrong_mask_id_is_rejected_naming_the_field() {
+        let mut m = manifest();
+        m.tokens.mask_id = 63;
+        let e = validate(&m).unwrap_err();
+        assert!(e.contains("tokens.mask_id is 63"), "{e}");
+    }
+
+    #[test]
+    fn steps_above_the_token_count_are_rejected() {
+        let mut m = manifest();
+        m.sampling.steps = 65;
+        assert!(validate(&m).unwrap_err().contains("sampling.steps is 65"));
+    }
+
+    #[test]
+    fn a_grid_that_does_not_divide_the_image_is_rejected() {
+        let mut m = manifest();
+        m.tokens.width = 5;
+        assert!(validate(&m).unwrap_err().contains("not an integer multiple"));
+    }
+
+    #[test]
+    fn graph_files_outside_the_bundle_are_rejected() {
+        for bad in ["../x.onnx", "/etc/passwd", ""] {
+            let mut m = manifest();
+            m.graphs.decoder.file = bad.into();
+            assert!(validate(&m).unwrap_err().contains("graphs.decoder.file"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let mut v = serde_json::to_value(manifest()).unwrap();
+        v["tokens"]["extra"] = 1.into();
+        let e = serde_json::from_value::<Manifest>(v).unwrap_err().to_string();
+        assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn temperature_must_be_positive_and_finite() {
+        for t in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let mut m = manifest();
+            m.sampling.temperature = t;
+            assert!(validate(&m).unwrap_err().contains("sampling.temperature"));
+        }
+    }
+}

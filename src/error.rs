@@ -1,0 +1,180 @@
+//! The library's one error type. Every variant carries what a person needs to act on it: the file,
+//! the field or graph input, what was expected and what was found, and where possible the fix.
+//! The binary wraps these in `anyhow` for context; nothing here knows about exit codes.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in absorb's library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No ONNX Runtime library could be found in any of the searched places.
+    #[error(
+        "no ONNX Runtime library found; looked in:\n{}\nfix: run `make ort` in the repository, \
+         `pip install onnxruntime`, or pass --ort-lib /path/to/libonnxruntime.so (or set ORT_DYLIB_PATH)",
+        .searched.iter().map(|s| format!("  - {s}")).collect::<Vec<_>>().join("\n")
+    )]
+    OrtNotFound {
+        /// Each place looked at, with why it did not qualify.
+        searched: Vec<String>,
+    },
+
+    /// A library was found but could not be loaded.
+    #[error("could not load ONNX Runtime from {}: {reason}", .path.display())]
+    OrtLoad {
+        /// The library file.
+        path: PathBuf,
+        /// The loader's own message.
+        reason: String,
+    },
+
+    /// The library is older than the API level absorb is compiled against.
+    #[error(
+        "ONNX Runtime {found} at {} is too old: absorb needs {required} or newer; \
+         install a newer build (JetPack 6: jetson-containers' onnxruntime) or pass --ort-lib",
+        .path.display()
+    )]
+    OrtTooOld {
+        /// The library file.
+        path: PathBuf,
+        /// Its version string.
+        found: String,
+        /// The oldest version absorb can use.
+        required: String,
+    },
+
+    /// ONNX Runtime was already initialised in this process with different settings.
+    #[error("ONNX Runtime is already initialised in this process with {existing}; requested {requested}")]
+    OrtReinit {
+        /// The settings in force.
+        existing: String,
+        /// The settings asked for now.
+        requested: String,
+    },
+
+    /// An error reported by ONNX Runtime itself.
+    #[error("{context}: {source}")]
+    Ort {
+        /// What absorb was doing.
+        context: String,
+        /// ONNX Runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+
+    /// An execution provider was requested explicitly and cannot be used.
+    #[error("execution provider {provider} is not usable: {reason}; fix: {fix}")]
+    Provider {
+        /// The provider's name.
+        provider: String,
+        /// Why it cannot be used (ONNX Runtime's message where there is one).
+        reason: String,
+        /// What to do about it.
+        fix: String,
+    },
+
+    /// `model.json` is unreadable, malformed or inconsistent.
+    #[error("{}: {message}", .path.display())]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
+    /// A graph file is missing, unreadable or does not match its recorded hash.
+    #[error("graph \"{graph}\" ({}): {message}", .path.display())]
+    GraphFile {
+        /// Which graph (encoder, decoder, transformer).
+        graph: &'static str,
+        /// The graph file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A graph's inputs or outputs do not match the bundle's contract.
+    #[error("graph \"{graph}\" ({}): {message}", .path.display())]
+    Contract {
+        /// Which graph.
+        graph: &'static str,
+        /// The graph file.
+        path: PathBuf,
+        /// Which input/output, expected and found.
+        message: String,
+    },
+
+    /// A generation parameter is out of range.
+    #[error("invalid {name}: {message}")]
+    Param {
+        /// The parameter's name as the CLI and the HTTP API spell it.
+        name: &'static str,
+        /// What is allowed and what was given.
+        message: String,
+    },
+
+    /// An input image or mask is unusable.
+    #[error("{}: {message}", .path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A token grid is malformed (wrong size, ids out of range).
+    #[error("token grid: {0}")]
+    Tokens(String),
+
+    /// A PNG has no absorb metadata, or metadata this build cannot use.
+    #[error("{}: {message}", .path.display())]
+    Metadata {
+        /// The PNG.
+        path: PathBuf,
+        /// What is missing or wrong.
+        message: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// True for errors caused by the caller's input (parameters, images, masks, tokens), as opposed
+    /// to the model, the library or the machine. The CLI maps these to exit code 2, the service to 4xx.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Param { .. } | Error::Image { .. } | Error::Tokens(_) | Error::Metadata { .. }
+        )
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A parameter error naming the parameter.
+    pub fn param(name: &'static str, message: impl Into<String>) -> Self {
+        Error::Param {
+            name,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn ort(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Ort { context, source }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

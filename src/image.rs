@@ -1,0 +1,464 @@
+//! Pixels and files: image files -> tensors in the bundle's range, tensors -> 8-bit pixels,
+//! pixel masks -> token masks, grids, and PNG writing (atomic, with the generation parameters
+//! in a text chunk) and reading those parameters back.
+//!
+//! It does not run any graph and does not sample.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::ImageSpec;
+use crate::error::{Error, Result};
+
+/// PNG text-chunk keyword under which absorb stores its generation parameters (JSON).
+pub const METADATA_KEY: &str = "absorb";
+
+/// An image as a float tensor `(C, H, W)` in the bundle's range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Channels (1 or 3).
+    pub channels: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// `channels * height * width` values, channel-major.
+    pub data: Vec<f32>,
+}
+
+/// 8-bit pixels, interleaved (gray or RGB), row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pixels {
+    /// 1 (gray) or 3 (RGB).
+    pub channels: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// `height * width * channels` bytes.
+    pub data: Vec<u8>,
+}
+
+/// Reads an image file and converts it to the bundle's tensor layout and range. The size must be
+/// the bundle's; colour is converted to the bundle's channel count (RGB -> luma, gray -> RGB),
+/// alpha is dropped.
+pub fn load_image(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
+    let img = open(path)?;
+    if (img.width() as usize, img.height() as usize) != (spec.width, spec.height) {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "image is {}x{} (width x height), the model expects {}x{}; resize it first",
+                img.width(),
+                img.height(),
+                spec.width,
+                spec.height
+            ),
+        });
+    }
+    let raw: Vec<u8> = if spec.channels == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    let pixels = Pixels {
+        channels: spec.channels,
+        height: spec.height,
+        width: spec.width,
+        data: raw,
+    };
+    Ok(to_tensor(&pixels, spec))
+}
+
+fn open(path: &Path) -> Result<::image::DynamicImage> {
+    let reader = ::image::ImageReader::open(path)
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: format!("cannot open: {e}"),
+        })?
+        .with_guessed_format()
+        .map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+    reader.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: format!("not a readable image (PNG expected): {e}"),
+    })
+}
+
+/// 8-bit pixels -> tensor in `spec.range` (0 -> low, 255 -> high).
+pub fn to_tensor(p: &Pixels, spec: &ImageSpec) -> Tensor {
+    let [lo, hi] = spec.range;
+    let (c, h, w) = (p.channels, p.height, p.width);
+    let mut data = vec![0f32; c * h * w];
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                let v = p.data[(y * w + x) * c + ch] as f32 / 255.0;
+                data[(ch * h + y) * w + x] = lo + v * (hi - lo);
+            }
+        }
+    }
+    Tensor {
+        channels: c,
+        height: h,
+        width: w,
+        data,
+    }
+}
+
+/// Tensor -> 8-bit pixels: clamp to the range, scale to 0..255, round half up (torchvision's
+/// `save_image` convention: `x * 255 + 0.5`, truncated).
+pub fn to_pixels(t: &Tensor, range: [f32; 2]) -> Pixels {
+    let [lo, hi] = range;
+    let (c, h, w) = (t.channels, t.height, t.width);
+    let mut data = vec![0u8; c * h * w];
+    for ch in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                let v = (t.data[(ch * h + y) * w + x] - lo) / (hi - lo);
+                let v = if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) };
+                data[(y * w + x) * c + ch] = (v * 255.0 + 0.5) as u8;
+            }
+        }
+    }
+    Pixels {
+        channels: c,
+        height: h,
+        width: w,
+        data,
+    }
+}
+
+/// A pixel mask `(H, W)`, true = regenerate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mask {
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// Row-major, true where the image is to be regenerated.
+    pub data: Vec<bool>,
+}
+
+/// Reads a mask image: white (luma >= 128) marks pixels to regenerate, black keeps them. Its
+/// size must match the image's.
+pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask> {
+    let img = open(path)?;
+    if (img.width() as usize, img.height() as usize) != (width, height) {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "mask is {}x{}, the image is {width}x{height}; they must be the same size",
+                img.width(),
+                img.height()
+            ),
+        });
+    }
+    let data = img.to_luma8().into_raw().into_iter().map(|v| v >= 128).collect();
+    Ok(Mask { height, width, data })
+}
+
+/// A rectangular mask `x,y,w,h` in pixels, clipped to nothing: it must lie inside the image.
+pub fn rect_mask(rect: [usize; 4], width: usize, height: usize) -> Result<Mask> {
+    let [x, y, w, h] = rect;
+    if w == 0 || h == 0 || x + w > width || y + h > height {
+        return Err(Error::param(
+            "rect",
+            format!("{x},{y},{w},{h} (x,y,w,h) must be non-empty and inside the {width}x{height} image"),
+        ));
+    }
+    let mut data = vec![false; width * height];
+    for row in y..y + h {
+        data[row * width + x..row * width + x + w].fill(true);
+    }
+    Ok(Mask { height, width, data })
+}
+
+/// Pools a pixel mask to the token grid: a token is regenerated if any pixel of its patch is
+/// (the reference prototype's rule: any touched patch is regenerated).
+pub fn pool_mask(mask: &Mask, grid: [usize; 2]) -> Vec<bool> {
+    let [gh, gw] = grid;
+    let (ph, pw) = (mask.height / gh, mask.width / gw);
+    let mut out = vec![false; gh * gw];
+    for y in 0..mask.height {
+        for x in 0..mask.width {
+            if mask.data[y * mask.width + x] {
+                out[(y / ph).min(gh - 1) * gw + (x / pw).min(gw - 1)] = true;
+            }
+        }
+    }
+    out
+}
+
+/// Keeps the original pixels outside the mask: `out = mask ? generated : original`.
+pub fn composite(generated: &mut Pixels, original: &Pixels, mask: &Mask) {
+    let c = generated.channels;
+    for (i, &m) in mask.data.iter().enumerate() {
+        if !m {
+            generated.data[i * c..(i + 1) * c].copy_from_slice(&original.data[i * c..(i + 1) * c]);
+        }
+    }
+}
+
+/// Tiles equal-size images into a grid with `columns` columns and a 2-pixel black gutter.
+pub fn grid(images: &[Pixels], columns: usize) -> Pixels {
+    const GAP: usize = 2;
+    let first = &images[0];
+    let (c, h, w) = (first.channels, first.height, first.width);
+    let columns = columns.clamp(1, images.len());
+    let rows = images.len().div_ceil(columns);
+    let (gw, gh) = (columns * w + (columns - 1) * GAP, rows * h + (rows - 1) * GAP);
+    let mut data = vec![0u8; gw * gh * c];
+    for (i, img) in images.iter().enumerate() {
+        let (ox, oy) = ((i % columns) * (w + GAP), (i / columns) * (h + GAP));
+        for y in 0..h {
+            let src = &img.data[y * w * c..(y + 1) * w * c];
+            let dst = ((oy + y) * gw + ox) * c;
+            data[dst..dst + w * c].copy_from_slice(src);
+        }
+    }
+    Pixels {
+        channels: c,
+        height: gh,
+        width: gw,
+        data,
+    }
+}
+
+/// Default number of grid columns for `n` images: close to square.
+pub fn grid_columns(n: usize) -> usize {
+    (n as f64).sqrt().ceil().max(1.0) as usize
+}
+
+/// What made an image: enough to make it again with `absorb generate --from`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// absorb version that wrote the file.
+    pub absorb: String,
+    /// `generate`, `inpaint` or `decode`.
+    pub mode: String,
+    /// Bundle name.
+    pub bundle: String,
+    /// sha256 of the bundle's model.json.
+    pub bundle_sha256: String,
+    /// Sampler name (`absorbing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    /// Seed of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Index of the first image in the file (its own stream under the seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    /// Number of images in the file (more than 1 for a grid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// Grid columns when `count > 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<usize>,
+    /// Reverse steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Execution provider that ran the graphs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+}
+
+/// Writes a PNG with `meta` as JSON in a text chunk, atomically: a temporary file in the same
+/// directory, flushed and synced, then renamed over `path`. An interrupted run never leaves a
+/// truncated PNG, and an existing file is replaced only by a complete one.
+pub fn write_png(path: &Path, pixels: &Pixels, meta: Option<&Metadata>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |e: std::io::Error| Error::io(path, e);
+    let tmp = tempfile::Builder::new()
+        .prefix(".absorb-")
+        .suffix(".png.tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    {
+        let mut w = BufWriter::new(tmp.as_file());
+        encode_png(&mut w, pixels, meta).map_err(|e| Error::io(path, std::io::Error::other(e)))?;
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Encodes a PNG into memory (the service returns these bytes; same encoder as files).
+pub fn png_bytes(pixels: &Pixels, meta: Option<&Metadata>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_png(&mut out, pixels, meta).map_err(|e| Error::io("<memory>", std::io::Error::other(e)))?;
+    Ok(out)
+}
+
+fn encode_png<W: Write>(w: W, p: &Pixels, meta: Option<&Metadata>) -> std::result::Result<(), png::EncodingError> {
+    let mut enc = png::Encoder::new(w, p.width as u32, p.height as u32);
+    enc.set_color(if p.channels == 1 {
+        png::ColorType::Grayscale
+    } else {
+        png::ColorType::Rgb
+    });
+    enc.set_depth(png::BitDepth::Eight);
+    // Fixed settings so the same pixels always give the same bytes.
+    enc.set_compression(png::Compression::Balanced);
+    enc.set_filter(png::Filter::Adaptive);
+    if let Some(m) = meta {
+        // Serialising plain strings and numbers cannot fail; an empty chunk would be caught on read.
+        let json = serde_json::to_string(m).unwrap_or_default();
+        enc.add_itxt_chunk(METADATA_KEY.to_string(), json)?;
+    }
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(&p.data)?;
+    writer.finish()
+}
+
+/// Reads absorb's metadata back from a PNG.
+pub fn read_metadata(path: &Path) -> Result<Metadata> {
+    let err = |message: String| Error::Metadata {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder
+        .read_info()
+        .map_err(|e| err(format!("not a readable PNG: {e}")))?;
+    let info = reader.info();
+    let text = info
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == METADATA_KEY)
+        .map(|c| {
+            c.get_text()
+                .map_err(|e| err(format!("unreadable \"{METADATA_KEY}\" text chunk: {e}")))
+        })
+        .or_else(|| {
+            info.uncompressed_latin1_text
+                .iter()
+                .find(|c| c.keyword == METADATA_KEY)
+                .map(|c| Ok(c.text.clone()))
+        })
+        .ok_or_else(|| {
+            err(format!(
+                "no \"{METADATA_KEY}\" text chunk: not written by absorb, or stripped by an editor"
+            ))
+        })??;
+    serde_json::from_str(&text).map_err(|e| err(format!("malformed absorb metadata: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ImageSpec {
+        ImageSpec {
+            channels: 1,
+            height: 4,
+            width: 4,
+            range: [0.0, 1.0],
+        }
+    }
+
+    #[test]
+    fn pixels_survive_a_tensor_round_trip() {
+        let p = Pixels {
+            channels: 1,
+            height: 4,
+            width: 4,
+            data: (0..16).map(|i| (i * 17) as u8).collect(),
+        };
+        assert_eq!(to_pixels(&to_tensor(&p, &spec()), [0.0, 1.0]), p);
+    }
+
+    #[test]
+    fn out_of_range_and_nan_values_are_clamped() {
+        let t = Tensor {
+            channels: 1,
+            height: 1,
+            width: 3,
+            data: vec![-0.5, 1.7, f32::NAN],
+        };
+        assert_eq!(to_pixels(&t, [0.0, 1.0]).data, vec![0, 255, 0]);
+    }
+
+    #[test]
+    fn any_touched_patch_is_masked() {
+        let mut m = Mask {
+            height: 8,
+            width: 8,
+            data: vec![false; 64],
+        };
+        m.data[3 * 8 + 5] = true; // pixel (x 5, y 3) -> token (row 0, col 1) in a 2x2 grid of 4x4 patches
+        assert_eq!(pool_mask(&m, [2, 2]), vec![false, true, false, false]);
+    }
+
+    #[test]
+    fn rect_masks_must_lie_inside_the_image() {
+        assert!(rect_mask([0, 0, 4, 4], 4, 4).is_ok());
+        let e = rect_mask([2, 0, 3, 1], 4, 4).unwrap_err().to_string();
+        assert!(e.starts_with("invalid rect"), "{e}");
+        assert!(rect_mask([0, 0, 0, 1], 4, 4).is_err());
+    }
+
+    #[test]
+    fn metadata_round_trips_through_a_png_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.png");
+        let p = Pixels {
+            channels: 1,
+            height: 2,
+            width: 2,
+            data: vec![0, 64, 128, 255],
+        };
+        let meta = Metadata {
+            absorb: "0".into(),
+            mode: "generate".into(),
+            bundle: "b".into(),
+            bundle_sha256: "ab".into(),
+            sampler: Some("absorbing".into()),
+            seed: Some(u64::MAX),
+            index: Some(3),
+            count: Some(1),
+            columns: None,
+            steps: Some(5),
+            temperature: Some(0.9),
+            provider: Some("cpu".into()),
+        };
+        write_png(&path, &p, Some(&meta)).unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_png_without_metadata_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.png");
+        write_png(
+            &path,
+            &Pixels {
+                channels: 1,
+                height: 1,
+                width: 1,
+                data: vec![9],
+            },
+            None,
+        )
+        .unwrap();
+        let e = read_metadata(&path).unwrap_err().to_string();
+        assert!(e.contains("no \"absorb\" text chunk"), "{e}");
+    }
+}

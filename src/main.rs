@@ -1,0 +1,571 @@
+//! The `absorb` command line: parse, call the library, map errors to exit codes.
+//!
+//! Exit codes: 0 success; 1 the model, the ONNX Runtime library or the machine failed; 2 the
+//! command line or an input (parameter, image, mask, tokens, PNG metadata) is invalid.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use absorb::image::{self, Metadata, Pixels};
+use absorb::sampler::{Settings, StepReport};
+use absorb::{Pipeline, Provider, RuntimeOptions, Timings};
+
+/// Generate and edit images with discrete absorbing diffusion on ONNX Runtime.
+#[derive(Parser)]
+#[command(name = "absorb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from an all-masked token grid.
+    Generate(GenerateArgs),
+    /// Regenerate the masked region of an image; tokens outside the mask never change.
+    Inpaint(InpaintArgs),
+    /// Encode an image to its token grid (JSON).
+    Encode(EncodeArgs),
+    /// Decode a token grid (JSON, as `encode` writes it) to a PNG.
+    Decode(DecodeArgs),
+    /// Show the bundle, the ONNX Runtime library and its providers; or a PNG's generation metadata.
+    Info(InfoArgs),
+}
+
+/// Options every command shares.
+#[derive(Args, Clone)]
+struct Common {
+    /// Bundle directory (model.json + graphs). Default: the bundled models/digits.
+    #[arg(long, short = 'm', value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// ONNX Runtime library to load (default: ORT_DYLIB_PATH, next to the binary, the repo's .ort/,
+    /// an installed Python onnxruntime, the system loader).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// Execution provider; an explicit GPU provider that cannot run is an error, `auto` falls back.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    provider: Provider,
+    /// Intra-op threads (default: all cores). Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// More log output (-v: phase timings, -vv: debug).
+    #[arg(long, short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Sampling options shared by generate and inpaint.
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Seed; printed and recorded in the PNG. Default: a fresh random seed.
+    #[arg(long, short = 's')]
+    seed: Option<u64>,
+    /// Reverse steps S, 1..=tokens (default: the bundle's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Softmax temperature, > 0 (default: the bundle's).
+    #[arg(long, short = 't')]
+    temperature: Option<f32>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Number of images.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: usize,
+    /// Index of the first image (each index has its own random stream under the seed).
+    #[arg(long, default_value_t = 0)]
+    first_index: u64,
+    /// Output: a .png file (a grid when count > 1) or a directory (existing or ending in /) for
+    /// one PNG per image.
+    #[arg(long, short = 'o', default_value = "absorb.png")]
+    out: PathBuf,
+    /// Grid columns when writing several images into one PNG (default: near square).
+    #[arg(long)]
+    columns: Option<usize>,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    max_batch: usize,
+    /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
+    /// temperature from its metadata).
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "count", "first_index", "columns"])]
+    from: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InpaintArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The image to edit (the bundle's size).
+    #[arg(long, short = 'i')]
+    image: PathBuf,
+    /// Mask image of the same size: white = regenerate, black = keep.
+    #[arg(long, required_unless_present = "rect", conflicts_with = "rect")]
+    mask: Option<PathBuf>,
+    /// Rectangle to regenerate instead of a mask: x,y,w,h in pixels.
+    #[arg(long, value_parser = parse_rect)]
+    rect: Option<[usize; 4]>,
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "inpainted.png")]
+    out: PathBuf,
+    /// Write the decoder's output everywhere instead of keeping the input's pixels outside the mask.
+    #[arg(long)]
+    decode_all: bool,
+}
+
+#[derive(Args)]
+struct EncodeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The image to encode (the bundle's size).
+    #[arg(long, short = 'i')]
+    image: PathBuf,
+    /// Output JSON file (default: stdout).
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Token grid JSON as written by `absorb encode`.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "decoded.png")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A PNG written by absorb: print its generation metadata instead.
+    png: Option<PathBuf>,
+}
+
+/// A token grid as `encode` writes and `decode` reads it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    bundle: String,
+    bundle_sha256: String,
+    height: usize,
+    width: usize,
+    tokens: Vec<Vec<i64>>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let verbose = match &cli.command {
+        Command::Generate(a) => a.common.verbose,
+        Command::Inpaint(a) => a.common.verbose,
+        Command::Encode(a) => a.common.verbose,
+        Command::Decode(a) => a.common.verbose,
+        Command::Info(a) => a.common.verbose,
+    };
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let input = e
+                .chain()
+                .any(|c| c.downcast_ref::<absorb::Error>().is_some_and(|e| e.is_input_error()));
+            ExitCode::from(if input { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Inpaint(a) => inpaint(a),
+        Command::Encode(a) => encode(a),
+        Command::Decode(a) => decode(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+fn parse_rect(s: &str) -> Result<[usize; 4], String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let nums: Result<Vec<usize>, _> = parts.iter().map(|p| p.trim().parse::<usize>()).collect();
+    match nums {
+        Ok(v) if v.len() == 4 => Ok([v[0], v[1], v[2], v[3]]),
+        _ => Err(format!("\"{s}\" is not x,y,w,h (four non-negative integers)")),
+    }
+}
+
+/// The bundled default model: `models/digits` under the working directory, else under the
+/// source tree this binary was built from.
+fn model_dir(common: &Common) -> PathBuf {
+    if let Some(m) = &common.model {
+        return m.clone();
+    }
+    let local = PathBuf::from("models/digits");
+    if local.join("model.json").exists() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits")
+}
+
+fn load(common: &Common) -> Result<Pipeline> {
+    let dir = model_dir(common);
+    let options = RuntimeOptions {
+        ort_lib: common.ort_lib.clone(),
+        threads: common.threads,
+    };
+    Pipeline::load(&dir, &options, common.provider).with_context(|| format!("loading the model from {}", dir.display()))
+}
+
+fn seed_or_fresh(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mixed = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+        // splitmix64 finaliser, so nearby clocks give unrelated seeds
+        let mut z = mixed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A progress bar in tokens revealed, on stderr only when it is a terminal.
+fn progress(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {elapsed}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+enum OutKind {
+    File,
+    Dir,
+}
+
+fn out_kind(out: &Path) -> Result<OutKind> {
+    let s = out.to_string_lossy();
+    if out.is_dir() || s.ends_with('/') {
+        Ok(OutKind::Dir)
+    } else if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        Ok(OutKind::File)
+    } else {
+        Err(absorb::Error::param(
+            "out",
+            format!("{s} must end in .png or name a directory (end it with /)"),
+        )
+        .into())
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut p = load(&a.common)?;
+    let (seed, first, count, columns, settings) = match &a.from {
+        Some(png) => {
+            let m = image::read_metadata(png)?;
+            from_metadata(&p, png, &m)?
+        }
+        None => {
+            if a.count == 0 {
+                return Err(absorb::Error::param("count", "0 images requested: use 1 or more").into());
+            }
+            let settings = p.settings(a.sampling.steps, a.sampling.temperature)?;
+            (
+                seed_or_fresh(a.sampling.seed),
+                a.first_index,
+                a.count,
+                a.columns,
+                settings,
+            )
+        }
+    };
+    let kind = out_kind(&a.out)?;
+    eprintln!("seed {seed}");
+    let len = p.token_space().len as u64;
+    let bar = progress(count as u64 * len);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let tokens = p.generate(
+        seed,
+        first..first + count as u64,
+        &settings,
+        a.max_batch,
+        &mut |r: &StepReport| bar.inc(r.revealed as u64),
+        &mut timings,
+    )?;
+    let sampled = start.elapsed();
+    let grid = p.grid();
+    let tensors = p.decode(&tokens, grid, a.max_batch, &mut timings)?;
+    bar.finish_and_clear();
+    let range = p.bundle().manifest().image.range;
+    let pixels: Vec<Pixels> = tensors.iter().map(|t| image::to_pixels(t, range)).collect();
+    let mut meta = p.metadata("generate");
+    meta.sampler = Some(absorb::SAMPLER.into());
+    meta.seed = Some(seed);
+    meta.steps = Some(settings.steps);
+    meta.temperature = Some(settings.temperature);
+    match kind {
+        OutKind::File => {
+            let columns = columns.unwrap_or_else(|| image::grid_columns(count));
+            let img = if count == 1 {
+                pixels[0].clone()
+            } else {
+                image::grid(&pixels, columns)
+            };
+            meta.index = Some(first);
+            meta.count = Some(count);
+            meta.columns = (count > 1).then_some(columns);
+            image::write_png(&a.out, &img, Some(&meta))?;
+            eprintln!("wrote {}", a.out.display());
+        }
+        OutKind::Dir => {
+            std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+            for (i, img) in pixels.iter().enumerate() {
+                let index = first + i as u64;
+                meta.index = Some(index);
+                meta.count = Some(1);
+                let path = a.out.join(format!("{seed}-{index:06}.png"));
+                image::write_png(&path, img, Some(&meta))?;
+            }
+            eprintln!("wrote {count} images to {}", a.out.display());
+        }
+    }
+    log_timings(&p, &timings, sampled, count);
+    Ok(())
+}
+
+/// Parameters to reproduce a generated PNG, checked against the loaded bundle.
+fn from_metadata(p: &Pipeline, png: &Path, m: &Metadata) -> Result<(u64, u64, usize, Option<usize>, Settings)> {
+    let bad = |message: String| absorb::Error::Metadata {
+        path: png.to_path_buf(),
+        message,
+    };
+    if m.mode != "generate" {
+        bail!(bad(format!(
+            "was made by `absorb {}`; only generated images can be reproduced with --from",
+            m.mode
+        )));
+    }
+    if m.bundle_sha256 != p.bundle().sha256() {
+        bail!(bad(format!(
+            "was made with bundle \"{}\" ({}), but --model loads \"{}\" ({}); pass the bundle it was made with",
+            m.bundle,
+            m.bundle_sha256,
+            p.bundle().manifest().name,
+            p.bundle().sha256()
+        )));
+    }
+    if let Some(s) = m.sampler.as_deref().filter(|s| *s != absorb::SAMPLER) {
+        bail!(bad(format!(
+            "was made with sampler \"{s}\", which this build does not have"
+        )));
+    }
+    let (Some(seed), Some(index), Some(count), Some(steps), Some(temperature)) =
+        (m.seed, m.index, m.count, m.steps, m.temperature)
+    else {
+        bail!(bad("metadata lacks seed, index, count, steps or temperature".into()));
+    };
+    if m.provider
+        .as_deref()
+        .is_some_and(|prov| prov != p.provider().to_string())
+    {
+        log::warn!(
+            "the PNG was made on provider {:?}, this run uses {}: pixels may differ",
+            m.provider,
+            p.provider()
+        );
+    }
+    let settings = p.settings(Some(steps), Some(temperature))?;
+    Ok((seed, index, count, m.columns, settings))
+}
+
+fn log_timings(p: &Pipeline, t: &Timings, sampled: std::time::Duration, count: usize) {
+    log::info!(
+        "load {:.1?}; sampling {:.1?} for {count} images: {} transformer calls {:.1?} ({:.2?}/call), sampler {:.1?}; decode {:.1?}",
+        p.load_time(),
+        sampled,
+        t.transformer_calls,
+        t.transformer,
+        t.transformer.checked_div(t.transformer_calls.max(1) as u32).unwrap_or_default(),
+        t.sampler,
+        t.decode
+    );
+}
+
+fn inpaint(a: InpaintArgs) -> Result<()> {
+    let mut p = load(&a.common)?;
+    let spec = p.bundle().manifest().image.clone();
+    let input = image::load_image(&a.image, &spec)?;
+    let mask = match (&a.mask, a.rect) {
+        (Some(path), _) => image::load_mask(path, spec.width, spec.height)?,
+        (None, Some(rect)) => image::rect_mask(rect, spec.width, spec.height)?,
+        (None, None) => bail!(absorb::Error::param("mask", "give --mask FILE or --rect x,y,w,h")),
+    };
+    let token_mask = image::pool_mask(&mask, p.grid());
+    let settings = p.settings(a.sampling.steps, a.sampling.temperature)?;
+    let seed = seed_or_fresh(a.sampling.seed);
+    eprintln!("seed {seed}");
+    let masked = token_mask.iter().filter(|&&m| m).count();
+    let bar = progress(masked as u64);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let tokens = p.inpaint(
+        &input,
+        &token_mask,
+        seed,
+        &settings,
+        &mut |r: &StepReport| bar.inc(r.revealed as u64),
+        &mut timings,
+    )?;
+    let sampled = start.elapsed();
+    let out = p.decode(&[tokens], p.grid(), 1, &mut timings)?;
+    bar.finish_and_clear();
+    let mut pixels = image::to_pixels(&out[0], spec.range);
+    if !a.decode_all {
+        image::composite(&mut pixels, &image::to_pixels(&input, spec.range), &mask);
+    }
+    let mut meta = p.metadata("inpaint");
+    meta.sampler = Some(absorb::SAMPLER.into());
+    meta.seed = Some(seed);
+    meta.index = Some(0);
+    meta.count = Some(1);
+    meta.steps = Some(settings.steps);
+    meta.temperature = Some(settings.temperature);
+    image::write_png(&a.out, &pixels, Some(&meta))?;
+    eprintln!(
+        "regenerated {masked} of {} tokens; wrote {}",
+        token_mask.len(),
+        a.out.display()
+    );
+    log_timings(&p, &timings, sampled, 1);
+    Ok(())
+}
+
+fn encode(a: EncodeArgs) -> Result<()> {
+    let mut p = load(&a.common)?;
+    let spec = p.bundle().manifest().image.clone();
+    let input = image::load_image(&a.image, &spec)?;
+    let tokens = p.encode(&input)?;
+    let [h, w] = p.grid();
+    let file = TokenFile {
+        bundle: p.bundle().manifest().name.clone(),
+        bundle_sha256: p.bundle().sha256().to_string(),
+        height: h,
+        width: w,
+        tokens: tokens.chunks(w).map(<[i64]>::to_vec).collect(),
+    };
+    let json = serde_json::to_string_pretty(&file)?;
+    match a.out {
+        Some(path) => write_atomic(&path, json.as_bytes())?,
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing {}", path.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    let mut p = load(&a.common)?;
+    let bad = |m: String| absorb::Error::Tokens(format!("{}: {m}", a.tokens.display()));
+    let text = std::fs::read_to_string(&a.tokens).map_err(|e| absorb::Error::Io {
+        path: a.tokens.clone(),
+        source: e,
+    })?;
+    let file: TokenFile =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a token file from `absorb encode`: {e}")))?;
+    if file.tokens.len() != file.height
+        || file.tokens.iter().any(|r| r.len() != file.width)
+        || file.height == 0
+        || file.width == 0
+    {
+        bail!(bad(format!(
+            "tokens must be {} rows of {} ids",
+            file.height, file.width
+        )));
+    }
+    let flat: Vec<i64> = file.tokens.concat();
+    let mut timings = Timings::default();
+    let out = p.decode(&[flat], [file.height, file.width], 1, &mut timings)?;
+    let pixels = image::to_pixels(&out[0], p.bundle().manifest().image.range);
+    image::write_png(&a.out, &pixels, Some(&p.metadata("decode")))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    if let Some(png) = &a.png {
+        let m = image::read_metadata(png)?;
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let p = load(&a.common)?;
+    let rt = p.runtime();
+    let m = p.bundle().manifest();
+    let report = serde_json::json!({
+        "bundle": {
+            "dir": p.bundle().dir(),
+            "name": m.name,
+            "sha256": p.bundle().sha256(),
+            "image": m.image,
+            "tokens": m.tokens,
+            "sampling": m.sampling,
+            "provenance": m.provenance,
+        },
+        "onnxruntime": {
+            "library": rt.library(),
+            "threads": rt.threads(),
+            "providers_in_library": rt.available_providers(),
+            "provider_in_use": p.provider(),
+        },
+        "absorb": absorb::VERSION,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
