@@ -733,3 +733,50 @@ fn check_port(session: &Session, kind: GraphKind, path: &Path, side: &str, want:
     }
     Ok(())
 }
+
+/// An auxiliary single-input, single-output float graph run on the shared runtime, such as the
+/// digits bundle's `eval/classifier.onnx` that judges samples. Not part of the bundle contract.
+pub struct Auxiliary {
+    session: Session,
+    input: String,
+    output: String,
+}
+
+impl Auxiliary {
+    /// Loads `path` on the CPU provider and checks that it has the named input and output.
+    pub fn load(runtime: &Runtime, path: &Path, input: &str, output: &str) -> Result<Auxiliary> {
+        let mut builder = Session::builder(&runtime.env).map_err(Error::ort(format!("loading {}", path.display())))?;
+        let session = builder.commit_from_file(path).map_err(|e| Error::GraphFile {
+            graph: "auxiliary",
+            path: path.to_path_buf(),
+            message: format!("ONNX Runtime cannot load it: {e}"),
+        })?;
+        let has_input = session.inputs().iter().any(|p| p.name() == input);
+        let has_output = session.outputs().iter().any(|p| p.name() == output);
+        if !has_input || !has_output {
+            return Err(Error::Contract {
+                graph: "auxiliary",
+                path: path.to_path_buf(),
+                message: format!("expected input \"{input}\" and output \"{output}\""),
+            });
+        }
+        Ok(Auxiliary {
+            session,
+            input: input.to_string(),
+            output: output.to_string(),
+        })
+    }
+
+    /// Runs the graph on `data` of `shape`; returns the output values and shape.
+    pub fn run(&mut self, data: &[f32], shape: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+        let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(Error::ort("preparing the input"))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => input])
+            .map_err(Error::ort("running the auxiliary graph"))?;
+        let (shape, values) = outputs[self.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(Error::ort("reading the output"))?;
+        Ok((values.to_vec(), shape.iter().map(|&d| d.max(0) as usize).collect()))
+    }
+}

@@ -1,0 +1,442 @@
+//! The `absorb` binary on the real bundle: reproducibility across processes and thread counts,
+//! `--from`, output layouts, inpainting pixels, and every bad input giving a clear error and the
+//! documented exit code (2 = bad input, 1 = model/library/machine), never a panic.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{absorb, model_arg, stderr};
+
+fn ok(dir: &Path, args: &[&str]) {
+    let o = absorb(dir, args);
+    assert!(o.status.success(), "absorb {args:?} failed: {}", stderr(&o));
+}
+
+/// Runs absorb expecting failure with `code` and a message containing every `needles` entry.
+fn fails(dir: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
+    let o = absorb(dir, args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "absorb {args:?}: expected exit {code}, stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "absorb {args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "absorb {args:?}: stderr lacks {n:?}: {err}");
+    }
+    err
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn the_same_seed_gives_byte_identical_pngs_across_processes_and_thread_counts() {
+    let d = tmp();
+    let m = model_arg();
+    ok(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--seed",
+            "7",
+            "--count",
+            "4",
+            "-o",
+            "a.png",
+            "--threads",
+            "1",
+        ],
+    );
+    ok(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--seed",
+            "7",
+            "--count",
+            "4",
+            "-o",
+            "b.png",
+            "--threads",
+            "2",
+        ],
+    );
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "7", "--count", "4", "-o", "c.png"],
+    );
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "8", "--count", "4", "-o", "d.png"],
+    );
+    let read = |n: &str| fs::read(d.path().join(n)).unwrap();
+    assert_eq!(read("a.png"), read("b.png"), "threads 1 vs 2");
+    assert_eq!(read("a.png"), read("c.png"), "two processes");
+    assert_ne!(read("a.png"), read("d.png"), "different seeds");
+}
+
+#[test]
+fn from_reproduces_a_png_bit_for_bit() {
+    let d = tmp();
+    let m = model_arg();
+    ok(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "123", "--count", "6", "--steps", "5", "-t", "0.9", "-o", "orig.png",
+        ],
+    );
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--from", "orig.png", "-o", "again.png"],
+    );
+    assert_eq!(
+        fs::read(d.path().join("orig.png")).unwrap(),
+        fs::read(d.path().join("again.png")).unwrap()
+    );
+    let info = absorb(d.path(), &["info", "again.png"]);
+    let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        (meta["seed"].as_u64(), meta["steps"].as_u64(), meta["count"].as_u64()),
+        (Some(123), Some(5), Some(6))
+    );
+}
+
+#[test]
+fn a_directory_gets_one_png_per_image_equal_to_single_generations() {
+    let d = tmp();
+    let m = model_arg();
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "5", "--count", "3", "-o", "many/"],
+    );
+    let mut files: Vec<PathBuf> = fs::read_dir(d.path().join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    ok(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--seed",
+            "5",
+            "--first-index",
+            "2",
+            "-o",
+            "two.png",
+        ],
+    );
+    assert_eq!(
+        fs::read(&files[2]).unwrap(),
+        fs::read(d.path().join("two.png")).unwrap()
+    );
+}
+
+#[test]
+fn encode_then_decode_round_trips_through_json() {
+    let d = tmp();
+    let m = model_arg();
+    let digit = common::heldout()[0].0.to_string_lossy().into_owned();
+    ok(d.path(), &["encode", "-m", &m, "-i", &digit, "-o", "t.json"]);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(d.path().join("t.json")).unwrap()).unwrap();
+    let h = json["height"].as_u64().unwrap() as usize;
+    assert_eq!(json["tokens"].as_array().unwrap().len(), h);
+    ok(d.path(), &["decode", "-m", &m, "--tokens", "t.json", "-o", "r.png"]);
+    let a = image::open(&digit).unwrap();
+    let b = image::open(d.path().join("r.png")).unwrap();
+    assert_eq!((a.width(), a.height()), (b.width(), b.height()));
+}
+
+#[test]
+fn inpaint_keeps_the_input_pixels_outside_the_mask() {
+    let d = tmp();
+    let m = model_arg();
+    let digit = common::heldout()[1].0.to_string_lossy().into_owned();
+    ok(
+        d.path(),
+        &[
+            "inpaint",
+            "-m",
+            &m,
+            "-i",
+            &digit,
+            "--rect",
+            "0,0,16,32",
+            "--seed",
+            "1",
+            "-o",
+            "in.png",
+        ],
+    );
+    let a = image::open(&digit).unwrap().to_luma8();
+    let b = image::open(d.path().join("in.png")).unwrap().to_luma8();
+    for (x, y, p) in a.enumerate_pixels() {
+        if x >= 16 {
+            assert_eq!(p, b.get_pixel(x, y), "pixel ({x},{y}) outside the mask changed");
+        }
+    }
+    // A mask file works the same way: white regenerates.
+    let mut mask = image::GrayImage::new(a.width(), a.height());
+    for y in 0..8 {
+        for x in 0..8 {
+            mask.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    mask.save(d.path().join("mask.png")).unwrap();
+    let o = absorb(
+        d.path(),
+        &[
+            "inpaint", "-m", &m, "-i", &digit, "--mask", "mask.png", "--seed", "1", "-o", "in2.png",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("regenerated"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_parameters_are_rejected_with_exit_code_2() {
+    let d = tmp();
+    let m = model_arg();
+    let l = {
+        let j: serde_json::Value =
+            serde_json::from_slice(&fs::read(common::model_dir().join("model.json")).unwrap()).unwrap();
+        j["tokens"]["height"].as_u64().unwrap() * j["tokens"]["width"].as_u64().unwrap()
+    };
+    let above = (l + 1).to_string();
+    fails(
+        d.path(),
+        &["generate", "-m", &m, "--steps", "0"],
+        2,
+        &["invalid steps", "0 is out of range"],
+    );
+    fails(
+        d.path(),
+        &["generate", "-m", &m, "--steps", &above],
+        2,
+        &["invalid steps", &above],
+    );
+    for t in ["0", "NaN", "-1", "inf"] {
+        fails(
+            d.path(),
+            &["generate", "-m", &m, &format!("--temperature={t}")],
+            2,
+            &["invalid temperature"],
+        );
+    }
+    fails(d.path(), &["generate", "-m", &m, "--count", "0"], 2, &["invalid count"]);
+    fails(d.path(), &["generate", "-m", &m, "-o", "x.jpg"], 2, &["invalid out"]);
+    fails(
+        d.path(),
+        &["generate", "-m", &m, "--threads", "0"],
+        2,
+        &["invalid threads"],
+    );
+    fails(d.path(), &["generate", "--bogus"], 2, &["--bogus"]);
+}
+
+#[test]
+fn bad_images_masks_and_token_files_are_rejected_with_exit_code_2() {
+    let d = tmp();
+    let m = model_arg();
+    let p = d.path();
+    image::GrayImage::new(20, 20).save(p.join("small.png")).unwrap();
+    fs::write(p.join("text.png"), b"not a png at all").unwrap();
+    let digit = common::heldout()[0].0.to_string_lossy().into_owned();
+    image::GrayImage::new(32, 32).save(p.join("black.png")).unwrap();
+    image::GrayImage::new(16, 16).save(p.join("tiny-mask.png")).unwrap();
+    fails(
+        p,
+        &["inpaint", "-m", &m, "-i", "small.png", "--rect", "0,0,4,4"],
+        2,
+        &["small.png", "20x20", "expects 32x32"],
+    );
+    fails(
+        p,
+        &["encode", "-m", &m, "-i", "text.png"],
+        2,
+        &["text.png", "not a readable image"],
+    );
+    fails(
+        p,
+        &["inpaint", "-m", &m, "-i", &digit, "--mask", "black.png"],
+        2,
+        &["invalid mask", "empty"],
+    );
+    fails(
+        p,
+        &["inpaint", "-m", &m, "-i", &digit, "--mask", "tiny-mask.png"],
+        2,
+        &["tiny-mask.png", "same size"],
+    );
+    fails(
+        p,
+        &["inpaint", "-m", &m, "-i", &digit, "--rect", "30,0,8,8"],
+        2,
+        &["invalid rect"],
+    );
+    fails(
+        p,
+        &["inpaint", "-m", &m, "-i", "missing.png", "--rect", "0,0,4,4"],
+        2,
+        &["missing.png"],
+    );
+    fails(
+        p,
+        &["generate", "-m", &m, "--from", "black.png", "-o", "x.png"],
+        2,
+        &["black.png", "no \"absorb\" text chunk"],
+    );
+    ok(p, &["encode", "-m", &m, "-i", &digit, "-o", "t.json"]);
+    let text = fs::read_to_string(p.join("t.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["tokens"][0][0] = 100000.into();
+    fs::write(p.join("bad.json"), j.to_string()).unwrap();
+    fails(
+        p,
+        &["decode", "-m", &m, "--tokens", "bad.json"],
+        2,
+        &["token 100000", "row 0, column 0"],
+    );
+    j["tokens"][0] = serde_json::json!([1]);
+    fs::write(p.join("ragged.json"), j.to_string()).unwrap();
+    fails(p, &["decode", "-m", &m, "--tokens", "ragged.json"], 2, &["rows of"]);
+}
+
+/// A writable copy of the bundle to break.
+fn bundle_copy(dir: &Path) -> PathBuf {
+    let out = dir.join("bundle");
+    fs::create_dir_all(&out).unwrap();
+    for e in fs::read_dir(common::model_dir()).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            fs::copy(e.path(), out.join(e.file_name())).unwrap();
+        }
+    }
+    out
+}
+
+fn edit_manifest(bundle: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = bundle.join("model.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    f(&mut j);
+    fs::write(&path, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+}
+
+#[test]
+fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
+    let d = tmp();
+    let p = d.path();
+    let b = bundle_copy(p);
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+
+    edit_manifest(&b, |j| {
+        j["tokens"]["mask_id"] = (j["tokens"]["codebook_size"].as_i64().unwrap() - 1).into()
+    });
+    fails(
+        p,
+        &gen,
+        1,
+        &["model.json", "tokens.mask_id", "must equal tokens.codebook_size"],
+    );
+
+    let b = bundle_copy(&p.join("2"));
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+    edit_manifest(&b, |j| j["tokens"]["extra"] = 1.into());
+    fails(p, &gen, 1, &["model.json", "unknown field `extra`"]);
+
+    let b = bundle_copy(&p.join("3"));
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+    // The graphs are intact but the manifest claims a smaller codebook: the transformer's
+    // output no longer matches and the contract check names it.
+    edit_manifest(&b, |j| {
+        j["tokens"]["codebook_size"] = 7.into();
+        j["tokens"]["mask_id"] = 7.into();
+    });
+    fails(p, &gen, 1, &["graph \"transformer\"", "\"logits\"", "expected [batch"]);
+
+    let b = bundle_copy(&p.join("4"));
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+    fs::remove_file(b.join("decoder.onnx")).unwrap();
+    fails(p, &gen, 1, &["graph \"decoder\"", "decoder.onnx", "cannot read"]);
+
+    let b = bundle_copy(&p.join("5"));
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+    let t = b.join("transformer.onnx");
+    let bytes = fs::read(&t).unwrap();
+    fs::write(&t, &bytes[..bytes.len() / 2]).unwrap();
+    fails(p, &gen, 1, &["graph \"transformer\"", "sha256 is", "truncated"]);
+    // Same corruption with the hash updated to match: ONNX Runtime itself refuses it.
+    let sha = absorb::bundle::sha256_hex(&fs::read(&t).unwrap());
+    edit_manifest(&b, |j| j["graphs"]["transformer"]["sha256"] = sha.into());
+    fails(p, &gen, 1, &["graph \"transformer\"", "ONNX Runtime cannot load it"]);
+
+    fails(
+        p,
+        &["generate", "-m", "no-such-dir", "-o", "x.png"],
+        1,
+        &["no-such-dir", "model.json"],
+    );
+    assert!(!p.join("x.png").exists(), "nothing is written when loading fails");
+}
+
+#[test]
+fn a_missing_or_wrong_onnx_runtime_library_is_a_clear_error() {
+    let d = tmp();
+    let p = d.path();
+    let m = model_arg();
+    fails(
+        p,
+        &["generate", "-m", &m, "--ort-lib", "/nonexistent/libonnxruntime.so"],
+        1,
+        &["could not load ONNX Runtime", "/nonexistent/libonnxruntime.so"],
+    );
+    fs::write(p.join("libfake.so"), b"garbage").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_absorb"))
+        .args(["info", "-m", &m])
+        .env("ORT_DYLIB_PATH", p.join("libfake.so"))
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("libfake.so") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn an_explicit_gpu_provider_that_cannot_run_fails_instead_of_falling_back() {
+    let d = tmp();
+    let m = model_arg();
+    for provider in ["cuda", "tensorrt"] {
+        fails(
+            d.path(),
+            &["generate", "-m", &m, "--provider", provider, "-o", "x.png"],
+            1,
+            &[&format!("execution provider {provider} is not usable")],
+        );
+    }
+    // auto falls back to CPU and says so in `info`.
+    let o = absorb(d.path(), &["info", "-m", &m, "--provider", "auto"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["onnxruntime"]["provider_in_use"], "cpu");
+}

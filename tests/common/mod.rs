@@ -1,0 +1,126 @@
+//! Shared helpers for the integration tests: the bundled model, one pipeline per test binary,
+//! the digits classifier that judges samples, and the absorb binary for CLI tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use absorb::graphs::Auxiliary;
+use absorb::image::{self, Tensor};
+use absorb::{Pipeline, Provider, RuntimeOptions};
+
+/// The bundle under test: `ABSORB_TEST_MODEL` or the committed `models/digits`.
+pub fn model_dir() -> PathBuf {
+    std::env::var_os("ABSORB_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits"))
+}
+
+pub fn eval_dir() -> PathBuf {
+    model_dir().join("eval")
+}
+
+/// One pipeline per test binary (ONNX Runtime allows one environment per process).
+pub fn pipeline() -> MutexGuard<'static, Pipeline> {
+    static P: OnceLock<Mutex<Pipeline>> = OnceLock::new();
+    P.get_or_init(|| {
+        Mutex::new(Pipeline::load(&model_dir(), &RuntimeOptions::default(), Provider::Cpu).expect("load the bundle"))
+    })
+    .lock()
+    .unwrap_or_else(|p| p.into_inner())
+}
+
+/// The numbers recorded when the bundle was trained (`eval/quality.json`).
+pub fn quality() -> serde_json::Value {
+    let text = std::fs::read_to_string(eval_dir().join("quality.json")).expect("eval/quality.json");
+    serde_json::from_str(&text).expect("quality.json is JSON")
+}
+
+/// The committed held-out real digits: (path, label).
+pub fn heldout() -> Vec<(PathBuf, usize)> {
+    let mut out: Vec<(PathBuf, usize)> = std::fs::read_dir(eval_dir().join("heldout"))
+        .expect("eval/heldout")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| {
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let label = stem.rsplit('_').next().unwrap().parse().expect("NNN_L.png");
+            (p, label)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Digit classes of the classifier; class 10 is "not a digit".
+pub const DIGITS: usize = 10;
+
+/// Runs the bundle's classifier; returns (confidence, predicted digit) per image, where
+/// confidence = max over digit classes of softmax over all outputs (eval README's definition).
+pub fn classify(p: &Pipeline, images: &[Tensor]) -> Vec<(f32, usize)> {
+    static C: OnceLock<Mutex<Auxiliary>> = OnceLock::new();
+    let mut c = C
+        .get_or_init(|| {
+            let path = eval_dir().join("classifier.onnx");
+            Mutex::new(Auxiliary::load(p.runtime(), &path, "image", "logits").expect("load the classifier"))
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let t = &images[0];
+    let data: Vec<f32> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+    let (logits, shape) = c
+        .run(&data, &[images.len(), t.channels, t.height, t.width])
+        .expect("classify");
+    let classes = shape[1];
+    logits
+        .chunks(classes)
+        .map(|row| {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = row.iter().map(|x| (x - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let (best, p) = exp[..DIGITS]
+                .iter()
+                .enumerate()
+                .fold((0, 0.0f32), |b, (i, &e)| if e > b.1 { (i, e) } else { b });
+            (p / sum, best)
+        })
+        .collect()
+}
+
+/// Mean confidence and class histogram.
+pub fn judge(p: &Pipeline, images: &[Tensor]) -> (f32, [usize; DIGITS]) {
+    let results = classify(p, images);
+    let mut hist = [0usize; DIGITS];
+    for &(_, c) in &results {
+        hist[c] += 1;
+    }
+    (results.iter().map(|r| r.0).sum::<f32>() / results.len() as f32, hist)
+}
+
+/// Loads the held-out PNGs as tensors.
+pub fn heldout_tensors(p: &Pipeline) -> Vec<Tensor> {
+    heldout()
+        .iter()
+        .map(|(path, _)| image::load_image(path, &p.bundle().manifest().image).unwrap())
+        .collect()
+}
+
+/// The absorb binary, run in `dir`, with stdin closed.
+pub fn absorb(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_absorb"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run absorb")
+}
+
+/// `--model <bundle>` for CLI calls.
+pub fn model_arg() -> String {
+    model_dir().to_string_lossy().into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
