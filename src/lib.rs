@@ -46,7 +46,7 @@ pub use crate::error::{Error, Result};
 pub use crate::graphs::{Provider, Runtime, RuntimeOptions};
 
 use crate::graphs::Graphs;
-use crate::image::{Metadata, Tensor};
+use crate::image::{Metadata, Pixels, Tensor};
 use crate::sampler::{Chain, RunStats, Settings, StepReport, TokenSpace};
 
 /// This crate's version, recorded in PNG metadata.
@@ -54,6 +54,20 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Name of the default sampler, recorded in PNG metadata.
 pub const SAMPLER: &str = "absorbing";
+
+/// A fresh seed from the clock and process id, for requests that give none (it is printed and
+/// recorded, so the image can still be reproduced).
+pub fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mixed = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    // splitmix64 finaliser, so nearby clocks give unrelated seeds
+    let mut z = mixed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// Images fed to the transformer together at most, by default.
 pub const DEFAULT_MAX_BATCH: usize = 16;
@@ -291,6 +305,46 @@ impl Pipeline {
         }
         timings.decode += start.elapsed();
         Ok(out)
+    }
+
+    /// Generates images `indices` under `seed` and decodes them to 8-bit pixels: what the CLI
+    /// and the service write. Pair each with [`Pipeline::generate_metadata`].
+    pub fn generate_pixels(
+        &mut self,
+        seed: u64,
+        indices: Range<u64>,
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
+        let tokens = self.generate(seed, indices, settings, max_batch, on_step, timings)?;
+        let grid = self.grid();
+        let range = self.bundle.manifest().image.range;
+        let tensors = self.decode(&tokens, grid, max_batch, timings)?;
+        Ok(tensors.iter().map(|t| image::to_pixels(t, range)).collect())
+    }
+
+    /// Metadata of a generated PNG holding `count` images from `index` on (a grid of `columns`
+    /// when `count > 1`). A single image's metadata is the same wherever it is written, so the
+    /// CLI and the service produce identical bytes for the same seed and settings.
+    pub fn generate_metadata(
+        &self,
+        seed: u64,
+        settings: &Settings,
+        index: u64,
+        count: usize,
+        columns: Option<usize>,
+    ) -> Metadata {
+        let mut meta = self.metadata("generate");
+        meta.sampler = Some(SAMPLER.into());
+        meta.seed = Some(seed);
+        meta.steps = Some(settings.steps);
+        meta.temperature = Some(settings.temperature);
+        meta.index = Some(index);
+        meta.count = Some(count);
+        meta.columns = if count > 1 { columns } else { None };
+        meta
     }
 
     /// Metadata naming this bundle and provider, for a PNG made in `mode`.

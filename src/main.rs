@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use absorb::image::{self, Metadata, Pixels};
+use absorb::image::{self, Metadata};
 use absorb::sampler::{Settings, StepReport};
 use absorb::{Pipeline, Provider, RuntimeOptions, Timings};
 
@@ -248,17 +248,7 @@ fn load(common: &Common) -> Result<Pipeline> {
 }
 
 fn seed_or_fresh(seed: Option<u64>) -> u64 {
-    seed.unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let mixed = (nanos as u64) ^ ((std::process::id() as u64) << 32);
-        // splitmix64 finaliser, so nearby clocks give unrelated seeds
-        let mut z = mixed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
+    seed.unwrap_or_else(absorb::fresh_seed)
 }
 
 /// A progress bar in tokens revealed, on stderr only when it is a terminal.
@@ -320,25 +310,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let bar = progress(count as u64 * len);
     let mut timings = Timings::default();
     let start = Instant::now();
-    let tokens = p.generate(
+    let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
+    let pixels = p.generate_pixels(
         seed,
         first..first + count as u64,
         &settings,
         a.max_batch,
-        &mut |r: &StepReport| bar.inc(r.revealed as u64),
+        on_step,
         &mut timings,
     )?;
     let sampled = start.elapsed();
-    let grid = p.grid();
-    let tensors = p.decode(&tokens, grid, a.max_batch, &mut timings)?;
     bar.finish_and_clear();
-    let range = p.bundle().manifest().image.range;
-    let pixels: Vec<Pixels> = tensors.iter().map(|t| image::to_pixels(t, range)).collect();
-    let mut meta = p.metadata("generate");
-    meta.sampler = Some(absorb::SAMPLER.into());
-    meta.seed = Some(seed);
-    meta.steps = Some(settings.steps);
-    meta.temperature = Some(settings.temperature);
     match kind {
         OutKind::File => {
             let columns = columns.unwrap_or_else(|| image::grid_columns(count));
@@ -347,9 +329,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             } else {
                 image::grid(&pixels, columns)
             };
-            meta.index = Some(first);
-            meta.count = Some(count);
-            meta.columns = (count > 1).then_some(columns);
+            let meta = p.generate_metadata(seed, &settings, first, count, Some(columns));
             image::write_png(&a.out, &img, Some(&meta))?;
             eprintln!("wrote {}", a.out.display());
         }
@@ -357,10 +337,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
             for (i, img) in pixels.iter().enumerate() {
                 let index = first + i as u64;
-                meta.index = Some(index);
-                meta.count = Some(1);
-                let path = a.out.join(format!("{seed}-{index:06}.png"));
-                image::write_png(&path, img, Some(&meta))?;
+                let meta = p.generate_metadata(seed, &settings, index, 1, None);
+                image::write_png(&a.out.join(format!("{seed}-{index:06}.png")), img, Some(&meta))?;
             }
             eprintln!("wrote {count} images to {}", a.out.display());
         }
