@@ -24,13 +24,21 @@ $(VENV)/.installed: export/requirements.txt
 pytest: venv
 	$(PY) -m pytest -q export/tests
 
-ORT_SHA256_x86_64  := 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
 ARCH := $(shell uname -m)
+# sha256 of each pinned wheel (onnxruntime-VERSION-cp311-...-ARCH.whl on PyPI).
+ORT_SHA256_1.31.1_x86_64 := 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+ORT_SHA256_1.32.0_x86_64 := 5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d
+# Wheels before 1.18/1.19 link ONNX Runtime into the Python module; their shared library comes from
+# Microsoft's onnxruntime-node npm package instead (one tarball for x86_64 and aarch64).
+ORT_SOURCE_1.17.3 := npm
+ORT_SOURCE_1.16.3 := npm
+ORT_SHA256_1.17.3_x86_64 := fd586d4ab53d89fdade19ffcc75b208fd66ab417b247cb6ae299be1bb40d76be
+ORT_SHA256_1.16.3_x86_64 := 5896383cd3449c5838a46fcf1490865ab90487773a3bb018ea6a5f12b17e2667
 
 .PHONY: ort build demo test rust-test lint
 ort: $(ORT_LIB)
 $(ORT_LIB):
-	scripts/fetch-ort.sh $(ORT_VERSION) manylinux_2_28_$(ARCH) $(ORT_SHA256_$(ARCH)) $(ORT_DIR)
+	scripts/fetch-ort.sh $(ORT_VERSION) $(ARCH) "$(ORT_SHA256_$(ORT_VERSION)_$(ARCH))" $(ORT_DIR) $(or $(ORT_SOURCE_$(ORT_VERSION)),pypi)
 
 build:
 	cargo build --release
@@ -41,8 +49,26 @@ demo: ort build
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 7 --count 64 --out out/digits.png
 	@echo "open out/digits.png"
 
-rust-test: ort
-	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release
+# ONNX Runtime compatibility: the oldest supported library (API level 17), the newest, and one
+# that is too old and must be refused. Kept under .ort/compat/ so the binary's own search (which
+# picks the newest .ort/<version>/) never lands on them.
+ORT_OLDEST  := 1.17.3
+ORT_NEWEST  := 1.32.0
+ORT_TOO_OLD := 1.16.3
+compat_lib = .ort/compat/$(1)/libonnxruntime.so
+.ort/compat/%/libonnxruntime.so:
+	scripts/fetch-ort.sh $* $(ARCH) "$(ORT_SHA256_$*_$(ARCH))" .ort/compat/$* $(or $(ORT_SOURCE_$*),pypi)
+
+.PHONY: ort-compat
+ort-compat: $(call compat_lib,$(ORT_OLDEST)) $(call compat_lib,$(ORT_NEWEST)) $(call compat_lib,$(ORT_TOO_OLD))
+
+rust-test: ort ort-compat
+	ABSORB_TOO_OLD_ORT=$(abspath $(call compat_lib,$(ORT_TOO_OLD))) \
+	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release
+	@for v in $(ORT_OLDEST) $(ORT_NEWEST); do \
+	  echo "== integration tests against ONNX Runtime $$v"; \
+	  ORT_DYLIB_PATH=$(abspath .ort/compat)/$$v/libonnxruntime.so cargo test --release --test cli --test pipeline || exit 1; \
+	done
 
 lint:
 	cargo fmt --check

@@ -572,7 +572,7 @@ fn build_session(runtime: &Runtime, path: &Path, kind: GraphKind, provider: Prov
         let builder = Session::builder(&runtime.env).map_err(Error::ort(ctx("configuring the session")))?;
         // Optional settings: a build that lacks one (minimal builds) still runs, with a warning.
         let builder = builder
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(GraphOptimizationLevel::All)
             .unwrap_or_else(|e| {
                 log::warn!("{}: graph optimizations unavailable: {e}", kind.name());
                 e.recover()

@@ -440,3 +440,15 @@ fn an_explicit_gpu_provider_that_cannot_run_fails_instead_of_falling_back() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["onnxruntime"]["provider_in_use"], "cpu");
 }
+
+#[test]
+fn an_onnx_runtime_older_than_1_17_is_refused_naming_both_versions() {
+    // `make test` fetches ONNX Runtime 1.16.3 and points this variable at it.
+    let Some(old) = std::env::var_os("ABSORB_TOO_OLD_ORT") else {
+        eprintln!("skipped: ABSORB_TOO_OLD_ORT is not set (make test sets it)");
+        return;
+    };
+    let d = tmp();
+    let old = old.to_string_lossy().into_owned();
+    fails(d.path(), &["info", "-m", &model_arg(), "--ort-lib", &old], 1, &["ONNX Runtime 1.16", "too old", "needs 1.17 or newer"]);
+}
