@@ -59,6 +59,11 @@ pub fn load_image(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
             ),
         });
     }
+    Ok(bundle_tensor(&img, spec))
+}
+
+/// Converts a decoded image of the bundle's size to its channel count and tensor range.
+fn bundle_tensor(img: &::image::DynamicImage, spec: &ImageSpec) -> Tensor {
     let raw: Vec<u8> = if spec.channels == 1 {
         img.to_luma8().into_raw()
     } else {
@@ -70,7 +75,39 @@ pub fn load_image(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
         width: spec.width,
         data: raw,
     };
-    Ok(to_tensor(&pixels, spec))
+    to_tensor(&pixels, spec)
+}
+
+/// Largest PNG accepted from memory, per side, before its size is compared with the bundle's.
+/// Only the header is read before this check, so a decompression bomb costs nothing.
+const MAX_PNG_SIDE: u32 = 8192;
+
+/// Decodes a PNG held in memory (the service's request bodies), checking format and size from
+/// its header before decoding any pixel. `field` names where it came from in errors.
+fn decode_png(bytes: &[u8], field: &str, width: usize, height: usize, what: &str) -> Result<::image::DynamicImage> {
+    let err = |message: String| Error::Image {
+        path: PathBuf::from(field),
+        message,
+    };
+    let reader = || ::image::ImageReader::with_format(std::io::Cursor::new(bytes), ::image::ImageFormat::Png);
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Err(err("not a PNG (only PNG images are accepted)".into()));
+    }
+    let (w, h) = reader()
+        .into_dimensions()
+        .map_err(|e| err(format!("not a readable PNG: {e}")))?;
+    if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE || (w as usize, h as usize) != (width, height) {
+        return Err(err(format!(
+            "{what} is {w}x{h} (width x height), expected {width}x{height}; resize it first"
+        )));
+    }
+    reader().decode().map_err(|e| err(format!("not a readable PNG: {e}")))
+}
+
+/// Like [`load_image`], for a PNG held in memory; `field` names it in errors (`image`).
+pub fn image_from_png(bytes: &[u8], spec: &ImageSpec, field: &str) -> Result<Tensor> {
+    let img = decode_png(bytes, field, spec.width, spec.height, "image")?;
+    Ok(bundle_tensor(&img, spec))
 }
 
 fn open(path: &Path) -> Result<::image::DynamicImage> {
@@ -159,8 +196,23 @@ pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask> {
             ),
         });
     }
+    Ok(white_mask(&img))
+}
+
+/// White (luma >= 128) = regenerate.
+fn white_mask(img: &::image::DynamicImage) -> Mask {
     let data = img.to_luma8().into_raw().into_iter().map(|v| v >= 128).collect();
-    Ok(Mask { height, width, data })
+    Mask {
+        height: img.height() as usize,
+        width: img.width() as usize,
+        data,
+    }
+}
+
+/// Like [`load_mask`], for a PNG held in memory; `field` names it in errors (`mask`).
+pub fn mask_from_png(bytes: &[u8], width: usize, height: usize, field: &str) -> Result<Mask> {
+    let img = decode_png(bytes, field, width, height, "mask")?;
+    Ok(white_mask(&img))
 }
 
 /// A rectangular mask `x,y,w,h` in pixels, clipped to nothing: it must lie inside the image.

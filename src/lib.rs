@@ -36,6 +36,7 @@ pub mod error;
 pub mod graphs;
 pub mod image;
 pub mod sampler;
+pub mod server;
 
 use std::ops::Range;
 use std::path::Path;

@@ -36,6 +36,8 @@ enum Command {
     Decode(DecodeArgs),
     /// Show the bundle, the ONNX Runtime library and its providers; or a PNG's generation metadata.
     Info(InfoArgs),
+    /// Serve the bundle over HTTP as a long-lived service (systemd Type=notify; README "Service").
+    Serve(ServeArgs),
 }
 
 /// Options every command shares.
@@ -156,6 +158,33 @@ struct InfoArgs {
     png: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on; port 0 picks a free one (printed as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Jobs that may wait for the worker; one more is answered 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_queue)]
+    max_queue: usize,
+    /// Images per transformer call.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_batch)]
+    max_batch: usize,
+    /// Images per generate request.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_count)]
+    max_count: usize,
+    /// Reverse steps per request (default: up to the bundle's token count).
+    #[arg(long, value_name = "N")]
+    max_steps: Option<usize>,
+    /// Request body limit in bytes (base64 images included).
+    #[arg(long, value_name = "BYTES", default_value_t = absorb::server::Limits::default().max_body_bytes)]
+    max_body: usize,
+    /// Milliseconds before a request still waiting or running is answered 503.
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().timeout_ms)]
+    timeout_ms: u64,
+}
+
 /// A token grid as `encode` writes and `decode` reads it.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,6 +214,8 @@ fn main() -> ExitCode {
         Command::Encode(a) => a.common.verbose,
         Command::Decode(a) => a.common.verbose,
         Command::Info(a) => a.common.verbose,
+        // A service logs its requests and lifecycle by default (to stderr, i.e. journald).
+        Command::Serve(a) => a.common.verbose.max(1),
     };
     let level = match verbose {
         0 => "warn",
@@ -213,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Encode(a) => encode(a),
         Command::Decode(a) => decode(a),
         Command::Info(a) => info(a),
+        Command::Serve(a) => serve(a),
     }
 }
 
@@ -546,4 +578,26 @@ fn info(a: InfoArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let dir = model_dir(&a.common);
+    let options = absorb::server::ServeOptions {
+        model: dir.clone(),
+        runtime: RuntimeOptions {
+            ort_lib: a.common.ort_lib.clone(),
+            threads: a.common.threads,
+        },
+        provider: a.common.provider,
+        listen: a.listen,
+        limits: absorb::server::Limits {
+            max_queue: a.max_queue,
+            max_batch: a.max_batch,
+            max_count: a.max_count,
+            max_steps: a.max_steps,
+            max_body_bytes: a.max_body,
+            timeout_ms: a.timeout_ms,
+        },
+    };
+    absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))
 }
