@@ -1,0 +1,315 @@
+"""Measure the digits bundle: an 11-class digit classifier (class 10 = "not a digit"), the default
+sampler in numpy over the exported transformer, and the quality numbers of models/digits/eval/.
+
+Everything measured here runs the shipped ONNX graphs through onnxruntime, so the numbers describe
+the bundle, not the torch weights. train.py calls these functions after training:
+
+    clf = train_classifier(cfg, x_train, y_train, ae, gen); export_classifier(clf, path)
+    quality = measure(bundle_dir, cfg, x_train, x_held, y_held, seed)
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+N_CLASSES = 11  # 0-9 digits, 10 = reject ("not a digit")
+REJECT = 10
+CLASSIFIER_INPUT, CLASSIFIER_OUTPUT = "image", "logits"
+SHIFT = 3  # random shifts (pixels) of the training images: samples need not be centred like the data
+BAR = {"min_confidence_ratio": 0.85, "max_class_fraction": 0.25, "all_classes_present": True}
+
+
+class Classifier(nn.Module):
+    def __init__(self, img_size: int):
+        super().__init__()
+        layers, c, s = [], 1, img_size
+        for c_out in (16, 32, 32):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c, s = c_out, s // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, 128), nn.ReLU(), nn.Linear(128, N_CLASSES))
+
+    def forward(self, x):  # (B, 1, S, S) in [0, 1] -> (B, 11)
+        return self.head(self.features(x))
+
+
+def confidence(logits):
+    """Contract: max over the 10 digit classes of softmax over all 11 logits; and that digit. (B, 11)"""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p[:, :10].max(1), p[:, :10].argmax(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# negatives for the reject class
+
+
+def smooth_blobs(n: int, size: int, gen: torch.Generator):
+    """Bilinear-upsampled low-resolution noise, thresholded: stroke-like smooth shapes. (n, 1, S, S)"""
+    out = []
+    for r in (2, 3, 4, 5, 6, 8):
+        m = n // 6 + (1 if len(out) < n % 6 else 0)
+        v = F.interpolate(torch.rand(m, 1, r, r, generator=gen), size=(size, size), mode="bilinear",
+                          align_corners=False)
+        thr = 0.3 + 0.5 * torch.rand(m, 1, 1, 1, generator=gen)
+        gain = 2 + 6 * torch.rand(m, 1, 1, 1, generator=gen)
+        out.append(((v - thr) * gain).clamp(0, 1))
+    return torch.cat(out)[:n]
+
+
+def noise_images(n: int, size: int, gen: torch.Generator):
+    """Half uniform noise, half sparse noise. (n, 1, S, S)"""
+    u = torch.rand(n, 1, size, size, generator=gen)
+    sparse = (torch.rand(n, 1, size, size, generator=gen) < 0.2).float() * u
+    return torch.where(torch.arange(n)[:, None, None, None] % 2 == 0, u, sparse)
+
+
+@torch.no_grad()
+def decode_random_tokens(ae, n: int, grid: int, gen: torch.Generator, probs=None):
+    """Decode token grids drawn uniformly (or from `probs` over the codebook). (n, 1, S, S) in [0, 1]"""
+    K = ae.cfg.codebook_size
+    if probs is None:
+        t = torch.randint(0, K, (n, grid, grid), generator=gen)
+    else:
+        t = torch.multinomial(probs, n * grid * grid, replacement=True, generator=gen).view(n, grid, grid)
+    return torch.cat([ae.decode_tokens(t[i:i + 256]).clamp(0, 1) for i in range(0, n, 256)])
+
+
+def overlays(x, y, n: int, gen: torch.Generator):
+    """Two different digits on top of each other (pixel max): not one digit. (n, 1, S, S)"""
+    i = torch.randint(0, len(x), (n,), generator=gen)
+    j = torch.randint(0, len(x), (n,), generator=gen)
+    keep = y[i] != y[j]
+    return torch.maximum(x[i], x[j])[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# training and export
+
+
+def train_classifier(cfg, x_train, y_train, ae, code_probs, gen: torch.Generator, iters: int = 800):
+    """Real train digits (+ their reconstructions, so decoder texture is not a reject cue) vs negatives."""
+    from .train import encode_all, shift_batch
+
+    S, grid = cfg.img_size, cfg.vq.token_size
+    with torch.no_grad():
+        tokens = encode_all(ae, x_train)
+        recon = torch.cat([ae.decode_tokens(tokens[i:i + 256]).clamp(0, 1) for i in range(0, len(tokens), 256)])
+    pos_x, pos_y = torch.cat([x_train, recon]), torch.cat([y_train, y_train])
+    n = max(64, iters)  # pool sizes scale with the run so --quick stays quick
+    neg = torch.cat([
+        decode_random_tokens(ae, n, grid, gen),
+        decode_random_tokens(ae, n, grid, gen, code_probs),
+        smooth_blobs(n, S, gen),
+        noise_images(n // 2, S, gen),
+        overlays(x_train, y_train, n // 2, gen),
+    ])
+    clf = Classifier(S)
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    t0 = time.time()
+    for it in range(iters):
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * it / iters))
+        ip = torch.randint(0, len(pos_x), (96,), generator=gen)
+        ineg = torch.randint(0, len(neg), (32,), generator=gen)
+        x = torch.cat([shift_batch(pos_x[ip], SHIFT, gen), shift_batch(neg[ineg], SHIFT, gen)])
+        gain = 0.85 + 0.25 * torch.rand(len(x), 1, 1, 1, generator=gen)
+        x = (x * gain).clamp(0, 1)
+        y = torch.cat([pos_y[ip], torch.full((32,), REJECT)])
+        loss = F.cross_entropy(clf(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 250 == 0 or it == iters - 1:
+            print(f"classifier {it:5d} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    return clf.eval()
+
+
+def export_classifier(clf: Classifier, path: Path, img_size: int):
+    """Legacy exporter, opset 17; checked in onnxruntime against torch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(4, 1, img_size, img_size)
+    torch.onnx.export(clf, (x,), str(path), input_names=[CLASSIFIER_INPUT], output_names=[CLASSIFIER_OUTPUT],
+                      dynamic_axes={CLASSIFIER_INPUT: {0: "batch"}, CLASSIFIER_OUTPUT: {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    x = torch.rand(7, 1, img_size, img_size)
+    with torch.no_grad():
+        want = clf(x).numpy()
+    got = session(path).run([CLASSIFIER_OUTPUT], {CLASSIFIER_INPUT: x.numpy()})[0]
+    err = float(np.abs(got - want).max())
+    assert err < 1e-4, f"classifier.onnx differs from torch by {err:.2e} (tolerance 1e-4)"
+    print(f"exported {path} (onnxruntime vs torch max abs diff {err:.1e})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the default sampler (design.md section 4), over the exported transformer
+
+
+def session(path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def sample_tokens(transformer: ort.InferenceSession, n: int, L: int, K: int, steps: int, temperature: float,
+                  rng: np.random.Generator):
+    """Each masked position's reveal step ~ U{1..steps}; for t = steps..1, run the transformer on the rows
+    that reveal something at t and draw those positions from softmax(logits / temperature). (n, L) int64"""
+    x = np.full((n, L), K, dtype=np.int64)  # all masked; mask_id == K
+    reveal = rng.integers(1, steps + 1, size=(n, L))
+    for t in range(steps, 0, -1):
+        now = reveal == t  # (n, L)
+        rows = np.nonzero(now.any(1))[0]
+        if len(rows) == 0:
+            continue  # nothing to reveal: no network call
+        logits = transformer.run(None, {"tokens": x[rows]})[0].astype(np.float64) / temperature  # (R, L, K)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        cdf = np.cumsum(p, -1)
+        u = rng.random((len(rows), L, 1)) * cdf[..., -1:]
+        draw = np.minimum((cdf < u).sum(-1), K - 1)  # (R, L) categorical draws
+        x[rows] = np.where(now[rows], draw, x[rows])
+    return x
+
+
+def psnr_db(a, b):
+    """Mean over images of 10 log10(1 / MSE). (N, ...) arrays in [0, 1]"""
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+
+
+def save_png(x, path: Path, scale: int = 1):
+    """x: (H, W) float in [0, 1] -> 8-bit grayscale PNG."""
+    a = (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = Image.fromarray(a, mode="L")
+    if scale != 1:
+        img = img.resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+    img.save(path)
+
+
+def save_heldout(x_held, y_held, folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (x, y) in enumerate(zip(x_held.numpy(), y_held.tolist())):
+        save_png(x[0], folder / f"{i:03d}_{y}.png")
+
+
+def grid_image(imgs, cols: int = 8, pad: int = 2):
+    """(N, 1, S, S) -> one (rows*(S+pad)+pad, ...) array, digits on a mid-grey frame."""
+    n, _, s, _ = imgs.shape
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (s + pad) + pad, cols * (s + pad) + pad), 0.5, dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[pad + r * (s + pad):pad + r * (s + pad) + s, pad + c * (s + pad):pad + c * (s + pad) + s] = imgs[i, 0]
+    return out
+
+
+def measure(bundle: Path, cfg, x_train, seed: int, n_samples: int = 256, table=(2, 4, 8, 16, 32)):
+    """All numbers of quality.json, from the shipped graphs and the committed held-out PNGs."""
+    enc, dec = session(bundle / "encoder.onnx"), session(bundle / "decoder.onnx")
+    tr, clf = session(bundle / "transformer.onnx"), session(bundle / "eval" / "classifier.onnx")
+    grid, K = cfg.vq.token_size, cfg.codebook_size
+    L = grid * grid
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def run(s, name, x):
+        return np.concatenate([s.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+
+    def decode(tokens):  # (N, h, w) -> clamped (N, 1, S, S)
+        return np.clip(run(dec, "tokens", tokens), 0, 1)
+
+    def classify(x):
+        conf, digit = confidence(run(clf, "image", x.astype(np.float32)))
+        return float(conf.mean()), np.bincount(digit, minlength=10).tolist()
+
+    pngs = sorted((bundle / "eval" / "heldout").glob("*.png"))
+    held = np.stack([np.asarray(Image.open(p), dtype=np.float32)[None] / 255.0 for p in pngs])
+    rec = decode(run(enc, "image", held))
+    q = {"heldout_png_psnr_db": psnr_db(rec, held), "real_mean_confidence": classify(held)[0]}
+    train_tokens = run(enc, "image", x_train.numpy())
+    counts = np.bincount(train_tokens.ravel(), minlength=K)
+    p = counts[counts > 0] / counts.sum()
+    q["codebook_usage"] = float((counts > 0).sum() / K)
+    q["codebook_perplexity"] = float(np.exp(-(p * np.log(p)).sum()))
+    q["train_png_psnr_db"] = psnr_db(decode(train_tokens), x_train.numpy())
+    q["random_tokens_mean_confidence"] = classify(decode(rng.integers(0, K, (n_samples, grid, grid))))[0]
+    q["noise_mean_confidence"] = classify(noise_images(n_samples, cfg.img_size, gen).numpy())[0]
+    q["blob_mean_confidence"] = classify(smooth_blobs(n_samples, cfg.img_size, gen).numpy())[0]
+
+    def sample_row(steps, temperature):
+        t0 = time.time()
+        tokens = sample_tokens(tr, n_samples, L, K, steps, temperature, rng)
+        imgs = decode(tokens.reshape(-1, grid, grid))
+        conf, hist = classify(imgs)
+        return {"steps": steps, "temperature": temperature, "count": n_samples, "mean_confidence": conf,
+                "class_histogram": hist, "seconds": round(time.time() - t0, 2)}, imgs
+
+    q["samples"], imgs = sample_row(cfg.steps, cfg.temperature)
+    steps_list = sorted(set(table) | {L, cfg.steps})
+    q["steps_table"] = [q["samples"] if s == cfg.steps else sample_row(s, cfg.temperature)[0] for s in steps_list]
+    q["temperature_table"] = [sample_row(cfg.steps, t)[0] for t in (0.8, 0.9, 1.0) if t != cfg.temperature]
+    h = q["samples"]["class_histogram"]
+    ratio = q["samples"]["mean_confidence"] / q["real_mean_confidence"]
+    q["bar"] = dict(BAR, confidence_ratio=ratio,
+                    meets_bar=bool(ratio >= BAR["min_confidence_ratio"] and min(h) > 0
+                                   and max(h) <= BAR["max_class_fraction"] * sum(h)))
+    return q, imgs
+
+
+def readme(q: dict, source: str) -> str:
+    """models/digits/README.md: how the bundle was made and what it measures."""
+    c, s, sec = q["config"], q["samples"], q["train_seconds"]
+    rows = "\n".join(f"| {r['steps']} | {r['temperature']} | {r['mean_confidence']:.3f} | {r['class_histogram']} |"
+                     for r in q["steps_table"] + q["temperature_table"])
+    grid = c["img_size"] // 2 ** (len(c["ch_mult"]) - 1)
+    return f"""# digits: a small absorbing-diffusion bundle trained on scikit-learn's 8x8 digits
+
+Generated by `{source}` (the code is `export/train.py` and `export/classifier.py`); everything
+below is also in `eval/quality.json`. Graphs: ONNX opset {q['opset']}, torch legacy exporter.
+
+- Data: `sklearn.datasets.load_digits()` (1797 images, 8x8, 0..16) / 16, bilinear upsampling to
+  {c['img_size']}x{c['img_size']} (`align_corners=False`), clamped to [0, 1], white digit on black. 100 digits
+  (10 per class) are held out and never trained on: `eval/heldout/NNN_L.png` (index, label).
+  The autoencoder trains with random shifts of up to {c['shift']} pixels, the classifier with up to {SHIFT}.
+- Autoencoder: nf {c['nf']}, ch_mult {c['ch_mult']}, res_blocks {c['res_blocks']}, GroupNorm groups 8, no
+  attention outside the middle blocks, codebook {c['codebook_size']} x {c['emb_dim']}; {grid}x{grid} tokens.
+  {c['ae_iters']} iterations, batch {c['ae_batch']}, MSE + 0.1 L1 + VQ loss (beta 0.25), unused codes
+  restarted from encoder outputs every {c['dead_code_every']} iterations.
+- Prior: {c['n_layers']} layers, width {c['n_emb']}, {c['n_head']} heads, {c['prior_iters']} iterations, batch
+  {c['prior_batch']}, lr {c['prior_lr']} (warmup {c['warmup']}, cosine), EMA {c['ema']}; t ~ U{{1..{c['mask_T']}}},
+  tokens masked with probability t/{c['mask_T']}, cross-entropy on masked tokens averaged per example.
+- Default sampling (model.json): {c['steps']} steps, temperature {c['temperature']}.
+- Training time on 1 CPU thread (seconds): {sec}.
+
+## Quality (measured on the shipped graphs with onnxruntime)
+
+- Reconstruction PSNR (encode, decode, clamp) on the 100 held-out PNGs: {q['heldout_png_psnr_db']:.2f} dB
+  (train set: {q['train_png_psnr_db']:.2f} dB).
+- Codebook usage on the train set: {q['codebook_usage']:.3f} of the codes, perplexity {q['codebook_perplexity']:.1f}.
+- Classifier `eval/classifier.onnx` (11 classes, 10 = "not a digit"; confidence = max digit probability
+  of the 11-way softmax): held-out real digits {q['real_mean_confidence']:.3f}, decoded uniformly random
+  token grids {q['random_tokens_mean_confidence']:.3f}, uniform/sparse noise {q['noise_mean_confidence']:.3f},
+  smooth noise blobs {q['blob_mean_confidence']:.3f}.
+- {s['count']} samples at the defaults: mean confidence {s['mean_confidence']:.3f}
+  ({q['bar']['confidence_ratio']:.2f} x real), predicted digits {s['class_histogram']}.
+- Bar: samples' confidence >= {q['bar']['min_confidence_ratio']} x real, every class present, none above
+  {q['bar']['max_class_fraction']:.0%} of the samples: {'met' if q['bar']['meets_bar'] else 'NOT met'}.
+
+Samples and confidence against the number of sampling steps (the paper's FID-vs-steps table in small),
+{s['count']} samples each:
+
+| steps | temperature | mean confidence | predicted digits 0-9 |
+|---|---|---|---|
+{rows}
+
+`samples.png`: 64 samples at the defaults (x2 nearest-neighbour upscaling).
+"""
