@@ -1,0 +1,797 @@
+//! `absorb serve` as systemd runs it: the real binary on the real bundle, a NOTIFY_SOCKET datagram
+//! socket, port 0, and a tiny HTTP/1.1 client over `TcpStream` (no client library). Checks
+//! readiness after warm-up, byte equality with the CLI, 4xx JSON errors naming the field for
+//! every kind of bad request, the SIGTERM drain, 429 under overload, hung-up clients not keeping
+//! the worker busy, and memory over a few hundred requests.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use absorb::image::{png_bytes, Pixels};
+use base64::Engine as _;
+use common::{absorb, model_arg, stderr};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// A running `absorb serve`, killed if a test fails before stopping it.
+struct Server {
+    child: Child,
+    addr: String,
+    notify: UnixDatagram,
+    /// Datagrams received so far.
+    messages: Vec<String>,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the service on port 0 with a notify socket and waits for READY=1.
+    fn start(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock).unwrap();
+        notify.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_absorb"))
+            .args(["serve", "-m", &model_arg(), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(extra)
+            .env("NOTIFY_SOCKET", &sock)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start absorb serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let (err, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            notify,
+            messages: Vec::new(),
+            log,
+            _dir: dir,
+        };
+        server.wait_for("READY=1");
+        server.addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a `listening on ADDR` line");
+        server
+    }
+
+    /// Receives datagrams until one contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let mut buf = [0u8; 4096];
+        while !self.messages.iter().any(|m| m.contains(needle)) {
+            let n = self
+                .notify
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {needle:?} from the service ({e}); log:\n{}", self.log()));
+            self.messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn post(&self, path: &str, body: &str) -> Reply {
+        http(&self.addr, "POST", path, body.as_bytes())
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(&self.addr, "GET", path, b"")
+    }
+
+    /// A value from /metrics (series name with labels, exactly as printed).
+    fn metric(&self, series: &str) -> f64 {
+        let text = String::from_utf8(self.get("/metrics").body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < within,
+                "no exit within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    // A server that answers early (413) may stop reading; the answer is still there to read.
+    let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let (mut out, mut rest) = (Vec::new(), &body[..]);
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 2 + n + 2..];
+        }
+        body = out;
+    }
+    Reply { status, headers, body }
+}
+
+/// A gray PNG of `w`x`h` whose pixels are `f(x, y)`.
+fn png(w: usize, h: usize, f: impl Fn(usize, usize) -> u8) -> Vec<u8> {
+    let data = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .map(|(x, y)| f(x, y))
+        .collect();
+    png_bytes(
+        &Pixels {
+            channels: 1,
+            height: h,
+            width: w,
+            data,
+        },
+        None,
+    )
+    .unwrap()
+}
+
+/// The bundle's image side and token count, from /v1/model.
+fn shape(s: &Server) -> (usize, usize) {
+    let m = s.get("/v1/model").json();
+    let side = m["bundle"]["manifest"]["image"]["width"].as_u64().unwrap() as usize;
+    let t = &m["bundle"]["manifest"]["tokens"];
+    (
+        side,
+        (t["height"].as_u64().unwrap() * t["width"].as_u64().unwrap()) as usize,
+    )
+}
+
+fn cli(dir: &Path, args: &[&str]) {
+    let o = absorb(dir, args);
+    assert!(o.status.success(), "absorb {args:?}: {}", stderr(&o));
+}
+
+#[test]
+fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
+    let mut s = Server::start(&[], &[("WATCHDOG_USEC", "200000")]);
+    let ready = s.messages.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        s.messages[..ready].iter().any(|m| m.contains("STATUS=")),
+        "{:?}",
+        s.messages
+    );
+    let log = s.log();
+    let warm = log.find("warm-up generation took").expect("a warm-up ran");
+    assert!(
+        warm < log.find("listening on").unwrap(),
+        "warm-up before listening:\n{log}"
+    );
+    s.wait_for("WATCHDOG=1");
+
+    let d = tempfile::tempdir().unwrap();
+    let m = model_arg();
+    // count 1: the PNG itself, the CLI's `--count 1 -o x.png`.
+    let one = s.post("/v1/generate", r#"{"seed": 7}"#);
+    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
+    assert_eq!(one.header("content-type"), Some("image/png"));
+    assert_eq!(one.header("x-absorb-seed"), Some("7"));
+    cli(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "7", "--count", "1", "-o", "x.png"],
+    );
+    assert!(
+        one.body == std::fs::read(d.path().join("x.png")).unwrap(),
+        "service PNG != CLI PNG"
+    );
+
+    // count 3 with settings: JSON, image i = the CLI's directory output for index i.
+    let many = s.post(
+        "/v1/generate",
+        r#"{"seed": 5, "count": 3, "steps": 5, "temperature": 0.9}"#,
+    );
+    assert_eq!(many.status, 200);
+    let j = many.json();
+    assert_eq!((j["seed"].as_u64(), j["steps"].as_u64()), (Some(5), Some(5)));
+    let images = j["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    cli(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "-o", "many/",
+        ],
+    );
+    for (i, img) in images.iter().enumerate() {
+        let file = d.path().join(format!("many/5-{i:06}.png"));
+        assert!(
+            B64.decode(img.as_str().unwrap()).unwrap() == std::fs::read(&file).unwrap(),
+            "image {i}"
+        );
+    }
+
+    // inpaint: a rectangle, and the same region as a mask PNG, both = the CLI's bytes.
+    let (side, _) = shape(&s);
+    let rect = format!("{},0,{},{}", side / 2, side / 2, side);
+    cli(
+        d.path(),
+        &[
+            "inpaint", "-m", &m, "--image", "x.png", "--rect", &rect, "--seed", "3", "-o", "e.png",
+        ],
+    );
+    let expected = std::fs::read(d.path().join("e.png")).unwrap();
+    let image = B64.encode(&one.body);
+    let by_rect = s.post(
+        "/v1/inpaint",
+        &format!(r#"{{"image": "{image}", "rect": [{rect}], "seed": 3}}"#),
+    );
+    assert_eq!(by_rect.status, 200, "{}", String::from_utf8_lossy(&by_rect.body));
+    assert!(by_rect.body == expected, "inpaint by rect != CLI");
+    let mask = B64.encode(png(side, side, |x, _| if x >= side / 2 { 255 } else { 0 }));
+    let by_mask = s.post(
+        "/v1/inpaint",
+        &format!(r#"{{"image": "{image}", "mask": "{mask}", "seed": 3}}"#),
+    );
+    assert!(
+        by_mask.status == 200 && by_mask.body == expected,
+        "inpaint by mask != CLI"
+    );
+
+    let model = s.get("/v1/model").json();
+    assert_eq!(model["provider"], "cpu");
+    assert!(
+        model["onnxruntime"]["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.")),
+        "{model}"
+    );
+    assert!(model["bundle"]["manifest"]["name"].is_string());
+    assert_eq!(s.get("/healthz").json()["status"], "ok");
+    assert_eq!(
+        s.metric(r#"absorb_requests_total{route="/v1/generate",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
+        2.0
+    );
+    assert_eq!(s.metric("absorb_images_total"), 6.0);
+    assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
+    assert!(s.metric("absorb_images_per_second") > 0.0);
+
+    s.sigterm();
+    assert_eq!(s.wait_exit(Duration::from_secs(30)), Some(0), "{}", s.log());
+    s.wait_for("STOPPING=1");
+}
+
+#[test]
+fn bad_requests_get_a_4xx_json_error_naming_the_field() {
+    let s = Server::start(&["--max-body", "8192", "--max-count", "4"], &[]);
+    let (side, tokens) = shape(&s);
+    let good = B64.encode(png(side, side, |x, y| ((x * 7 + y * 3) % 256) as u8));
+    let small = B64.encode(png(side / 2, side / 2, |_, _| 255));
+    let black = B64.encode(png(side, side, |_, _| 0));
+    let mut truncated = png(side, side, |x, _| x as u8);
+    truncated.truncate(truncated.len() / 2);
+    let truncated = B64.encode(truncated);
+    let garbage = B64.encode(b"\x89PNG\r\n\x1a\nthis is not a png at all");
+    let not_png = B64.encode(b"GIF89a definitely not a png");
+    let r = format!("{}", side / 2);
+    let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
+        ("POST", "/v1/generate", "{".into(), 400, "body", "malformed JSON"),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"seed": 1,}"#.into(),
+            400,
+            "body",
+            "malformed JSON",
+        ),
+        ("POST", "/v1/generate", r#""hello""#.into(), 400, "body", "invalid"),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"seed": 1, "colour": 2}"#.into(),
+            400,
+            "colour",
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"steps": 0}"#.into(),
+            400,
+            "steps",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            format!(r#"{{"steps": {}}}"#, tokens + 1),
+            400,
+            "steps",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"steps": "many"}"#.into(),
+            400,
+            "steps",
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"temperature": 0}"#.into(),
+            400,
+            "temperature",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"temperature": -1}"#.into(),
+            400,
+            "temperature",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"temperature": 1e300}"#.into(),
+            400,
+            "temperature",
+            "out of range",
+        ),
+        ("POST", "/v1/generate", r#"{"count": 0}"#.into(), 400, "count", "1..=4"),
+        ("POST", "/v1/generate", r#"{"count": 5}"#.into(), 400, "count", "1..=4"),
+        ("POST", "/v1/generate", r#"{"seed": -1}"#.into(), 400, "seed", "u64"),
+        ("POST", "/v1/generate", r#"{"seed": 1.5}"#.into(), 400, "seed", "u64"),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"seed": 18446744073709551616}"#.into(),
+            400,
+            "seed",
+            "u64",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            format!(r#"{{"seed": 1, "pad": "{}"}}"#, "x".repeat(9000)),
+            413,
+            "body",
+            "8192 bytes",
+        ),
+        ("POST", "/v1/inpaint", "{}".into(), 400, "body", "missing field `image`"),
+        (
+            "POST",
+            "/v1/inpaint",
+            r#"{"image": "!!!", "rect": [0, 0, 4, 4]}"#.into(),
+            400,
+            "image",
+            "base64",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{not_png}", "rect": [0, 0, 4, 4]}}"#),
+            400,
+            "image",
+            "not a PNG",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{garbage}", "rect": [0, 0, 4, 4]}}"#),
+            400,
+            "image",
+            "not a readable PNG",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{truncated}", "rect": [0, 0, 4, 4]}}"#),
+            400,
+            "image",
+            "PNG",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{small}", "rect": [0, 0, 4, 4]}}"#),
+            400,
+            "image",
+            "resize",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "mask": "{small}"}}"#),
+            400,
+            "mask",
+            "mask is",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "mask": "{not_png}"}}"#),
+            400,
+            "mask",
+            "not a PNG",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "mask": "{black}"}}"#),
+            400,
+            "mask",
+            "empty",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}"}}"#),
+            400,
+            "mask",
+            "exactly one",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "mask": "{black}", "rect": [0, 0, 4, 4]}}"#),
+            400,
+            "mask",
+            "exactly one",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "rect": [{r}, 0, {side}, 4]}}"#),
+            400,
+            "rect",
+            "inside",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "rect": [0, 0, 0, 4]}}"#),
+            400,
+            "rect",
+            "non-empty",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "rect": [0, 0, 4]}}"#),
+            400,
+            "rect",
+            "invalid",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "decode_all": "yes"}}"#),
+            400,
+            "decode_all",
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "steps": 0}}"#),
+            400,
+            "steps",
+            "out of range",
+        ),
+        ("GET", "/v1/generate", String::new(), 405, "", "method not allowed"),
+        ("POST", "/v1/model", String::new(), 405, "", "method not allowed"),
+        ("GET", "/v2/generate", String::new(), 404, "", "no such route"),
+    ];
+    for (method, path, body, status, field, needle) in &cases {
+        let r = http(&s.addr, method, path, body.as_bytes());
+        let shown = &body[..body.len().min(120)];
+        assert_eq!(
+            r.status,
+            *status,
+            "{method} {path} {shown}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let j = r.json();
+        let error = j["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path} {shown}: no error in {j}"));
+        assert!(
+            error.contains(needle),
+            "{method} {path} {shown}: {error:?} lacks {needle:?}"
+        );
+        if !field.is_empty() {
+            assert_eq!(j["field"], *field, "{method} {path} {shown}: {j}");
+        }
+    }
+    // Still healthy, still generating, and nothing panicked.
+    assert_eq!(s.get("/healthz").status, 200);
+    assert_eq!(
+        s.post("/v1/generate", "").status,
+        200,
+        "an empty body means all defaults"
+    );
+    assert_eq!(
+        s.metric(r#"absorb_requests_total{route="/v1/generate",status="500"}"#),
+        0.0
+    );
+    assert!(!s.log().contains("panicked"), "{}", s.log());
+}
+
+#[test]
+fn sigterm_finishes_every_accepted_request_then_exits_zero() {
+    let mut s = Server::start(&["--max-batch", "1"], &[]);
+    let (_, tokens) = shape(&s);
+    let n = 6;
+    let body = |i: usize| format!(r#"{{"seed": {i}, "count": 8, "steps": {tokens}}}"#);
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, body) = (s.addr.clone(), body(i));
+            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
+        })
+        .collect();
+    let start = Instant::now();
+    while s.metric("absorb_requests_in_flight") < n as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "requests never all in flight"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.sigterm();
+    s.wait_for("STOPPING=1");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        TcpStream::connect(&s.addr).is_err(),
+        "no new connections are accepted while draining"
+    );
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["images"].as_array().unwrap().len(), 8, "request {i}");
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0), "{}", s.log());
+}
+
+#[test]
+fn overload_is_answered_429_with_retry_after_and_never_5xx() {
+    let s = Server::start(&["--max-queue", "1", "--max-batch", "1"], &[]);
+    let (_, tokens) = shape(&s);
+    let n = 10;
+    let barrier = Arc::new(Barrier::new(n));
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, barrier) = (s.addr.clone(), barrier.clone());
+            let body = format!(r#"{{"seed": {i}, "count": 4, "steps": {tokens}}}"#);
+            std::thread::spawn(move || {
+                barrier.wait();
+                http(&addr, "POST", "/v1/generate", body.as_bytes())
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert!(statuses.iter().all(|&c| c == 200 || c == 429), "{statuses:?}");
+    assert!(statuses.iter().filter(|&&c| c == 200).count() >= 2, "{statuses:?}");
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(!busy.is_empty(), "{statuses:?}");
+    for r in busy {
+        let after: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+        assert!((1..=60).contains(&after));
+        assert!(r.json()["error"].as_str().unwrap().contains("queue is full"));
+    }
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn a_client_that_hangs_up_does_not_keep_the_worker_busy() {
+    let s = Server::start(&["--max-batch", "1"], &[]);
+    let (_, tokens) = shape(&s);
+    let long = format!(r#"{{"seed": 1, "count": 8, "steps": {tokens}}}"#);
+    let (addr, body) = (s.addr.clone(), long.clone());
+    let first = std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()));
+    // Four more identical requests whose clients hang up right after sending them.
+    while s.metric("absorb_requests_in_flight") < 1.0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        let head = format!(
+            "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{long}",
+            long.len()
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        c.shutdown(Shutdown::Both).unwrap();
+    }
+    assert_eq!(first.join().unwrap().status, 200);
+    let start = Instant::now();
+    while s.metric("absorb_requests_cancelled_total") < 4.0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "hang-ups not noticed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.post("/v1/generate", r#"{"seed": 2}"#).status, 200);
+    let images = s.metric("absorb_images_total");
+    assert!(
+        images < 8.0 * 5.0,
+        "hung-up requests were sampled anyway: {images} images"
+    );
+    assert!(s.metric("absorb_jobs_skipped_total") >= 1.0);
+}
+
+#[test]
+fn a_few_hundred_requests_leave_memory_flat() {
+    let s = Server::start(&[], &[]);
+    let (side, _) = shape(&s);
+    let image = B64.encode(png(side, side, |x, y| ((x + y) * 4) as u8));
+    let inpaint = format!(
+        r#"{{"image": "{image}", "rect": [0, 0, {}, {}], "seed": 1}}"#,
+        side / 2,
+        side
+    );
+    let round = |i: usize| {
+        let r = match i % 10 {
+            0 => s.post("/v1/inpaint", &inpaint),
+            1 => s.post("/v1/generate", r#"{"steps": "bad"}"#),
+            2 => s.post("/v1/generate", &format!(r#"{{"seed": {i}, "count": 4}}"#)),
+            _ => s.post("/v1/generate", &format!(r#"{{"seed": {i}}}"#)),
+        };
+        assert_eq!(r.status, if i % 10 == 1 { 400 } else { 200 }, "request {i}");
+    };
+    (0..50).for_each(round);
+    let before = s.rss_kib();
+    (50..350).for_each(round);
+    let after = s.rss_kib();
+    println!("RSS after 50 requests: {before} KiB; after 300 more: {after} KiB");
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} KiB to {after} KiB over 300 requests"
+    );
+}
+
+/// `cargo test --release --test server -- --ignored --nocapture`: images/s and latency at 1 and
+/// 8 concurrent clients, one image per request at the bundle's default steps.
+#[test]
+#[ignore]
+fn throughput_and_latency_at_1_and_8_clients() {
+    let s = Server::start(&["--max-queue", "64"], &[]);
+    for clients in [1usize, 8] {
+        let per_client = 400 / clients;
+        let start = Instant::now();
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let addr = s.addr.clone();
+                std::thread::spawn(move || {
+                    (0..per_client)
+                        .map(|i| {
+                            let t = Instant::now();
+                            let body = format!(r#"{{"seed": {}}}"#, c * 100_000 + i);
+                            assert_eq!(http(&addr, "POST", "/v1/generate", body.as_bytes()).status, 200);
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut lat: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let wall = start.elapsed();
+        lat.sort();
+        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        println!(
+            "{clients} clients: {} requests in {wall:.2?}: {:.1} images/s, p50 {:.1?}, p99 {:.1?}",
+            lat.len(),
+            lat.len() as f64 / wall.as_secs_f64(),
+            q(0.50),
+            q(0.99)
+        );
+    }
+}
