@@ -36,6 +36,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -133,6 +134,12 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         if let Some(period) = systemd::watchdog_period() {
             tokio::spawn(watchdog(notify.clone(), shared.clone(), period));
         }
+        // Responses are small and latency matters more than packet count: no Nagle delay.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                log::debug!("TCP_NODELAY not set: {e}");
+            }
+        });
         axum::serve(listener, app(shared.clone()))
             .with_graceful_shutdown(shutdown_signal(notify.clone(), shared.clone()))
             .await

@@ -180,12 +180,15 @@ impl Reply {
 fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
+    let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    // A server that answers early (413) may stop reading; the answer is still there to read.
-    let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    // One write (no Nagle wait between head and body). A server that answers early (413) may
+    // stop reading; the answer is still there to read.
+    let _ = s.write_all(&request);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     parse_reply(&raw)
