@@ -74,7 +74,40 @@ lint:
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: lint rust-test pytest
+# Cross-compilation for Jetson (aarch64, glibc <= 2.31 so the binary starts on JetPack 5), without
+# Docker: cargo-zigbuild and zig from PyPI, the Rust aarch64 std from rustup.
+CROSS_TARGET := aarch64-unknown-linux-gnu
+CROSS_GLIBC  := 2.31
+CROSS_BIN    := target/$(CROSS_TARGET)/release/absorb
+ZIG_VENV     := $(HOME)/.cache/absorb/zig-0.17.0
+ORT_SHA256_1.31.1_aarch64 := da05378364c44d4407e463982d2bf8d5e4cfea873283757e48beeb41df97b7f3
+ORT_ARM_LIB  := .ort/aarch64/$(ORT_VERSION)/libonnxruntime.so
+
+.PHONY: cross cross-tools cross-test
+cross-tools: $(ZIG_VENV)/.installed
+	rustup target list --installed | grep -qx $(CROSS_TARGET) || rustup target add $(CROSS_TARGET)
+$(ZIG_VENV)/.installed:
+	python3 -m venv $(ZIG_VENV)
+	$(ZIG_VENV)/bin/python -m pip install --quiet --disable-pip-version-check cargo-zigbuild==0.24.0 ziglang==0.17.0
+	touch $@
+
+cross: cross-tools
+	PATH=$(ZIG_VENV)/bin:$$PATH cargo zigbuild --release --target $(CROSS_TARGET).$(CROSS_GLIBC) --features cuda,tensorrt
+	@newest=$$(readelf --dyn-syms -W $(CROSS_BIN) | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1); \
+	if [ "$$(printf '%s\n%s\n' "$$newest" "$(CROSS_GLIBC)" | sort -V | tail -n1)" != "$(CROSS_GLIBC)" ]; then \
+	  echo "error: $(CROSS_BIN) needs GLIBC_$$newest, more than $(CROSS_GLIBC) (JetPack 5)"; exit 1; \
+	fi; echo "$(CROSS_BIN): aarch64, needs at most GLIBC_$$newest, features cuda+tensorrt"
+
+$(ORT_ARM_LIB):
+	scripts/fetch-ort.sh $(ORT_VERSION) aarch64 "$(ORT_SHA256_$(ORT_VERSION)_aarch64)" .ort/aarch64/$(ORT_VERSION)
+
+# The aarch64 build under qemu-user must give byte-identical PNGs to the x86-64 build.
+cross-test: cross build ort $(ORT_ARM_LIB)
+	command -v qemu-aarch64 >/dev/null && [ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user libc6-arm64-cross libstdc++6-arm64-cross; }
+	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
+
+test: lint rust-test pytest cross-test
 
 # systemd-analyze verify on deploy/absorb.service exactly as shipped, in a scratch root holding the
 # unit, the host's system units and a stub /usr/local/bin/absorb (verify insists that ExecStart

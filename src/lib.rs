@@ -175,16 +175,30 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepReport),
         timings: &mut Timings,
     ) -> Result<Vec<Vec<i64>>> {
+        let streams: Vec<(u64, u64)> = indices.map(|i| (seed, i)).collect();
+        self.generate_streams(&streams, settings, max_batch, on_step, timings)
+    }
+
+    /// Generates one token grid per `(seed, index)` stream, at most `max_batch` images per
+    /// transformer call whatever their seeds: the service batches concurrent requests with equal
+    /// settings this way. Each image is the one [`Pipeline::generate`] gives for its seed and index.
+    pub fn generate_streams(
+        &mut self,
+        streams: &[(u64, u64)],
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Vec<Vec<i64>>> {
         if max_batch == 0 {
             return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
         }
         let space = self.token_space();
-        let indices: Vec<u64> = indices.collect();
-        let mut out = Vec::with_capacity(indices.len());
-        for chunk in indices.chunks(max_batch) {
+        let mut out = Vec::with_capacity(streams.len());
+        for chunk in streams.chunks(max_batch) {
             let mut chains: Vec<Chain> = chunk
                 .iter()
-                .map(|&i| Chain::masked(&space, settings, seed, i))
+                .map(|&(seed, i)| Chain::masked(&space, settings, seed, i))
                 .collect::<Result<_>>()?;
             self.run_chains(&mut chains, settings, on_step, timings)?;
             out.extend(chains.into_iter().map(Chain::into_tokens));
@@ -320,9 +334,19 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<Vec<Pixels>> {
         let tokens = self.generate(seed, indices, settings, max_batch, on_step, timings)?;
+        self.tokens_to_pixels(&tokens, max_batch, timings)
+    }
+
+    /// Decodes token grids of the bundle's size to 8-bit pixels, `max_batch` at a time.
+    pub fn tokens_to_pixels(
+        &mut self,
+        tokens: &[Vec<i64>],
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
         let grid = self.grid();
         let range = self.bundle.manifest().image.range;
-        let tensors = self.decode(&tokens, grid, max_batch, timings)?;
+        let tensors = self.decode(tokens, grid, max_batch, timings)?;
         Ok(tensors.iter().map(|t| image::to_pixels(t, range)).collect())
     }
 

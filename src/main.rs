@@ -101,6 +101,9 @@ struct GenerateArgs {
     /// temperature from its metadata).
     #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "count", "first_index", "columns"])]
     from: Option<PathBuf>,
+    /// Also write the generated token grids as JSON (one entry per image, with its index).
+    #[arg(long, value_name = "JSON")]
+    tokens_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -343,7 +346,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut timings = Timings::default();
     let start = Instant::now();
     let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
-    let pixels = p.generate_pixels(
+    let tokens = p.generate(
         seed,
         first..first + count as u64,
         &settings,
@@ -351,6 +354,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
         on_step,
         &mut timings,
     )?;
+    let pixels = p.tokens_to_pixels(&tokens, a.max_batch, &mut timings)?;
+    if let Some(path) = &a.tokens_out {
+        let grid = p.grid();
+        let images: Vec<serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| serde_json::json!({"index": first + i as u64, "tokens": t.chunks(grid[1]).collect::<Vec<_>>()}))
+            .collect();
+        let json = serde_json::json!({
+            "bundle": p.bundle().manifest().name, "bundle_sha256": p.bundle().sha256(), "seed": seed,
+            "height": grid[0], "width": grid[1], "images": images,
+        });
+        write_atomic(path, serde_json::to_string(&json)?.as_bytes())?;
+    }
     let sampled = start.elapsed();
     bar.finish_and_clear();
     match kind {

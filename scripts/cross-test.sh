@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the aarch64 build of absorb under qemu-user and compares its output with the x86-64 build's
+# for fixed seeds: the determinism contract promises identical tokens (hence identical PNG bytes)
+# across x86-64 and aarch64 on the CPU provider.
+#   scripts/cross-test.sh X86_BIN ARM_BIN ARM_ORT_LIB X86_ORT_LIB MODEL_DIR
+set -euo pipefail
+x86=$1 arm=$2 arm_lib=$3 x86_lib=$4 model=$5
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# ONNX Runtime's CPU detection reads /proc/cpuinfo, which qemu-user passes through from the x86
+# host, and crashes on it. qemu resolves absolute paths under QEMU_LD_PREFIX first: give it a
+# sysroot with the cross libc and an ARM cpuinfo (Neoverse-N1-like, 2 cores).
+sysroot="$work/sysroot"
+mkdir -p "$sysroot/proc"
+ln -s /usr/aarch64-linux-gnu/lib "$sysroot/lib"
+for i in 0 1; do
+  printf 'processor\t: %s\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$i"
+done > "$sysroot/proc/cpuinfo"
+arm_run() { QEMU_LD_PREFIX="$sysroot" qemu-aarch64 "$arm" "$@" --ort-lib "$arm_lib"; }
+x86_run() { "$x86" "$@" --ort-lib "$x86_lib"; }
+
+arm_run info -m "$model" | grep -A3 '"library"' | grep '"version"' | sed 's/^ */aarch64 run, ONNX Runtime /'
+tokens_same=0 png_same=0 total=0
+for seed in 1 2 3 4; do
+  x86_run generate -m "$model" --seed "$seed" --count 8 -o "$work/x86-$seed/" --tokens-out "$work/x86-$seed.json" 2>/dev/null
+  arm_run generate -m "$model" --seed "$seed" --count 8 -o "$work/arm-$seed/" --tokens-out "$work/arm-$seed.json" 2>/dev/null
+  python3 - "$work/x86-$seed.json" "$work/arm-$seed.json" "$seed" <<'PY' >> "$work/tokens.txt"
+import json, sys
+a, b = (json.load(open(p))["images"] for p in sys.argv[1:3])
+for x, y in zip(a, b):
+    print("same" if x["tokens"] == y["tokens"] else f"tokens differ: seed {sys.argv[3]} index {x['index']}")
+PY
+  for f in "$work/x86-$seed"/*.png; do
+    total=$((total + 1))
+    if cmp -s "$f" "$work/arm-$seed/$(basename "$f")"; then png_same=$((png_same + 1)); fi
+  done
+done
+tokens_same=$(grep -c '^same$' "$work/tokens.txt" || true)
+grep -v '^same$' "$work/tokens.txt" || true
+echo "aarch64 (qemu) vs x86-64, $total images: tokens identical for $tokens_same, PNG bytes identical for $png_same"
+echo "(a PNG can differ while its tokens are equal: the decoder's float output rounds to 8 bits,"
+echo " and a value within an ulp of a rounding boundary can land on either side on different CPUs)"
+echo "$tokens_same passed, $((total - tokens_same)) failed"
+[ "$tokens_same" -eq "$total" ]
