@@ -34,14 +34,20 @@ ORT_SOURCE_1.17.3 := npm
 ORT_SOURCE_1.16.3 := npm
 ORT_SHA256_1.17.3_x86_64 := fd586d4ab53d89fdade19ffcc75b208fd66ab417b247cb6ae299be1bb40d76be
 ORT_SHA256_1.16.3_x86_64 := 5896383cd3449c5838a46fcf1490865ab90487773a3bb018ea6a5f12b17e2667
+# onnxruntime-gpu (x86_64, CUDA 13 / TensorRT 10): only to test that GPU providers fail loudly here.
+ORT_SOURCE_gpu-1.31.1 := pypi-gpu
+ORT_SHA256_gpu-1.31.1_x86_64 := e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6
 
 .PHONY: ort build demo test rust-test lint
 ort: $(ORT_LIB)
 $(ORT_LIB):
 	scripts/fetch-ort.sh $(ORT_VERSION) $(ARCH) "$(ORT_SHA256_$(ORT_VERSION)_$(ARCH))" $(ORT_DIR) $(or $(ORT_SOURCE_$(ORT_VERSION)),pypi)
 
+# The shipped binary has the CUDA and TensorRT providers compiled in (they cost nothing without a
+# GPU: the provider libraries come with the ONNX Runtime build that is loaded at run time).
+FEATURES := cuda,tensorrt
 build:
-	cargo build --release
+	cargo build --release --features $(FEATURES)
 
 # The demo: a grid of digits from the bundled model.
 demo: ort build
@@ -57,21 +63,25 @@ ORT_NEWEST  := 1.32.0
 ORT_TOO_OLD := 1.16.3
 compat_lib = .ort/compat/$(1)/libonnxruntime.so
 .ort/compat/%/libonnxruntime.so:
-	scripts/fetch-ort.sh $* $(ARCH) "$(ORT_SHA256_$*_$(ARCH))" .ort/compat/$* $(or $(ORT_SOURCE_$*),pypi)
+	scripts/fetch-ort.sh $(patsubst gpu-%,%,$*) $(ARCH) "$(ORT_SHA256_$*_$(ARCH))" .ort/compat/$* $(or $(ORT_SOURCE_$*),pypi)
 
 .PHONY: ort-compat
-ort-compat: $(call compat_lib,$(ORT_OLDEST)) $(call compat_lib,$(ORT_NEWEST)) $(call compat_lib,$(ORT_TOO_OLD))
+ort-compat: $(call compat_lib,$(ORT_OLDEST)) $(call compat_lib,$(ORT_NEWEST)) $(call compat_lib,$(ORT_TOO_OLD)) \
+	$(call compat_lib,gpu-$(ORT_VERSION))
 
 rust-test: ort ort-compat
 	ABSORB_TOO_OLD_ORT=$(abspath $(call compat_lib,$(ORT_TOO_OLD))) \
-	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release
+	  ABSORB_GPU_ORT=$(abspath $(call compat_lib,gpu-$(ORT_VERSION))) \
+	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release --features $(FEATURES)
 	@for v in $(ORT_OLDEST) $(ORT_NEWEST); do \
 	  echo "== integration tests against ONNX Runtime $$v"; \
-	  ORT_DYLIB_PATH=$(abspath .ort/compat)/$$v/libonnxruntime.so cargo test --release --test cli --test pipeline || exit 1; \
+	  ORT_DYLIB_PATH=$(abspath .ort/compat)/$$v/libonnxruntime.so \
+	    cargo test --release --features $(FEATURES) --test cli --test pipeline || exit 1; \
 	done
 
 lint:
 	cargo fmt --check
+	cargo clippy --release --all-targets --features $(FEATURES) -- -D warnings
 	cargo clippy --release --all-targets -- -D warnings
 
 # Cross-compilation for Jetson (aarch64, glibc <= 2.31 so the binary starts on JetPack 5), without

@@ -3,6 +3,7 @@
 # sha256, and unpacks the libraries into DEST (with a libonnxruntime.so symlink).
 #   scripts/fetch-ort.sh VERSION ARCH SHA256 DEST [pypi|npm]      (ARCH: x86_64 or aarch64)
 # pypi: the `onnxruntime` wheel, which carries libonnxruntime.so from 1.18/1.19 on.
+# pypi-gpu: the `onnxruntime-gpu` wheel (x86_64 only; CUDA and TensorRT provider libraries beside it).
 # npm:  Microsoft's `onnxruntime-node` package, which carries libonnxruntime.so.X for x64 and
 #       arm64 also for older releases (1.16, 1.17) whose wheels link it into the Python module.
 set -euo pipefail
@@ -16,13 +17,14 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/unpacked"
 case "$source" in
-  pypi)
+  pypi|pypi-gpu)
+    name=$([ "$source" = pypi-gpu ] && echo onnxruntime-gpu || echo onnxruntime)
     python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
       --python-version 3.11 --implementation cp \
       --platform "manylinux_2_28_$arch" --platform "manylinux_2_27_$arch" \
       --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
-      "onnxruntime==$version" -d "$tmp"
-    package=$(ls "$tmp"/onnxruntime-*.whl)
+      "$name==$version" -d "$tmp"
+    package=$(ls "$tmp"/onnxruntime*.whl)
     ;;
   npm)
     (cd "$tmp" && npm pack --silent "onnxruntime-node@$version" >/dev/null)
@@ -36,7 +38,7 @@ if [ "$got" != "$sha" ]; then
   exit 1
 fi
 case "$source" in
-  pypi)
+  pypi|pypi-gpu)
     python3 - "$package" "$tmp/unpacked" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:

@@ -75,6 +75,85 @@ pub struct RuntimeOptions {
     pub threads: Option<usize>,
 }
 
+/// Execution provider and its settings for one bundle's sessions.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Which provider.
+    pub provider: Provider,
+    /// TensorRT: build fp16 engines (faster on Jetson; logits differ from fp32 in the last bits).
+    pub fp16: bool,
+    /// TensorRT: root of the engine and timing caches; `None` = `$XDG_CACHE_HOME/absorb/tensorrt`
+    /// (or `~/.cache/absorb/tensorrt`). Each bundle, ONNX Runtime version, GPU and precision gets
+    /// its own subdirectory, so a stale engine is never reused.
+    pub cache_dir: Option<PathBuf>,
+    /// Largest batch the shape profiles cover (TensorRT builds one engine for 1..=max_batch).
+    pub max_batch: usize,
+    /// CUDA device index.
+    pub device_id: i32,
+}
+
+impl ProviderConfig {
+    /// Defaults for `provider`: fp32, default cache, profiles up to [`crate::DEFAULT_MAX_BATCH`], device 0.
+    pub fn new(provider: Provider) -> ProviderConfig {
+        ProviderConfig {
+            provider,
+            fp16: false,
+            cache_dir: None,
+            max_batch: crate::DEFAULT_MAX_BATCH,
+            device_id: 0,
+        }
+    }
+
+    /// The engine cache directory for `bundle` on this library and GPU.
+    pub fn engine_cache(&self, bundle: &Bundle, library: &Library) -> PathBuf {
+        let root = self.cache_dir.clone().unwrap_or_else(default_cache_root);
+        let sha = bundle.sha256();
+        root.join(format!("{}-{}", bundle.manifest().name, &sha[..16.min(sha.len())]))
+            .join(format!("ort-{}", library.version))
+            .join(gpu_identity(self.device_id))
+            .join(if self.fp16 { "fp16" } else { "fp32" })
+    }
+}
+
+fn default_cache_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("absorb").join("tensorrt")
+}
+
+/// A file-name-safe name of the GPU, from the NVIDIA driver (`/proc/driver/nvidia/gpus`) or, on
+/// Jetson boards, the device tree model; `unknown-gpu` when neither says.
+pub fn gpu_identity(device_id: i32) -> String {
+    let from_driver = std::fs::read_dir("/proc/driver/nvidia/gpus").ok().and_then(|rd| {
+        let mut dirs: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        dirs.sort();
+        let dir = dirs.get(device_id.max(0) as usize)?.clone();
+        let info = std::fs::read_to_string(dir.join("information")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+    });
+    let name = from_driver
+        .or_else(|| {
+            std::fs::read_to_string("/proc/device-tree/model")
+                .ok()
+                .map(|m| m.trim_matches(char::from(0)).trim().to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unknown-gpu".to_string());
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// The loaded ONNX Runtime library.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Library {
@@ -428,16 +507,36 @@ pub struct CallStats {
 impl Graphs {
     /// Builds the three sessions on the requested provider and checks each one's inputs and
     /// outputs against the manifest.
-    pub fn load(bundle: &Bundle, runtime: &Runtime, provider: Provider) -> Result<Graphs> {
+    pub fn load(bundle: &Bundle, runtime: &Runtime, config: &ProviderConfig) -> Result<Graphs> {
+        // `auto` decides on the first graph; the others follow that choice.
+        let mut provider = config.provider;
+        if config.max_batch == 0 {
+            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+        }
         let m = bundle.manifest();
         let (c, h, w) = (m.image.channels, m.image.height, m.image.width);
         let (th, tw, k) = (m.tokens.height, m.tokens.width, m.tokens.codebook_size);
         let l = th * tw;
-        let mut chosen = provider;
         let mut load_one = |kind: GraphKind| -> Result<Session> {
             let path = bundle.graph_path(kind);
-            let (session, used) = build_session(runtime, &path, kind, provider)?;
-            chosen = used;
+            // TensorRT shape profile: batch 1..=max_batch at the bundle's grid.
+            let n = config.max_batch;
+            let (name, dims) = match kind {
+                GraphKind::Encoder => (ENCODER_INPUT, format!("{c}x{h}x{w}")),
+                GraphKind::Decoder => (DECODER_INPUT, format!("{th}x{tw}")),
+                GraphKind::Transformer => (TRANSFORMER_INPUT, format!("{l}")),
+            };
+            let gpu = GpuPlan {
+                config,
+                cache: config.engine_cache(bundle, runtime.library()),
+                profile: [
+                    format!("{name}:1x{dims}"),
+                    format!("{name}:{n}x{dims}"),
+                    format!("{name}:{n}x{dims}"),
+                ],
+            };
+            let (session, used) = build_session(runtime, &path, kind, provider, &gpu)?;
+            provider = used;
             let (input, output) = match kind {
                 GraphKind::Encoder => (
                     Port::new(
@@ -483,7 +582,7 @@ impl Graphs {
             encoder,
             decoder,
             transformer,
-            provider: chosen,
+            provider,
             image: [c, h, w],
             grid: [th, tw],
             codebook_size: k,
@@ -566,7 +665,24 @@ fn expect_shape(graph: &str, name: &str, found: &[i64], expected: &[usize]) -> R
     }
 }
 
-fn build_session(runtime: &Runtime, path: &Path, kind: GraphKind, provider: Provider) -> Result<(Session, Provider)> {
+/// What a GPU provider needs to know for one session.
+struct GpuPlan<'a> {
+    #[cfg_attr(not(any(feature = "cuda", feature = "tensorrt")), allow(dead_code))]
+    config: &'a ProviderConfig,
+    /// Engine/timing cache directory (TensorRT).
+    cache: PathBuf,
+    /// TensorRT profile: min, opt, max shapes, e.g. `tokens:1x64`.
+    #[cfg_attr(not(feature = "tensorrt"), allow(dead_code))]
+    profile: [String; 3],
+}
+
+fn build_session(
+    runtime: &Runtime,
+    path: &Path,
+    kind: GraphKind,
+    provider: Provider,
+    gpu: &GpuPlan,
+) -> Result<(Session, Provider)> {
     let ctx = |what: &str| format!("graph \"{}\" ({}): {what}", kind.name(), path.display());
     let base = || -> Result<SessionBuilder> {
         let builder = Session::builder(&runtime.env).map_err(Error::ort(ctx("configuring the session")))?;
@@ -591,28 +707,28 @@ fn build_session(runtime: &Runtime, path: &Path, kind: GraphKind, provider: Prov
             ),
         })
     };
+    let on_gpu = |candidate: Provider| -> Result<Session> {
+        let mut b = base()?;
+        register(&mut b, candidate, gpu)?;
+        if candidate == Provider::Tensorrt {
+            log::info!(
+                "{}: TensorRT may build an engine now (minutes on a Jetson; cached in {})",
+                kind.name(),
+                gpu.cache.display()
+            );
+        }
+        b.commit_from_file(path).map_err(|e| Error::Provider {
+            provider: candidate.to_string(),
+            reason: format!("building the {} session failed: {e}", kind.name()),
+            fix: "check the CUDA/TensorRT installation, or use --provider cpu".into(),
+        })
+    };
     match provider {
         Provider::Cpu => Ok((commit(base()?)?, Provider::Cpu)),
-        Provider::Cuda | Provider::Tensorrt => {
-            let mut b = base()?;
-            register(&mut b, provider)?;
-            let session = b.commit_from_file(path).map_err(|e| Error::Provider {
-                provider: provider.to_string(),
-                reason: format!("building the {} session failed: {e}", kind.name()),
-                fix: "check the CUDA/TensorRT installation, or use --provider cpu".into(),
-            })?;
-            Ok((session, provider))
-        }
+        Provider::Cuda | Provider::Tensorrt => Ok((on_gpu(provider)?, provider)),
         Provider::Auto => {
             for candidate in [Provider::Tensorrt, Provider::Cuda] {
-                let mut b = base()?;
-                match register(&mut b, candidate).and_then(|_| {
-                    b.commit_from_file(path).map_err(|e| Error::Provider {
-                        provider: candidate.to_string(),
-                        reason: e.to_string(),
-                        fix: String::new(),
-                    })
-                }) {
+                match on_gpu(candidate) {
                     Ok(session) => {
                         log::info!("{}: running on {candidate}", kind.name());
                         return Ok((session, candidate));
@@ -627,7 +743,7 @@ fn build_session(runtime: &Runtime, path: &Path, kind: GraphKind, provider: Prov
 }
 
 /// Registers a GPU provider so that failure is an error, never a silent CPU fallback.
-fn register(builder: &mut SessionBuilder, provider: Provider) -> Result<()> {
+fn register(builder: &mut SessionBuilder, provider: Provider, gpu: &GpuPlan) -> Result<()> {
     let fail = |reason: String, fix: &str| Error::Provider {
         provider: provider.to_string(),
         reason,
@@ -638,13 +754,20 @@ fn register(builder: &mut SessionBuilder, provider: Provider) -> Result<()> {
             #[cfg(feature = "cuda")]
             {
                 use ort::ep::ExecutionProvider;
-                return ort::ep::CUDA::default()
+                ort::ep::CUDA::default()
+                    .with_device_id(gpu.config.device_id)
                     .register(builder)
-                    .map_err(|e| fail(e.to_string(), "install CUDA and cuDNN matching the ONNX Runtime build, point --ort-lib at a CUDA build (onnxruntime-gpu), or use --provider cpu"));
+                    .map_err(|e| {
+                        fail(
+                            e.to_string(),
+                            "install CUDA and cuDNN matching the ONNX Runtime build, point --ort-lib at a CUDA build \
+                         (onnxruntime-gpu, or jetson-containers' onnxruntime on Jetson), or use --provider cpu",
+                        )
+                    })
             }
             #[cfg(not(feature = "cuda"))]
             {
-                let _ = builder;
+                let _ = (builder, gpu);
                 Err(fail(
                     "this absorb binary was built without CUDA support".into(),
                     "rebuild with `cargo build --release --features cuda`",
@@ -655,19 +778,47 @@ fn register(builder: &mut SessionBuilder, provider: Provider) -> Result<()> {
             #[cfg(feature = "tensorrt")]
             {
                 use ort::ep::ExecutionProvider;
+                std::fs::create_dir_all(&gpu.cache).map_err(|e| {
+                    fail(
+                        format!("cannot create the engine cache {}: {e}", gpu.cache.display()),
+                        "pass a writable --cache-dir",
+                    )
+                })?;
+                let cache = gpu.cache.to_string_lossy().into_owned();
+                let [min, opt, max] = &gpu.profile;
                 ort::ep::TensorRT::default()
+                    .with_device_id(gpu.config.device_id)
+                    .with_fp16(gpu.config.fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&cache)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&cache)
+                    .with_profile_min_shapes(min)
+                    .with_profile_opt_shapes(opt)
+                    .with_profile_max_shapes(max)
                     .register(builder)
-                    .map_err(|e| fail(e.to_string(), "install TensorRT matching the ONNX Runtime build, point --ort-lib at a TensorRT-enabled build, or use --provider cuda/cpu"))?;
-                // Nodes TensorRT rejects go to CUDA, then CPU.
+                    .map_err(|e| {
+                        fail(
+                            e.to_string(),
+                            "install TensorRT matching the ONNX Runtime build, point --ort-lib at a TensorRT-enabled \
+                             build, or use --provider cuda/cpu",
+                        )
+                    })?;
+                // Nodes TensorRT rejects go to CUDA (when built in), then CPU.
                 #[cfg(feature = "cuda")]
                 {
-                    let _ = ort::ep::CUDA::default().register(builder);
+                    if let Err(e) = ort::ep::CUDA::default()
+                        .with_device_id(gpu.config.device_id)
+                        .register(builder)
+                    {
+                        log::warn!("TensorRT without CUDA fallback for unsupported nodes: {e}");
+                    }
                 }
-                return Ok(());
+                Ok(())
             }
             #[cfg(not(feature = "tensorrt"))]
             {
-                let _ = builder;
+                let _ = (builder, gpu);
                 Err(fail(
                     "this absorb binary was built without TensorRT support".into(),
                     "rebuild with `cargo build --release --features tensorrt`",

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::bundle::Bundle;
 pub use crate::error::{Error, Result};
-pub use crate::graphs::{Provider, Runtime, RuntimeOptions};
+pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
 
 use crate::graphs::Graphs;
 use crate::image::{Metadata, Pixels, Tensor};
@@ -98,10 +98,15 @@ impl Pipeline {
     /// Loads ONNX Runtime (once per process), the bundle in `dir`, and its three graphs on
     /// `provider`, checking each graph against the manifest.
     pub fn load(dir: &Path, options: &RuntimeOptions, provider: Provider) -> Result<Pipeline> {
+        Pipeline::load_with(dir, options, &ProviderConfig::new(provider))
+    }
+
+    /// [`Pipeline::load`] with provider settings (TensorRT precision, engine cache, profiles).
+    pub fn load_with(dir: &Path, options: &RuntimeOptions, config: &ProviderConfig) -> Result<Pipeline> {
         let start = Instant::now();
         let runtime = Runtime::init(options)?;
         let bundle = Bundle::load(dir)?;
-        let graphs = Graphs::load(&bundle, runtime, provider)?;
+        let graphs = Graphs::load(&bundle, runtime, config)?;
         let load_time = start.elapsed();
         log::info!(
             "loaded bundle \"{}\" from {} on {} in {:.0?}",

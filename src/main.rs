@@ -36,6 +36,9 @@ enum Command {
     Decode(DecodeArgs),
     /// Show the bundle, the ONNX Runtime library and its providers; or a PNG's generation metadata.
     Info(InfoArgs),
+    /// Build the provider's engines ahead of time (TensorRT: minutes on a Jetson) by running every
+    /// graph at batch 1 and at --max-batch; later runs load them from the cache.
+    Warmup(WarmupArgs),
     /// Serve the bundle over HTTP as a long-lived service (systemd Type=notify; README "Service").
     Serve(ServeArgs),
 }
@@ -56,6 +59,16 @@ struct Common {
     /// Intra-op threads (default: all cores). Results do not depend on it.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    fp16: bool,
+    /// TensorRT: engine and timing cache root (default: $XDG_CACHE_HOME/absorb/tensorrt); each
+    /// bundle, ONNX Runtime version, GPU and precision gets its own subdirectory.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// CUDA device index.
+    #[arg(long, default_value_t = 0)]
+    device: i32,
     /// More log output (-v: phase timings, -vv: debug).
     #[arg(long, short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -154,6 +167,15 @@ struct DecodeArgs {
 }
 
 #[derive(Args)]
+struct WarmupArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Largest batch to build engines for (use the same value when generating or serving).
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    max_batch: usize,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[command(flatten)]
     common: Common,
@@ -217,6 +239,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => a.common.verbose,
         Command::Decode(a) => a.common.verbose,
         Command::Info(a) => a.common.verbose,
+        Command::Warmup(a) => a.common.verbose.max(1),
         // A service logs its requests and lifecycle by default (to stderr, i.e. journald).
         Command::Serve(a) => a.common.verbose.max(1),
     };
@@ -247,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Encode(a) => encode(a),
         Command::Decode(a) => decode(a),
         Command::Info(a) => info(a),
+        Command::Warmup(a) => warmup(a),
         Command::Serve(a) => serve(a),
     }
 }
@@ -274,12 +298,24 @@ fn model_dir(common: &Common) -> PathBuf {
 }
 
 fn load(common: &Common) -> Result<Pipeline> {
+    load_batch(common, absorb::DEFAULT_MAX_BATCH)
+}
+
+/// Loads the bundle with shape profiles (TensorRT) covering batches up to `max_batch`.
+fn load_batch(common: &Common, max_batch: usize) -> Result<Pipeline> {
     let dir = model_dir(common);
     let options = RuntimeOptions {
         ort_lib: common.ort_lib.clone(),
         threads: common.threads,
     };
-    Pipeline::load(&dir, &options, common.provider).with_context(|| format!("loading the model from {}", dir.display()))
+    let config = absorb::ProviderConfig {
+        provider: common.provider,
+        fp16: common.fp16,
+        cache_dir: common.cache_dir.clone(),
+        max_batch,
+        device_id: common.device,
+    };
+    Pipeline::load_with(&dir, &options, &config).with_context(|| format!("loading the model from {}", dir.display()))
 }
 
 fn seed_or_fresh(seed: Option<u64>) -> u64 {
@@ -319,7 +355,7 @@ fn out_kind(out: &Path) -> Result<OutKind> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let mut p = load(&a.common)?;
+    let mut p = load_batch(&a.common, a.max_batch)?;
     let (seed, first, count, columns, settings) = match &a.from {
         Some(png) => {
             let m = image::read_metadata(png)?;
@@ -617,4 +653,45 @@ fn serve(a: ServeArgs) -> Result<()> {
         },
     };
     absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))
+}
+
+fn warmup(a: WarmupArgs) -> Result<()> {
+    let start = Instant::now();
+    // A heartbeat, so a long engine build is never mistaken for a hang.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let heartbeat = std::thread::spawn(move || {
+        while done_rx.recv_timeout(std::time::Duration::from_secs(15)).is_err() {
+            log::info!(
+                "warming up: {:.0?} so far (TensorRT engine builds can take minutes)",
+                start.elapsed()
+            );
+        }
+    });
+    let result = (|| -> Result<()> {
+        let mut p = load_batch(&a.common, a.max_batch)?;
+        log::info!("sessions built on {} in {:.1?}", p.provider(), start.elapsed());
+        let settings = p.settings(Some(1), None)?;
+        let mut timings = Timings::default();
+        for batch in [1, a.max_batch] {
+            let t = Instant::now();
+            let pixels = p.generate_pixels(0, 0..batch as u64, &settings, batch, &mut |_| {}, &mut timings)?;
+            let spec = p.bundle().manifest().image.clone();
+            let tensors: Vec<_> = pixels.iter().take(1).map(|px| image::to_tensor(px, &spec)).collect();
+            p.encode(&tensors[0])?;
+            log::info!(
+                "batch {batch}: transformer, decoder and encoder ran in {:.1?}",
+                t.elapsed()
+            );
+        }
+        eprintln!(
+            "warm: {} on {} in {:.1?}",
+            p.bundle().manifest().name,
+            p.provider(),
+            start.elapsed()
+        );
+        Ok(())
+    })();
+    let _ = done_tx.send(());
+    let _ = heartbeat.join();
+    result
 }

@@ -426,19 +426,73 @@ fn a_missing_or_wrong_onnx_runtime_library_is_a_clear_error() {
 fn an_explicit_gpu_provider_that_cannot_run_fails_instead_of_falling_back() {
     let d = tmp();
     let m = model_arg();
-    for provider in ["cuda", "tensorrt"] {
+    for (provider, name) in [("cuda", "CUDA"), ("tensorrt", "TensorRT")] {
+        let why = if cfg!(feature = "cuda") && cfg!(feature = "tensorrt") {
+            // The CPU-only library refuses the provider itself.
+            format!("{name} execution provider is not enabled in this build")
+        } else {
+            format!("built without {name} support")
+        };
+        let needles = [format!("execution provider {provider} is not usable"), why];
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         fails(
             d.path(),
             &["generate", "-m", &m, "--provider", provider, "-o", "x.png"],
             1,
-            &[&format!("execution provider {provider} is not usable")],
+            &needles,
         );
     }
+    assert!(!d.path().join("x.png").exists());
     // auto falls back to CPU and says so in `info`.
     let o = absorb(d.path(), &["info", "-m", &m, "--provider", "auto"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["onnxruntime"]["provider_in_use"], "cpu");
+}
+
+#[test]
+fn a_gpu_build_of_onnx_runtime_without_cuda_fails_fast_naming_the_missing_library() {
+    // `make test` fetches onnxruntime-gpu (CUDA/TensorRT provider libraries, no CUDA on this
+    // machine) and points this variable at it.
+    let Some(gpu) = std::env::var_os("ABSORB_GPU_ORT") else {
+        eprintln!("skipped: ABSORB_GPU_ORT is not set (make test sets it)");
+        return;
+    };
+    if !(cfg!(feature = "cuda") && cfg!(feature = "tensorrt")) {
+        eprintln!("skipped: built without the cuda and tensorrt features");
+        return;
+    }
+    let d = tmp();
+    let gpu = gpu.to_string_lossy().into_owned();
+    let m = model_arg();
+    let start = std::time::Instant::now();
+    for (provider, lib) in [
+        ("cuda", "libonnxruntime_providers_cuda.so"),
+        ("tensorrt", "libonnxruntime_providers_tensorrt.so"),
+    ] {
+        fails(
+            d.path(),
+            &[
+                "generate",
+                "-m",
+                &m,
+                "--provider",
+                provider,
+                "--ort-lib",
+                &gpu,
+                "-o",
+                "x.png",
+            ],
+            1,
+            &[
+                &format!("execution provider {provider} is not usable"),
+                "Failed to load library",
+                lib,
+                "cannot open shared object file",
+            ],
+        );
+    }
+    eprintln!("both failures reported in {:.1?}", start.elapsed());
 }
 
 #[test]
@@ -450,5 +504,10 @@ fn an_onnx_runtime_older_than_1_17_is_refused_naming_both_versions() {
     };
     let d = tmp();
     let old = old.to_string_lossy().into_owned();
-    fails(d.path(), &["info", "-m", &model_arg(), "--ort-lib", &old], 1, &["ONNX Runtime 1.16", "too old", "needs 1.17 or newer"]);
+    fails(
+        d.path(),
+        &["info", "-m", &model_arg(), "--ort-lib", &old],
+        1,
+        &["ONNX Runtime 1.16", "too old", "needs 1.17 or newer"],
+    );
 }
