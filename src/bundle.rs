@@ -111,9 +111,10 @@ pub struct TransformerFile {
     pub file: String,
     /// Lowercase hex sha256 of the file's bytes.
     pub sha256: String,
-    /// Optional variants by name (`fp16`, `int8`) -> file name.
+    /// Optional precision variants by name (`fp16`, `int8`), each a file with its own hash and
+    /// the same inputs and outputs as the fp32 graph.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub variants: BTreeMap<String, String>,
+    pub variants: BTreeMap<String, GraphFile>,
 }
 
 /// The `sampling` section: defaults used when a request does not say.
@@ -157,11 +158,18 @@ pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
     manifest_sha256: String,
+    variant: Option<String>,
 }
 
 impl Bundle {
     /// Reads `DIR/model.json`, validates it and checks every graph file's presence and sha256.
     pub fn load(dir: &Path) -> Result<Bundle> {
+        Bundle::load_variant(dir, None)
+    }
+
+    /// [`Bundle::load`], with the transformer replaced by the named precision variant (`int8`,
+    /// `fp16`) from `graphs.transformer.variants`.
+    pub fn load_variant(dir: &Path, variant: Option<&str>) -> Result<Bundle> {
         let path = dir.join(MANIFEST_FILE);
         let bytes = fs::read(&path).map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::NotFound {
@@ -185,11 +193,23 @@ impl Bundle {
             path: path.clone(),
             message,
         })?;
-        let bundle = Bundle {
-            dir: dir.to_path_buf(),
-            manifest,
-            manifest_sha256: sha256_hex(&bytes),
-        };
+        let mut manifest = manifest;
+        let mut manifest_sha256 = sha256_hex(&bytes);
+        if let Some(name) = variant {
+            let t = &mut manifest.graphs.transformer;
+            let Some(v) = t.variants.get(name).cloned() else {
+                let have: Vec<&String> = t.variants.keys().collect();
+                return Err(Error::param(
+                    "variant",
+                    format!("the bundle has no transformer variant \"{name}\"; it has {have:?} (add one with export/)"),
+                ));
+            };
+            t.file = v.file;
+            t.sha256 = v.sha256;
+            // The variant changes the tokens: name it in the identity recorded in PNG metadata.
+            manifest_sha256 = sha256_hex(format!("{manifest_sha256}+{name}").as_bytes());
+        }
+        let bundle = Bundle { dir: dir.to_path_buf(), manifest, manifest_sha256, variant: variant.map(str::to_string) };
         for kind in GraphKind::ALL {
             bundle.verify_graph(kind)?;
         }
@@ -201,13 +221,19 @@ impl Bundle {
         &self.manifest
     }
 
+    /// The transformer variant in use, if not the fp32 graph.
+    pub fn variant(&self) -> Option<&str> {
+        self.variant.as_deref()
+    }
+
     /// The bundle directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// sha256 of `model.json`'s bytes; since the manifest holds every graph's hash, this names
-    /// the whole bundle. Recorded in PNG metadata.
+    /// the whole bundle. With a variant, the hash of that and the variant's name. Recorded in PNG
+    /// metadata.
     pub fn sha256(&self) -> &str {
         &self.manifest_sha256
     }
@@ -325,14 +351,22 @@ fn validate(m: &Manifest) -> Result<(), String> {
     ];
     for (field, file, sha) in files {
         check_file_name(field, file)?;
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(format!("{field}.sha256 is \"{sha}\", expected 64 lowercase hex digits"));
-        }
+        check_sha(field, sha)?;
     }
-    for (name, file) in &g.transformer.variants {
-        check_file_name(&format!("graphs.transformer.variants.{name}"), file)?;
+    for (name, v) in &g.transformer.variants {
+        let field = format!("graphs.transformer.variants.{name}");
+        check_file_name(&field, &v.file)?;
+        check_sha(&field, &v.sha256)?;
     }
     Ok(())
+}
+
+fn check_sha(field: &str, sha: &str) -> Result<(), String> {
+    if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("{field}.sha256 is \"{sha}\", expected 64 lowercase hex digits"))
+    }
 }
 
 /// Graph files must stay inside the bundle: a plain relative name, no `..`, no absolute path.
@@ -403,6 +437,16 @@ mod tests {
             m.graphs.decoder.file = bad.into();
             assert!(validate(&m).unwrap_err().contains("graphs.decoder.file"), "{bad}");
         }
+    }
+
+    #[test]
+    fn variants_need_a_plain_file_name_and_a_hash() {
+        let mut m = manifest();
+        let v = GraphFile { file: "transformer.int8.onnx".into(), sha256: "1".repeat(64) };
+        m.graphs.transformer.variants.insert("int8".into(), v.clone());
+        validate(&m).unwrap();
+        m.graphs.transformer.variants.insert("fp16".into(), GraphFile { sha256: "xyz".into(), ..v });
+        assert!(validate(&m).unwrap_err().contains("graphs.transformer.variants.fp16.sha256"));
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct ProviderConfig {
     pub max_batch: usize,
     /// CUDA device index.
     pub device_id: i32,
+    /// Transformer precision variant from the bundle (`int8` for CPUs, `fp16` for GPUs);
+    /// `None` = the fp32 graph.
+    pub variant: Option<String>,
 }
 
 impl ProviderConfig {
@@ -101,6 +104,7 @@ impl ProviderConfig {
             cache_dir: None,
             max_batch: crate::DEFAULT_MAX_BATCH,
             device_id: 0,
+            variant: None,
         }
     }
 

@@ -323,6 +323,9 @@ pub struct Metadata {
     /// Execution provider that ran the graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// Transformer precision variant, if not fp32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 /// Writes a PNG with `meta` as JSON in a text chunk, atomically: a temporary file in the same
@@ -488,6 +491,7 @@ mod tests {
             steps: Some(5),
             temperature: Some(0.9),
             provider: Some("cpu".into()),
+            variant: None,
         };
         write_png(&path, &p, Some(&meta)).unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);

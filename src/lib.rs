@@ -105,7 +105,7 @@ impl Pipeline {
     pub fn load_with(dir: &Path, options: &RuntimeOptions, config: &ProviderConfig) -> Result<Pipeline> {
         let start = Instant::now();
         let runtime = Runtime::init(options)?;
-        let bundle = Bundle::load(dir)?;
+        let bundle = Bundle::load_variant(dir, config.variant.as_deref())?;
         let graphs = Graphs::load(&bundle, runtime, config)?;
         let load_time = start.elapsed();
         log::info!(
@@ -392,6 +392,7 @@ impl Pipeline {
             steps: None,
             temperature: None,
             provider: Some(self.provider().to_string()),
+            variant: self.bundle.variant().map(str::to_string),
         }
     }
 }

@@ -69,6 +69,9 @@ struct Common {
     /// CUDA device index.
     #[arg(long, default_value_t = 0)]
     device: i32,
+    /// Transformer precision variant from the bundle: int8 (CPUs) or fp16 (GPUs).
+    #[arg(long, value_name = "NAME")]
+    variant: Option<String>,
     /// More log output (-v: phase timings, -vv: debug).
     #[arg(long, short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -314,6 +317,7 @@ fn load_batch(common: &Common, max_batch: usize) -> Result<Pipeline> {
         cache_dir: common.cache_dir.clone(),
         max_batch,
         device_id: common.device,
+        variant: common.variant.clone(),
     };
     Pipeline::load_with(&dir, &options, &config).with_context(|| format!("loading the model from {}", dir.display()))
 }
