@@ -31,6 +31,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod bench;
 pub mod bundle;
 pub mod error;
 pub mod graphs;
@@ -267,6 +268,17 @@ impl Pipeline {
         timings.transformer_calls += after.calls - before.calls;
         timings.sampler += total.saturating_sub(in_graph);
         Ok(stats)
+    }
+
+    /// One transformer forward outside any sampling loop (benchmarks): `tokens` `(rows, L)` ->
+    /// `logits` `(rows, L, K)`.
+    pub fn forward(&mut self, tokens: &[i64], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
+        self.graphs.transformer(tokens, rows, logits)
+    }
+
+    /// Rows fed to the transformer since loading.
+    pub fn transformer_rows(&self) -> usize {
+        self.graphs.transformer_stats.rows
     }
 
     /// Encodes one image to its token grid (row-major, length L).

@@ -36,6 +36,8 @@ enum Command {
     Decode(DecodeArgs),
     /// Show the bundle, the ONNX Runtime library and its providers; or a PNG's generation metadata.
     Info(InfoArgs),
+    /// Time generation on this machine: per image, per transformer call, runner overhead, memory.
+    Bench(BenchArgs),
     /// Build the provider's engines ahead of time (TensorRT: minutes on a Jetson) by running every
     /// graph at batch 1 and at --max-batch; later runs load them from the cache.
     Warmup(WarmupArgs),
@@ -170,6 +172,33 @@ struct DecodeArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Reverse steps (default: the bundle's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Temperature (default: the bundle's).
+    #[arg(long, short = 't')]
+    temperature: Option<f32>,
+    /// Images per timed run.
+    #[arg(long, short = 'n', default_value_t = 16)]
+    count: usize,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    max_batch: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the report as JSON to this file (`-` for stdout instead of the table).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct WarmupArgs {
     #[command(flatten)]
     common: Common,
@@ -243,6 +272,7 @@ fn main() -> ExitCode {
         Command::Decode(a) => a.common.verbose,
         Command::Info(a) => a.common.verbose,
         Command::Warmup(a) => a.common.verbose.max(1),
+        Command::Bench(a) => a.common.verbose,
         // A service logs its requests and lifecycle by default (to stderr, i.e. journald).
         Command::Serve(a) => a.common.verbose.max(1),
     };
@@ -274,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Decode(a) => decode(a),
         Command::Info(a) => info(a),
         Command::Warmup(a) => warmup(a),
+        Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(a),
     }
 }
@@ -698,4 +729,26 @@ fn warmup(a: WarmupArgs) -> Result<()> {
     let _ = done_tx.send(());
     let _ = heartbeat.join();
     result
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.count == 0 || a.runs == 0 {
+        bail!(absorb::Error::param("count", "--count and --runs must be 1 or more"));
+    }
+    let start = Instant::now();
+    let mut p = load_batch(&a.common, a.max_batch)?;
+    let load = start.elapsed();
+    let settings = p.settings(a.steps, a.temperature)?;
+    let b = absorb::bench::BenchSettings { settings, count: a.count, max_batch: a.max_batch, runs: a.runs, seed: a.seed };
+    let report = absorb::bench::run(&mut p, &b, load)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match a.json.as_deref() {
+        Some(path) if path == Path::new("-") => println!("{json}"),
+        Some(path) => {
+            write_atomic(path, json.as_bytes())?;
+            print!("{}", report.table());
+        }
+        None => print!("{}", report.table()),
+    }
+    Ok(())
 }
