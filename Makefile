@@ -117,7 +117,7 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user libc6-arm64-cross libstdc++6-arm64-cross; }
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
-test: lint rust-test pytest cross-test
+test: lint rust-test pytest cross-test verify-unit
 
 # systemd-analyze verify on deploy/absorb.service exactly as shipped, in a scratch root holding the
 # unit, the host's system units and a stub /usr/local/bin/absorb (verify insists that ExecStart
