@@ -2,6 +2,8 @@
 
     python -m export official --random-init --hparams export/tests/digits_shape.json --out /tmp/b
     python -m export train-digits ...
+    python -m export variants --bundle models/digits
+    python -m export reference --bundle models/digits --steps 32 --count 16
 """
 
 import argparse
@@ -11,6 +13,8 @@ import importlib
 COMMANDS = {
     "official": "export.export",  # export official checkpoints (or random weights) to a bundle
     "train-digits": "export.train",  # train the small digits model and write models/digits
+    "variants": "export.variants",  # int8 / fp16 transformer variants of a bundle
+    "reference": "export.reference",  # the paper's sampler in torch and onnxruntime vs absorb bench
 }
 
 p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
