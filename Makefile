@@ -140,3 +140,24 @@ verify-unit:
 	out=$$(systemd-analyze verify --root="$$root" /etc/systemd/system/absorb.service 2>&1) || { echo "$$out"; exit 1; }; \
 	if [ -n "$$out" ]; then echo "$$out"; echo "verify-unit: systemd-analyze warned (above)"; exit 1; fi; \
 	echo "verify-unit: deploy/absorb.service verifies ($$(systemd-analyze --version | head -n1))"
+
+# Reference peers (export/reference.py): the paper's sampler in torch eager (a) and in a Python loop
+# over onnxruntime (b), interleaved with absorb bench (c) on the same bundle and settings. Numbers
+# only; not part of `make test`. bench-paper exports seeded random churches-size weights (~55 s,
+# 560 MB) into the ignored bench-models/, at few steps so the whole run takes a few minutes.
+.PHONY: bench-reference bench-paper
+bench-reference: ort build venv
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m export reference --bundle models/digits --count 16 --reps 3
+
+PAPER_BUNDLE := bench-models/churches
+PAPER_STEPS  ?= 8
+PAPER_COUNT  ?= 2
+$(PAPER_BUNDLE)/model.json: | venv
+	$(PY) -m export official --random-init --seed 0 --preset churches --out $(PAPER_BUNDLE)
+$(PAPER_BUNDLE)/transformer.int8.onnx: | $(PAPER_BUNDLE)/model.json
+	$(PY) -m export variants --bundle $(PAPER_BUNDLE) --only int8
+bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
+	@for v in "" "--variant int8"; do \
+	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m export reference --bundle $(PAPER_BUNDLE) \
+	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps 2 $$v || exit 1; echo; \
+	done
