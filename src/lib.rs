@@ -212,6 +212,33 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// Generates one token grid per `(seed, index)` stream, at most `max_batch` images per
+    /// transformer call whatever their seeds: the service batches concurrent requests with equal
+    /// settings this way. Each image is the one [`Pipeline::generate`] gives for its seed and index.
+    pub fn generate_streams(
+        &mut self,
+        streams: &[(u64, u64)],
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Vec<Vec<i64>>> {
+        if max_batch == 0 {
+            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+        }
+        let space = self.token_space();
+        let mut out = Vec::with_capacity(streams.len());
+        for chunk in streams.chunks(max_batch) {
+            let mut chains: Vec<Chain> = chunk
+                .iter()
+                .map(|&(seed, i)| Chain::masked(&space, settings, seed, i))
+                .collect::<Result<_>>()?;
+            self.run_chains(&mut chains, settings, on_step, timings)?;
+            out.extend(chains.into_iter().map(Chain::into_tokens));
+        }
+        Ok(out)
+    }
+
     /// Inpaints: encodes `image`, masks the tokens where `token_mask` is true, and samples only
     /// those under image stream (`seed`, 0). Known tokens are never changed.
     pub fn inpaint(

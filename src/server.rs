@@ -191,14 +191,12 @@ struct InpaintRequest {
     decode_all: bool,
 }
 
+/// Where a job's PNGs (or its error) go.
+type Reply = oneshot::Sender<Result<Vec<Vec<u8>>>>;
+
 /// What the worker does next.
 enum Job {
-    Generate {
-        seed: u64,
-        count: usize,
-        settings: Settings,
-        reply: oneshot::Sender<Result<Vec<Vec<u8>>>>,
-    },
+    Generate(GenerateJob),
     Inpaint {
         image: Tensor,
         mask: Mask,
@@ -206,9 +204,17 @@ enum Job {
         seed: u64,
         settings: Settings,
         decode_all: bool,
-        reply: oneshot::Sender<Result<Vec<Vec<u8>>>>,
+        reply: Reply,
     },
     Stop,
+}
+
+/// Images `0..count` of `seed`.
+struct GenerateJob {
+    seed: u64,
+    count: usize,
+    settings: Settings,
+    reply: Reply,
 }
 
 struct Queued {
@@ -295,12 +301,12 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
     let settings = s.settings(req.steps, req.temperature)?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
     let (reply, rx) = oneshot::channel();
-    s.submit(Job::Generate {
+    s.submit(Job::Generate(GenerateJob {
         seed,
         count,
         settings,
         reply,
-    })?;
+    }))?;
     let mut pngs = s.wait(rx).await?;
     if count == 1 {
         return Ok(png_response(pngs.remove(0), seed, &settings));
@@ -673,25 +679,42 @@ fn warm_up(p: &mut Pipeline) -> Result<()> {
 
 fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
     let m = &shared.metrics;
-    while let Ok(q) = jobs.recv() {
+    let max_batch = shared.limits.max_batch;
+    // A job taken from the queue while gathering a batch that it could not join: it runs next,
+    // before anything newer, so the order stays first come, first served.
+    let mut held: Option<Queued> = None;
+    loop {
+        let Some(q) = held.take().or_else(|| jobs.recv().ok()) else {
+            break;
+        };
         m.queue_depth.fetch_sub(1, Ordering::Relaxed);
         let start = Instant::now();
         let waited = start.duration_since(q.accepted);
         let mut timings = Timings::default();
-        let (reply, result, images, steps) = match q.job {
+        let (answers, images, steps) = match q.job {
             Job::Stop => break,
-            Job::Generate {
-                seed,
-                count,
-                settings,
-                reply,
-            } => {
-                if reply.is_closed() {
-                    m.skipped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let r = run_generate(p, seed, count, &settings, shared.limits.max_batch, &reply, &mut timings);
-                (reply, r, count, count * settings.steps)
+            Job::Generate(job) if job.reply.is_closed() => {
+                m.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Job::Generate(job) if job.count > max_batch => {
+                let result = run_generate(p, &job, max_batch, &mut timings);
+                let images = match &result {
+                    Ok(_) => job.count,
+                    Err(Error::Param { name: CANCELLED, .. }) => {
+                        m.skipped.fetch_add(1, Ordering::Relaxed);
+                        0
+                    }
+                    Err(_) => 0,
+                };
+                (vec![(job.reply, result)], images, images * job.settings.steps)
+            }
+            Job::Generate(job) => {
+                let steps = job.settings.steps;
+                let mut batch = vec![job];
+                held = gather(&mut batch, jobs, max_batch, m);
+                let (answers, images) = run_batch(p, batch, max_batch, &mut timings);
+                (answers, images, images * steps)
             }
             Job::Inpaint {
                 image,
@@ -706,57 +729,142 @@ fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
                     m.skipped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let r = run_inpaint(p, &image, &mask, &token_mask, seed, &settings, decode_all, &mut timings);
-                (reply, r, 1, settings.steps)
+                let result = run_inpaint(p, &image, &mask, &token_mask, seed, &settings, decode_all, &mut timings);
+                let images = usize::from(result.is_ok());
+                (vec![(reply, result)], images, images * settings.steps)
             }
         };
         let busy = start.elapsed();
         m.busy_ns.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
-        m.jobs.fetch_add(1, Ordering::Relaxed);
-        match &result {
-            Ok(_) => {
-                m.images.fetch_add(images as u64, Ordering::Relaxed);
-                m.steps.fetch_add(steps as u64, Ordering::Relaxed);
-                m.transformer_calls
-                    .fetch_add(timings.transformer_calls as u64, Ordering::Relaxed);
-            }
-            Err(Error::Param { name: CANCELLED, .. }) => {
-                m.skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {}
+        m.jobs.fetch_add(answers.len() as u64, Ordering::Relaxed);
+        m.images.fetch_add(images as u64, Ordering::Relaxed);
+        m.steps.fetch_add(steps as u64, Ordering::Relaxed);
+        m.transformer_calls
+            .fetch_add(timings.transformer_calls as u64, Ordering::Relaxed);
+        log::debug!(
+            "{} jobs: first waited {waited:.1?}, ran {busy:.1?}, {images} images",
+            answers.len()
+        );
+        // Metrics first, so a client that reads /metrics after its answer sees its images. A
+        // client that has gone meanwhile just does not get it.
+        for (reply, result) in answers {
+            let _ = reply.send(result);
         }
-        log::debug!("job: waited {waited:.1?}, ran {busy:.1?}, {images} images");
-        // The client may have gone meanwhile; nothing to do then.
-        let _ = reply.send(result);
     }
+}
+
+/// Moves queued generate jobs with the same settings into `batch` while all their images fit in
+/// one transformer batch. Returns the first job that cannot join, which must run next.
+fn gather(batch: &mut Vec<GenerateJob>, jobs: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
+    let settings = batch[0].settings;
+    let mut images: usize = batch.iter().map(|j| j.count).sum();
+    while images < max_batch {
+        let q = jobs.try_recv().ok()?;
+        match q.job {
+            Job::Generate(job) if job.settings == settings && images + job.count <= max_batch => {
+                m.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                if job.reply.is_closed() {
+                    m.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                images += job.count;
+                batch.push(job);
+            }
+            job => {
+                return Some(Queued {
+                    job,
+                    accepted: q.accepted,
+                })
+            }
+        }
+    }
+    None
+}
+
+/// An answer to send: where, and what.
+type Answer = (Reply, Result<Vec<Vec<u8>>>);
+
+/// Runs generate jobs with equal settings in shared transformer calls. Returns each job's answer
+/// and the number of images made.
+fn run_batch(
+    p: &mut Pipeline,
+    batch: Vec<GenerateJob>,
+    max_batch: usize,
+    timings: &mut Timings,
+) -> (Vec<Answer>, usize) {
+    let settings = batch[0].settings;
+    let streams: Vec<(u64, u64)> = batch
+        .iter()
+        .flat_map(|j| (0..j.count as u64).map(move |i| (j.seed, i)))
+        .collect();
+    match batch_pngs(p, &streams, &settings, max_batch, timings) {
+        Ok(pngs) => {
+            let mut pngs = pngs.into_iter();
+            let answers = batch
+                .into_iter()
+                .map(|job| (job.reply, Ok(pngs.by_ref().take(job.count).collect())))
+                .collect();
+            (answers, streams.len())
+        }
+        Err(e) => {
+            // Error is not Clone: the first job gets the original, the others its text. Inputs
+            // were validated before queueing, so this is the model or the machine: a 500.
+            let text = format!("{e:#}");
+            let mut first = Some(e);
+            let answers = batch
+                .into_iter()
+                .map(|job| {
+                    let e = first
+                        .take()
+                        .unwrap_or_else(|| Error::io("<batch>", std::io::Error::other(text.clone())));
+                    (job.reply, Err(e))
+                })
+                .collect();
+            (answers, 0)
+        }
+    }
+}
+
+/// PNGs of the `(seed, index)` streams, each the CLI's single-image PNG for that seed and index.
+fn batch_pngs(
+    p: &mut Pipeline,
+    streams: &[(u64, u64)],
+    settings: &Settings,
+    max_batch: usize,
+    timings: &mut Timings,
+) -> Result<Vec<Vec<u8>>> {
+    let tokens = p.generate_streams(streams, settings, max_batch, &mut |_| {}, timings)?;
+    let range = p.bundle().manifest().image.range;
+    let tensors = p.decode(&tokens, p.grid(), max_batch, timings)?;
+    streams
+        .iter()
+        .zip(&tensors)
+        .map(|(&(seed, index), t)| {
+            let meta = p.generate_metadata(seed, settings, index, 1, None);
+            image::png_bytes(&image::to_pixels(t, range), Some(&meta))
+        })
+        .collect()
 }
 
 /// The pseudo-parameter of the error that ends a job whose client has gone.
 const CANCELLED: &str = "cancelled";
 
-/// Generates `count` images, `max_batch` at a time, stopping early if the client has gone.
-/// Image `i` is the CLI's image `i` for this seed (each index has its own stream).
-fn run_generate(
-    p: &mut Pipeline,
-    seed: u64,
-    count: usize,
-    settings: &Settings,
-    max_batch: usize,
-    reply: &oneshot::Sender<Result<Vec<Vec<u8>>>>,
-    timings: &mut Timings,
-) -> Result<Vec<Vec<u8>>> {
+/// Generates a job larger than one batch, `max_batch` images at a time, stopping between batches
+/// if the client has gone. Image `i` is the CLI's image `i` for this seed.
+fn run_generate(p: &mut Pipeline, job: &GenerateJob, max_batch: usize, timings: &mut Timings) -> Result<Vec<Vec<u8>>> {
+    let (seed, count, settings) = (job.seed, job.count, &job.settings);
     let mut pngs = Vec::with_capacity(count);
     let mut first = 0u64;
     while (first as usize) < count {
-        if reply.is_closed() {
+        if job.reply.is_closed() {
             // Nobody reads this error: it only ends the job early.
             return Err(Error::param(CANCELLED, "the client went away"));
         }
         let n = (count - first as usize).min(max_batch) as u64;
         let pixels = p.generate_pixels(seed, first..first + n, settings, max_batch, &mut |_| {}, timings)?;
         for (i, px) in pixels.iter().enumerate() {
-            // A count-1 response is the CLI's `--count 1 -o x.png`; image i of a larger one is the
-            // CLI's directory output for index i: both are one image with its own index.
+            // Image i of a response is the CLI's directory output for index i (a count-1
+            // response is also the CLI's `--count 1 -o x.png`): one image with its own index.
             let meta = p.generate_metadata(seed, settings, first + i as u64, 1, None);
             pngs.push(image::png_bytes(px, Some(&meta))?);
         }
@@ -829,7 +937,9 @@ async fn watchdog(notify: Arc<systemd::Notifier>, shared: Arc<Shared>, period: D
         if shared.worker_alive.load(Ordering::Relaxed) {
             notify.send("WATCHDOG=1");
         } else {
-            log::error!("the sampling worker has stopped; no more watchdog pings");
+            if !shared.shutting_down.load(Ordering::Relaxed) {
+                log::error!("the sampling worker has stopped; no more watchdog pings");
+            }
             return;
         }
     }
@@ -1098,7 +1208,10 @@ mod systemd {
                 Some(name) => abstract_addr(name),
                 None => SocketAddr::from_pathname(&path),
             };
-            match (UnixDatagram::unbound(), addr) {
+            // Non-blocking: a manager that stops reading must never stall a request or the drain
+            // (a full socket drops the message; the next ping or status line follows soon).
+            let socket = UnixDatagram::unbound().and_then(|s| s.set_nonblocking(true).map(|()| s));
+            match (socket, addr) {
                 (Ok(socket), Ok(addr)) => Notifier {
                     target: Some((socket, addr)),
                 },
