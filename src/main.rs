@@ -676,7 +676,15 @@ fn serve(a: ServeArgs) -> Result<()> {
             ort_lib: a.common.ort_lib.clone(),
             threads: a.common.threads,
         },
-        provider: a.common.provider,
+        // The same provider settings as every command; TensorRT profiles cover the service's batches.
+        provider: absorb::ProviderConfig {
+            provider: a.common.provider,
+            fp16: a.common.fp16,
+            cache_dir: a.common.cache_dir.clone(),
+            max_batch: a.max_batch,
+            device_id: a.common.device,
+            variant: a.common.variant.clone(),
+        },
         listen: a.listen,
         limits: absorb::server::Limits {
             max_queue: a.max_queue,

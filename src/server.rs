@@ -44,7 +44,7 @@ use tokio::sync::oneshot;
 
 use crate::bundle::ImageSpec;
 use crate::error::{Error, Result};
-use crate::graphs::{Provider, RuntimeOptions};
+use crate::graphs::{ProviderConfig, RuntimeOptions};
 use crate::image::{self, Mask, Tensor};
 use crate::sampler::{Settings, TokenSpace};
 use crate::{Pipeline, Timings};
@@ -86,8 +86,9 @@ pub struct ServeOptions {
     pub model: PathBuf,
     /// ONNX Runtime library and threads.
     pub runtime: RuntimeOptions,
-    /// Execution provider.
-    pub provider: Provider,
+    /// Execution provider and its settings (TensorRT engine cache, precision, variant). Without a
+    /// cache directory, systemd's `CACHE_DIRECTORY` (the unit's `CacheDirectory=`) is used.
+    pub provider: ProviderConfig,
     /// Address to bind, e.g. `127.0.0.1:8080` (port 0 picks a free port; the bound address is
     /// printed as `listening on ADDR` on stderr).
     pub listen: SocketAddr,
@@ -582,7 +583,15 @@ impl Service {
         let handle = std::thread::Builder::new()
             .name("absorb-worker".into())
             .spawn(move || {
-                let loaded = Pipeline::load(&options.model, &options.runtime, options.provider)
+                let mut config = options.provider.clone();
+                if config.cache_dir.is_none() {
+                    // Several directories come colon-separated; the first is ours.
+                    config.cache_dir = std::env::var("CACHE_DIRECTORY")
+                        .ok()
+                        .and_then(|d| d.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from))
+                        .map(|d| d.join("tensorrt"));
+                }
+                let loaded = Pipeline::load_with(&options.model, &options.runtime, &config)
                     .and_then(|mut p| warm_up(&mut p).map(|()| p));
                 let mut p = match loaded {
                     Ok(p) => p,
