@@ -89,7 +89,14 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     p.generate_pixels(b.seed, 0..1, settings, 1, &mut |_| {}, &mut Timings::default())?;
     let first_image = start.elapsed();
     // Warm-up at the timed batch size, untimed.
-    p.generate_pixels(b.seed, 0..b.count as u64, settings, b.max_batch, &mut |_| {}, &mut Timings::default())?;
+    p.generate_pixels(
+        b.seed,
+        0..b.count as u64,
+        settings,
+        b.max_batch,
+        &mut |_| {},
+        &mut Timings::default(),
+    )?;
 
     let mut t = Timings::default();
     let mut total = Duration::ZERO;
@@ -97,7 +104,14 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     for r in 0..b.runs {
         let before = p.transformer_rows();
         let run_start = Instant::now();
-        p.generate_pixels(b.seed + 1 + r as u64, 0..b.count as u64, settings, b.max_batch, &mut |_| {}, &mut t)?;
+        p.generate_pixels(
+            b.seed + 1 + r as u64,
+            0..b.count as u64,
+            settings,
+            b.max_batch,
+            &mut |_| {},
+            &mut t,
+        )?;
         total += run_start.elapsed();
         rows += p.transformer_rows() - before;
     }
@@ -165,8 +179,17 @@ impl BenchReport {
     /// A readable table.
     pub fn table(&self) -> String {
         let rows: Vec<(&str, String)> = vec![
-            ("bundle", format!("{} ({}, {} tokens)", self.bundle, self.variant, self.tokens)),
-            ("provider", format!("{} (ONNX Runtime {}, {} threads)", self.provider, self.onnxruntime, self.threads)),
+            (
+                "bundle",
+                format!("{} ({}, {} tokens)", self.bundle, self.variant, self.tokens),
+            ),
+            (
+                "provider",
+                format!(
+                    "{} (ONNX Runtime {}, {} threads)",
+                    self.provider, self.onnxruntime, self.threads
+                ),
+            ),
             (
                 "settings",
                 format!(
@@ -176,7 +199,10 @@ impl BenchReport {
             ),
             ("load", format!("{:.3} s", self.load_s)),
             ("first image", format!("{:.3} s after load", self.first_image_s)),
-            ("per image", format!("{:.2} ms ({:.1} images/s)", self.per_image_ms, self.images_per_s)),
+            (
+                "per image",
+                format!("{:.2} ms ({:.1} images/s)", self.per_image_ms, self.images_per_s),
+            ),
             (
                 "transformer calls",
                 format!(
@@ -184,11 +210,23 @@ impl BenchReport {
                     self.transformer_calls, self.reference_calls, self.rows_per_call
                 ),
             ),
-            ("per call", format!("{:.3} ms (isolated forward {:.3} ms)", self.per_call_ms, self.isolated_forward_ms)),
+            (
+                "per call",
+                format!(
+                    "{:.3} ms (isolated forward {:.3} ms)",
+                    self.per_call_ms, self.isolated_forward_ms
+                ),
+            ),
             ("decode", format!("{:.3} ms per image", self.decode_per_image_ms)),
-            ("runner overhead", format!("{:.1}% of run time outside ONNX Runtime", 100.0 * self.runner_overhead)),
+            (
+                "runner overhead",
+                format!("{:.1}% of run time outside ONNX Runtime", 100.0 * self.runner_overhead),
+            ),
             ("predicted/measured", format!("{:.3}", self.predicted_over_measured)),
-            ("peak RSS", self.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0} MiB"))),
+            (
+                "peak RSS",
+                self.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+            ),
         ];
         rows.iter().map(|(k, v)| format!("{k:>20}  {v}\n")).collect()
     }

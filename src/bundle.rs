@@ -209,7 +209,12 @@ impl Bundle {
             // The variant changes the tokens: name it in the identity recorded in PNG metadata.
             manifest_sha256 = sha256_hex(format!("{manifest_sha256}+{name}").as_bytes());
         }
-        let bundle = Bundle { dir: dir.to_path_buf(), manifest, manifest_sha256, variant: variant.map(str::to_string) };
+        let bundle = Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            manifest_sha256,
+            variant: variant.map(str::to_string),
+        };
         for kind in GraphKind::ALL {
             bundle.verify_graph(kind)?;
         }
@@ -442,11 +447,22 @@ mod tests {
     #[test]
     fn variants_need_a_plain_file_name_and_a_hash() {
         let mut m = manifest();
-        let v = GraphFile { file: "transformer.int8.onnx".into(), sha256: "1".repeat(64) };
+        let v = GraphFile {
+            file: "transformer.int8.onnx".into(),
+            sha256: "1".repeat(64),
+        };
         m.graphs.transformer.variants.insert("int8".into(), v.clone());
         validate(&m).unwrap();
-        m.graphs.transformer.variants.insert("fp16".into(), GraphFile { sha256: "xyz".into(), ..v });
-        assert!(validate(&m).unwrap_err().contains("graphs.transformer.variants.fp16.sha256"));
+        m.graphs.transformer.variants.insert(
+            "fp16".into(),
+            GraphFile {
+                sha256: "xyz".into(),
+                ..v
+            },
+        );
+        assert!(validate(&m)
+            .unwrap_err()
+            .contains("graphs.transformer.variants.fp16.sha256"));
     }
 
     #[test]

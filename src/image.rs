@@ -317,9 +317,12 @@ pub struct Metadata {
     /// Reverse steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
-    /// Temperature.
+    /// Temperature (of the first step, with a schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Temperature of the last step of a linear schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_end: Option<f32>,
     /// Execution provider that ran the graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -490,6 +493,7 @@ mod tests {
             columns: None,
             steps: Some(5),
             temperature: Some(0.9),
+            temperature_end: None,
             provider: Some("cpu".into()),
             variant: None,
         };

@@ -57,6 +57,14 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Name of the default sampler, recorded in PNG metadata.
 pub const SAMPLER: &str = "absorbing";
 
+/// Writes the sampling settings (sampler, steps, temperature schedule) into PNG metadata.
+pub fn record_settings(meta: &mut Metadata, settings: &Settings) {
+    meta.sampler = Some(settings.sampler.name().to_string());
+    meta.steps = Some(settings.steps);
+    meta.temperature = Some(settings.temperature);
+    meta.temperature_end = settings.temperature_end;
+}
+
 /// A fresh seed from the clock and process id, for requests that give none (it is printed and
 /// recorded, so the image can still be reproduced).
 pub fn fresh_seed() -> u64 {
@@ -160,6 +168,16 @@ impl Pipeline {
         [t.height, t.width]
     }
 
+    /// The settings recorded in a PNG's metadata, validated against this bundle.
+    pub fn settings_from_metadata(&self, m: &Metadata) -> Result<Settings> {
+        let name = m.sampler.as_deref().unwrap_or(SAMPLER);
+        let kind = sampler::SamplerKind::from_name(name)
+            .ok_or_else(|| Error::param("sampler", format!("\"{name}\" is not a sampler this build has")))?;
+        self.settings(m.steps, m.temperature)?
+            .with_sampler(kind)
+            .with_temperature_end(m.temperature_end)
+    }
+
     /// Validated settings: the given values, or the bundle's defaults.
     pub fn settings(&self, steps: Option<usize>, temperature: Option<f32>) -> Result<Settings> {
         let d = &self.bundle.manifest().sampling;
@@ -183,33 +201,6 @@ impl Pipeline {
     ) -> Result<Vec<Vec<i64>>> {
         let streams: Vec<(u64, u64)> = indices.map(|i| (seed, i)).collect();
         self.generate_streams(&streams, settings, max_batch, on_step, timings)
-    }
-
-    /// Generates one token grid per `(seed, index)` stream, at most `max_batch` images per
-    /// transformer call whatever their seeds: the service batches concurrent requests with equal
-    /// settings this way. Each image is the one [`Pipeline::generate`] gives for its seed and index.
-    pub fn generate_streams(
-        &mut self,
-        streams: &[(u64, u64)],
-        settings: &Settings,
-        max_batch: usize,
-        on_step: &mut dyn FnMut(&StepReport),
-        timings: &mut Timings,
-    ) -> Result<Vec<Vec<i64>>> {
-        if max_batch == 0 {
-            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
-        }
-        let space = self.token_space();
-        let mut out = Vec::with_capacity(streams.len());
-        for chunk in streams.chunks(max_batch) {
-            let mut chains: Vec<Chain> = chunk
-                .iter()
-                .map(|&(seed, i)| Chain::masked(&space, settings, seed, i))
-                .collect::<Result<_>>()?;
-            self.run_chains(&mut chains, settings, on_step, timings)?;
-            out.extend(chains.into_iter().map(Chain::into_tokens));
-        }
-        Ok(out)
     }
 
     /// Generates one token grid per `(seed, index)` stream, at most `max_batch` images per
@@ -406,10 +397,8 @@ impl Pipeline {
         columns: Option<usize>,
     ) -> Metadata {
         let mut meta = self.metadata("generate");
-        meta.sampler = Some(SAMPLER.into());
+        record_settings(&mut meta, settings);
         meta.seed = Some(seed);
-        meta.steps = Some(settings.steps);
-        meta.temperature = Some(settings.temperature);
         meta.index = Some(index);
         meta.count = Some(count);
         meta.columns = if count > 1 { columns } else { None };
@@ -430,6 +419,7 @@ impl Pipeline {
             columns: None,
             steps: None,
             temperature: None,
+            temperature_end: None,
             provider: Some(self.provider().to_string()),
             variant: self.bundle.variant().map(str::to_string),
         }

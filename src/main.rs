@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use absorb::image::{self, Metadata};
-use absorb::sampler::{Settings, StepReport};
+use absorb::sampler::{SamplerKind, Settings, StepReport};
 use absorb::{Pipeline, Provider, RuntimeOptions, Timings};
 
 /// Generate and edit images with discrete absorbing diffusion on ONNX Runtime.
@@ -88,9 +88,35 @@ struct SamplingArgs {
     /// Reverse steps S, 1..=tokens (default: the bundle's).
     #[arg(long)]
     steps: Option<usize>,
-    /// Softmax temperature, > 0 (default: the bundle's).
-    #[arg(long, short = 't')]
-    temperature: Option<f32>,
+    /// Softmax temperature, > 0 (default: the bundle's); `START:END` for a linear schedule over
+    /// the steps, e.g. 1.2:0.6.
+    #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
+    temperature: Option<(f32, Option<f32>)>,
+    /// Reveal rule: absorbing (the paper's 1/t rule), even (exact counts per step), maskgit
+    /// (most confident first, cosine schedule).
+    #[arg(long, value_enum, default_value_t = SamplerKind::Absorbing)]
+    sampler: SamplerKind,
+}
+
+impl SamplingArgs {
+    fn settings(&self, p: &Pipeline) -> Result<Settings> {
+        let (start, end) = self.temperature.map_or((None, None), |(a, b)| (Some(a), b));
+        Ok(p.settings(self.steps, start)?
+            .with_sampler(self.sampler)
+            .with_temperature_end(end)?)
+    }
+}
+
+fn parse_temperature(s: &str) -> Result<(f32, Option<f32>), String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f32>()
+            .map_err(|_| format!("\"{s}\" is not a number or START:END"))
+    };
+    match s.split_once(':') {
+        Some((a, b)) => Ok((num(a)?, Some(num(b)?))),
+        None => Ok((num(s)?, None)),
+    }
 }
 
 #[derive(Args)]
@@ -400,7 +426,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             if a.count == 0 {
                 return Err(absorb::Error::param("count", "0 images requested: use 1 or more").into());
             }
-            let settings = p.settings(a.sampling.steps, a.sampling.temperature)?;
+            let settings = a.sampling.settings(&p)?;
             (
                 seed_or_fresh(a.sampling.seed),
                 a.first_index,
@@ -488,13 +514,7 @@ fn from_metadata(p: &Pipeline, png: &Path, m: &Metadata) -> Result<(u64, u64, us
             p.bundle().sha256()
         )));
     }
-    if let Some(s) = m.sampler.as_deref().filter(|s| *s != absorb::SAMPLER) {
-        bail!(bad(format!(
-            "was made with sampler \"{s}\", which this build does not have"
-        )));
-    }
-    let (Some(seed), Some(index), Some(count), Some(steps), Some(temperature)) =
-        (m.seed, m.index, m.count, m.steps, m.temperature)
+    let (Some(seed), Some(index), Some(count), Some(_), Some(_)) = (m.seed, m.index, m.count, m.steps, m.temperature)
     else {
         bail!(bad("metadata lacks seed, index, count, steps or temperature".into()));
     };
@@ -508,7 +528,7 @@ fn from_metadata(p: &Pipeline, png: &Path, m: &Metadata) -> Result<(u64, u64, us
             p.provider()
         );
     }
-    let settings = p.settings(Some(steps), Some(temperature))?;
+    let settings = p.settings_from_metadata(m)?;
     Ok((seed, index, count, m.columns, settings))
 }
 
@@ -535,7 +555,7 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
         (None, None) => bail!(absorb::Error::param("mask", "give --mask FILE or --rect x,y,w,h")),
     };
     let token_mask = image::pool_mask(&mask, p.grid());
-    let settings = p.settings(a.sampling.steps, a.sampling.temperature)?;
+    let settings = a.sampling.settings(&p)?;
     let seed = seed_or_fresh(a.sampling.seed);
     eprintln!("seed {seed}");
     let masked = token_mask.iter().filter(|&&m| m).count();
@@ -558,12 +578,10 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
         image::composite(&mut pixels, &image::to_pixels(&input, spec.range), &mask);
     }
     let mut meta = p.metadata("inpaint");
-    meta.sampler = Some(absorb::SAMPLER.into());
+    absorb::record_settings(&mut meta, &settings);
     meta.seed = Some(seed);
     meta.index = Some(0);
     meta.count = Some(1);
-    meta.steps = Some(settings.steps);
-    meta.temperature = Some(settings.temperature);
     image::write_png(&a.out, &pixels, Some(&meta))?;
     eprintln!(
         "regenerated {masked} of {} tokens; wrote {}",
@@ -747,7 +765,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut p = load_batch(&a.common, a.max_batch)?;
     let load = start.elapsed();
     let settings = p.settings(a.steps, a.temperature)?;
-    let b = absorb::bench::BenchSettings { settings, count: a.count, max_batch: a.max_batch, runs: a.runs, seed: a.seed };
+    let b = absorb::bench::BenchSettings {
+        settings,
+        count: a.count,
+        max_batch: a.max_batch,
+        runs: a.runs,
+        seed: a.seed,
+    };
     let report = absorb::bench::run(&mut p, &b, load)?;
     let json = serde_json::to_string_pretty(&report)?;
     match a.json.as_deref() {

@@ -18,6 +18,19 @@
 //!   in f64 and sums in index order, so this code adds no platform variation; the logits
 //!   themselves come from ONNX Runtime and are only as reproducible as the provider.
 //!
+//! Other samplers ([`SamplerKind`]), under the same contract:
+//! - `even`: the same loop, but reveal steps come from a seeded shuffle of the masked positions
+//!   (Fisher-Yates from the last position down, one `u64` per swap) cut into S runs of
+//!   `floor(m(s+1)/S) - floor(ms/S)` positions: exactly the expected number per step.
+//! - `maskgit` (Chang et al. 2022): every step samples every still-masked position (raster order,
+//!   one `u64` each for the token, then one `u64` each for Gumbel noise), scores it by its
+//!   log-probability plus Gumbel noise scaled by `MASKGIT_CHOICE_TEMPERATURE * (1 - (s+1)/S)`,
+//!   reveals the best-scoring ones (ties by position) and re-masks the rest; after step s,
+//!   `floor(m cos(pi/2 (s+1)/S))` positions stay masked (cosine schedule), at least one is
+//!   revealed per step, none after the last.
+//! - A linear temperature schedule `start:end` sets step s's temperature to
+//!   `start + (end - start) s / (S - 1)` (computed in f64).
+//!
 //! Changing any of this changes the tokens for a given seed: a breaking change.
 
 use rand_chacha::ChaCha20Rng;
@@ -41,8 +54,59 @@ pub struct TokenSpace {
 pub struct Settings {
     /// S, the number of reverse steps, 1..=L.
     pub steps: usize,
-    /// Logits are divided by this before the softmax; finite and > 0.
+    /// Logits are divided by this before the softmax; finite and > 0. With `temperature_end`,
+    /// the temperature of the first step.
     pub temperature: f32,
+    /// Temperature of the last step for a linear schedule; `None` = constant.
+    pub temperature_end: Option<f32>,
+    /// Which reveal rule.
+    pub sampler: SamplerKind,
+}
+
+/// How positions are chosen for revealing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// The paper's rule: each masked position revealed at step t with probability 1/t.
+    #[default]
+    Absorbing,
+    /// Exactly the expected number of reveals per step, in a seeded random order.
+    Even,
+    /// Confidence-based: sample every masked position, keep the most confident, cosine schedule.
+    Maskgit,
+}
+
+impl SamplerKind {
+    /// The name used on the command line, in JSON and in PNG metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Absorbing => "absorbing",
+            SamplerKind::Even => "even",
+            SamplerKind::Maskgit => "maskgit",
+        }
+    }
+
+    /// Parses a name written by [`SamplerKind::name`].
+    pub fn from_name(name: &str) -> Option<SamplerKind> {
+        [SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+/// Gumbel-noise scale of the MaskGIT sampler at its first step (MaskGIT's default choice
+/// temperature), annealed linearly to 0.
+pub const MASKGIT_CHOICE_TEMPERATURE: f64 = 4.5;
+
+fn check_temperature(name: &'static str, t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 && t <= MAX_TEMPERATURE {
+        Ok(())
+    } else {
+        Err(Error::param(
+            name,
+            format!("{t} is out of range: must be a number > 0 and <= {MAX_TEMPERATURE}"),
+        ))
+    }
 }
 
 /// Largest temperature accepted. Far above anything useful (softmax is nearly uniform well
@@ -61,13 +125,40 @@ impl Settings {
                 ),
             ));
         }
-        if !(temperature.is_finite() && temperature > 0.0 && temperature <= MAX_TEMPERATURE) {
-            return Err(Error::param(
-                "temperature",
-                format!("{temperature} is out of range: must be a number > 0 and <= {MAX_TEMPERATURE}"),
-            ));
+        check_temperature("temperature", temperature)?;
+        Ok(Settings {
+            steps,
+            temperature,
+            temperature_end: None,
+            sampler: SamplerKind::Absorbing,
+        })
+    }
+
+    /// With another sampler.
+    pub fn with_sampler(self, sampler: SamplerKind) -> Settings {
+        Settings { sampler, ..self }
+    }
+
+    /// With a linear temperature schedule from `temperature` to `end`.
+    pub fn with_temperature_end(self, end: Option<f32>) -> Result<Settings> {
+        if let Some(e) = end {
+            check_temperature("temperature", e)?;
         }
-        Ok(Settings { steps, temperature })
+        Ok(Settings {
+            temperature_end: end,
+            ..self
+        })
+    }
+
+    /// The temperature of step index `s` (0 for the first executed step t = S).
+    pub fn temperature_at(&self, s: usize) -> f64 {
+        match self.temperature_end {
+            Some(end) if self.steps > 1 => {
+                let (a, b) = (self.temperature as f64, end as f64);
+                a + (b - a) * s as f64 / (self.steps - 1) as f64
+            }
+            _ => self.temperature as f64,
+        }
     }
 }
 
@@ -87,6 +178,10 @@ pub struct Chain {
     /// Next entry of `reveals` to execute.
     cursor: usize,
     rng: ChaCha20Rng,
+    /// Positions still masked, in raster order (MaskGIT).
+    masked: Vec<u32>,
+    /// Masked positions at the start.
+    initial_masked: usize,
 }
 
 impl Chain {
@@ -110,22 +205,44 @@ impl Chain {
             )));
         }
         let steps = settings.steps as u64;
-        let mut reveals: Vec<(u32, u32)> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == space.mask_id)
-            .map(|(p, _)| {
-                // Uniform on 1..=S by a widening multiply (bias below 2^-50 for any S <= L).
-                let t = 1 + ((rng.next_u64() as u128 * steps as u128) >> 64) as u32;
-                (t, p as u32)
-            })
+        let masked: Vec<u32> = (0..tokens.len())
+            .filter(|&p| tokens[p] == space.mask_id)
+            .map(|p| p as u32)
             .collect();
+        let mut reveals: Vec<(u32, u32)> = match settings.sampler {
+            SamplerKind::Absorbing => masked
+                .iter()
+                // Uniform on 1..=S by a widening multiply (bias below 2^-50 for any S <= L).
+                .map(|&p| (1 + ((rng.next_u64() as u128 * steps as u128) >> 64) as u32, p))
+                .collect(),
+            SamplerKind::Even => {
+                let mut order = masked.clone();
+                for i in (1..order.len()).rev() {
+                    let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+                    order.swap(i, j);
+                }
+                let m = order.len() as u64;
+                let mut out = Vec::with_capacity(order.len());
+                let mut next = order.into_iter();
+                for step in 0..steps {
+                    let n = m * (step + 1) / steps - m * step / steps;
+                    let t = (steps - step) as u32;
+                    out.extend(next.by_ref().take(n as usize).map(|p| (t, p)));
+                }
+                out
+            }
+            // Chosen while sampling, by confidence.
+            SamplerKind::Maskgit => Vec::new(),
+        };
         reveals.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let initial_masked = masked.len();
         Ok(Chain {
             tokens,
             reveals,
             cursor: 0,
             rng,
+            masked,
+            initial_masked,
         })
     }
 
@@ -146,7 +263,7 @@ impl Chain {
 
     /// How many positions this chain samples in total.
     pub fn masked_count(&self) -> usize {
-        self.reveals.len()
+        self.initial_masked
     }
 
     /// The positions revealed at step `t`, in raster order.
@@ -202,9 +319,18 @@ pub fn run(
     let mut logits: Vec<f32> = Vec::new();
     let mut weights: Vec<f64> = vec![0.0; k];
     let mut rows: Vec<usize> = Vec::with_capacity(chains.len());
+    let maskgit = settings.sampler == SamplerKind::Maskgit;
     for t in (1..=settings.steps as u32).rev() {
+        let step = settings.steps - t as usize;
+        let temperature = settings.temperature_at(step);
         rows.clear();
-        rows.extend((0..chains.len()).filter(|&c| !chains[c].pending_at(t).is_empty()));
+        rows.extend((0..chains.len()).filter(|&c| {
+            if maskgit {
+                !chains[c].masked.is_empty()
+            } else {
+                !chains[c].pending_at(t).is_empty()
+            }
+        }));
         if rows.is_empty() {
             stats.skipped_steps += 1;
             continue;
@@ -226,15 +352,24 @@ pub fn run(
         let mut revealed = 0;
         for (r, &c) in rows.iter().enumerate() {
             let chain = &mut chains[c];
-            let n = chain.pending_at(t).len();
-            for i in chain.cursor..chain.cursor + n {
-                let p = chain.reveals[i].1 as usize;
-                let row = &logits[(r * l + p) * k..(r * l + p + 1) * k];
-                let token = draw(row, settings.temperature, &mut weights, &mut chain.rng);
-                chain.tokens[p] = token as i64;
-            }
-            chain.cursor += n;
-            revealed += n;
+            let row_logits = &logits[r * l * k..(r + 1) * l * k];
+            revealed += if maskgit {
+                maskgit_step(chain, row_logits, k, temperature, step, settings.steps, &mut weights)
+            } else {
+                let n = chain.pending_at(t).len();
+                for i in chain.cursor..chain.cursor + n {
+                    let p = chain.reveals[i].1 as usize;
+                    let (token, _) = draw(
+                        &row_logits[p * k..(p + 1) * k],
+                        temperature,
+                        &mut weights,
+                        &mut chain.rng,
+                    );
+                    chain.tokens[p] = token as i64;
+                }
+                chain.cursor += n;
+                n
+            };
         }
         stats.calls += 1;
         stats.rows += rows.len();
@@ -246,15 +381,61 @@ pub fn run(
             revealed,
         });
     }
-    debug_assert!(chains.iter().all(|c| c.cursor == c.reveals.len()));
+    debug_assert!(chains
+        .iter()
+        .all(|c| c.cursor == c.reveals.len() && (!maskgit || c.masked.is_empty())));
     Ok(stats)
 }
 
-/// One categorical draw from softmax(logits / temperature), by inverse CDF.
-/// `weights` is scratch space of length K.
-fn draw(logits: &[f32], temperature: f32, weights: &mut [f64], rng: &mut ChaCha20Rng) -> usize {
+/// One MaskGIT step on one chain; returns how many positions it revealed.
+fn maskgit_step(
+    chain: &mut Chain,
+    logits: &[f32],
+    k: usize,
+    temperature: f64,
+    step: usize,
+    steps: usize,
+    weights: &mut [f64],
+) -> usize {
+    let ratio = (step + 1) as f64 / steps as f64;
+    let keep_masked = if step + 1 == steps {
+        0
+    } else {
+        let cos = libm::cos(std::f64::consts::FRAC_PI_2 * ratio);
+        ((chain.initial_masked as f64 * cos).floor() as usize).min(chain.masked.len() - 1)
+    };
+    let n_reveal = chain.masked.len() - keep_masked;
+    // Sample every masked position (raster order), then draw its Gumbel noise (raster order).
+    let mut candidates: Vec<(f64, u32, i64)> = chain
+        .masked
+        .iter()
+        .map(|&p| {
+            let p = p as usize;
+            let (token, logp) = draw(&logits[p * k..(p + 1) * k], temperature, weights, &mut chain.rng);
+            (logp, p as u32, token as i64)
+        })
+        .collect();
+    let scale = MASKGIT_CHOICE_TEMPERATURE * (1.0 - ratio);
+    for c in candidates.iter_mut() {
+        let u = ((chain.rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+        c.0 += scale * -libm::log(-libm::log(u));
+    }
+    // Most confident first; NaN-free by construction (finite log-probs, u in (0, 1)).
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut revealed = vec![false; chain.tokens.len()];
+    for &(_, p, token) in &candidates[..n_reveal] {
+        chain.tokens[p as usize] = token;
+        revealed[p as usize] = true;
+    }
+    chain.masked.retain(|&p| !revealed[p as usize]);
+    n_reveal
+}
+
+/// One categorical draw from softmax(logits / temperature), by inverse CDF. Returns the code and
+/// its log-probability. `weights` is scratch space of length K.
+fn draw(logits: &[f32], temperature: f64, weights: &mut [f64], rng: &mut ChaCha20Rng) -> (usize, f64) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    let inv_t = 1.0 / temperature as f64;
+    let inv_t = 1.0 / temperature;
     let mut sum = 0.0f64;
     for (w, &x) in weights.iter_mut().zip(logits) {
         // NaN logits get weight 0 (never drawn) rather than poisoning the sum.
@@ -268,18 +449,21 @@ fn draw(logits: &[f32], temperature: f32, weights: &mut [f64], rng: &mut ChaCha2
     let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     let target = u * sum;
     let mut acc = 0.0f64;
+    let mut chosen = None;
     let mut last_nonzero = 0;
     for (i, &w) in weights.iter().enumerate() {
         if w > 0.0 {
             acc += w;
             last_nonzero = i;
             if acc > target {
-                return i;
+                chosen = Some(i);
+                break;
             }
         }
     }
     // Rounding can leave target == acc at the very end: the last code with weight wins.
-    last_nonzero
+    let i = chosen.unwrap_or(last_nonzero);
+    (i, libm::log(weights[i] / sum))
 }
 
 #[cfg(test)]
@@ -436,7 +620,7 @@ mod tests {
         let mut counts = [0usize; 4];
         let n = 40_000;
         for _ in 0..n {
-            counts[draw(&logits, 1.0, &mut weights, &mut rng)] += 1;
+            counts[draw(&logits, 1.0, &mut weights, &mut rng).0] += 1;
         }
         let z: f64 = [0.0f64, 1.0, 2.0].iter().map(|x| x.exp()).sum();
         for (i, &count) in counts.iter().take(3).enumerate() {
@@ -454,11 +638,114 @@ mod tests {
         let share = |t: f32| {
             let mut rng = image_rng(11, 0);
             let mut w = weights.clone();
-            (0..10_000).filter(|_| draw(&logits, t, &mut w, &mut rng) == 0).count() as f64 / 10_000.0
+            (0..10_000)
+                .filter(|_| draw(&logits, t as f64, &mut w, &mut rng).0 == 0)
+                .count() as f64
+                / 10_000.0
         };
         assert!(share(50.0) > 0.45);
         assert!(share(0.1) < 0.001);
         weights.clear();
+    }
+
+    fn generate_with(kind: SamplerKind, seeds: &[(u64, u64)], steps: usize) -> (Vec<Vec<i64>>, RunStats, Vec<usize>) {
+        let s = Settings::new(steps, 1.0, &SPACE).unwrap().with_sampler(kind);
+        let mut chains: Vec<Chain> = seeds
+            .iter()
+            .map(|&(seed, i)| Chain::masked(&SPACE, &s, seed, i).unwrap())
+            .collect();
+        let mut per_step = Vec::new();
+        let stats = run(&mut chains, &SPACE, &s, &mut fake, &mut |r| per_step.push(r.revealed)).unwrap();
+        (chains.into_iter().map(Chain::into_tokens).collect(), stats, per_step)
+    }
+
+    #[test]
+    fn every_sampler_leaves_no_mask_and_is_deterministic_and_batch_independent() {
+        for kind in [SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit] {
+            for steps in [1, 3, 16] {
+                let batch: Vec<(u64, u64)> = (0..4).map(|i| (21, i)).collect();
+                let (out, stats, _) = generate_with(kind, &batch, steps);
+                assert_eq!(stats.revealed, 4 * 16, "{kind:?} S={steps}");
+                assert!(out.iter().flatten().all(|&t| (0..8).contains(&t)), "{kind:?}");
+                assert_eq!(out, generate_with(kind, &batch, steps).0, "{kind:?} repeat");
+                for (i, tokens) in out.iter().enumerate() {
+                    let alone = generate_with(kind, &[(21, i as u64)], steps).0;
+                    assert_eq!(&alone[0], tokens, "{kind:?} alone");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn even_reveals_exactly_the_expected_count_every_step() {
+        // 16 positions over 5 steps: 3 or 4 per step, floor(16(s+1)/5) - floor(16s/5).
+        let (_, stats, per_step) = generate_with(SamplerKind::Even, &[(3, 0)], 5);
+        assert_eq!(per_step, vec![3, 3, 3, 3, 4]);
+        assert_eq!(stats.skipped_steps, 0);
+        // Different seeds reveal in different orders.
+        let order = |seed| {
+            let s = Settings::new(5, 1.0, &SPACE).unwrap().with_sampler(SamplerKind::Even);
+            Chain::masked(&SPACE, &s, seed, 0).unwrap().reveals
+        };
+        assert_ne!(order(1), order(2));
+    }
+
+    #[test]
+    fn maskgit_follows_the_cosine_schedule_and_calls_every_step() {
+        let (_, stats, per_step) = generate_with(SamplerKind::Maskgit, &[(4, 0)], 4);
+        // Masked after step s: floor(16 cos(pi/2 (s+1)/4)) = 14, 11, 6, then 0.
+        assert_eq!(per_step, vec![2, 3, 5, 6]);
+        assert_eq!((stats.calls, stats.skipped_steps), (4, 0));
+        // With S = L every step reveals exactly one token.
+        let (_, _, per_step) = generate_with(SamplerKind::Maskgit, &[(4, 0)], 16);
+        assert!(
+            per_step.iter().all(|&n| n >= 1) && per_step.iter().sum::<usize>() == 16,
+            "{per_step:?}"
+        );
+    }
+
+    #[test]
+    fn maskgit_reveals_the_most_confident_positions_first() {
+        // A denoiser certain about even positions and unsure about odd ones: with one step to go
+        // before the end, the first reveals are the certain ones.
+        let mut sure = |tokens: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+            out.clear();
+            for _ in 0..rows {
+                for p in 0..16 {
+                    out.extend((0..8).map(|c| if p % 2 == 0 && c == 1 { 50.0 } else { 0.0 }));
+                }
+            }
+            assert_eq!(tokens.len(), rows * 16);
+            Ok(())
+        };
+        let s = Settings::new(2, 1.0, &SPACE)
+            .unwrap()
+            .with_sampler(SamplerKind::Maskgit);
+        let mut chains = vec![Chain::masked(&SPACE, &s, 9, 0).unwrap()];
+        let mut first = Vec::new();
+        run(&mut chains, &SPACE, &s, &mut sure, &mut |r| first.push(r.revealed)).unwrap();
+        // After step 1 of 2, floor(16 cos(pi/4)) = 11 stay masked: 5 revealed, all even positions.
+        assert_eq!(first[0], 5);
+        let tokens = chains[0].tokens();
+        assert!((0..16).step_by(2).all(|p| tokens[p] == 1), "{tokens:?}");
+    }
+
+    #[test]
+    fn a_temperature_schedule_interpolates_linearly() {
+        let s = Settings::new(5, 1.2, &SPACE)
+            .unwrap()
+            .with_temperature_end(Some(0.4))
+            .unwrap();
+        let t: Vec<f64> = (0..5).map(|i| s.temperature_at(i)).collect();
+        assert!(
+            (t[0] - 1.2).abs() < 1e-6 && (t[2] - 0.8).abs() < 1e-6 && (t[4] - 0.4).abs() < 1e-6,
+            "{t:?}"
+        );
+        assert!(Settings::new(5, 1.0, &SPACE)
+            .unwrap()
+            .with_temperature_end(Some(0.0))
+            .is_err());
+        assert_eq!(SamplerKind::from_name("maskgit"), Some(SamplerKind::Maskgit));
     }
 
     #[test]
