@@ -67,7 +67,7 @@ class Config:
                            bert_n_layers=self.n_layers, block_size=L)
 
 
-QUICK = dict(ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, steps=8)
+QUICK = dict(ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
 
 
