@@ -46,7 +46,7 @@ use crate::bundle::ImageSpec;
 use crate::error::{Error, Result};
 use crate::graphs::{ProviderConfig, RuntimeOptions};
 use crate::image::{self, Mask, Tensor};
-use crate::sampler::{Settings, TokenSpace};
+use crate::sampler::{SamplerKind, Settings, TokenSpace};
 use crate::{Pipeline, Timings};
 
 /// Limits on what one request may ask for and on how much work may wait.
@@ -176,6 +176,8 @@ struct GenerateRequest {
     count: Option<usize>,
     steps: Option<usize>,
     temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
 }
 
 /// `POST /v1/inpaint`: base64 PNGs and either a mask or a rectangle.
@@ -188,6 +190,8 @@ struct InpaintRequest {
     seed: Option<u64>,
     steps: Option<usize>,
     temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
     #[serde(default)]
     decode_all: bool,
 }
@@ -238,8 +242,16 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Settings as the CLI validates them ([`Pipeline::settings`]), plus the service's step cap.
-    fn settings(&self, steps: Option<usize>, temperature: Option<f32>) -> Result<Settings> {
+    /// Settings as the CLI validates them ([`Pipeline::settings`], then the sampler and the
+    /// temperature schedule), plus the service's step cap. The JSON fields are the CLI's
+    /// `--steps`, `--temperature START[:END]` as `temperature` and `temperature_end`, `--sampler`.
+    fn settings(
+        &self,
+        steps: Option<usize>,
+        temperature: Option<f32>,
+        temperature_end: Option<f32>,
+        sampler: Option<SamplerKind>,
+    ) -> Result<Settings> {
         let steps = steps.unwrap_or(self.defaults.steps);
         if let Some(max) = self.limits.max_steps.filter(|&m| steps > m) {
             return Err(Error::param(
@@ -247,7 +259,9 @@ impl Shared {
                 format!("{steps} is above this service's limit of {max}"),
             ));
         }
-        Settings::new(steps, temperature.unwrap_or(self.defaults.temperature), &self.space)
+        Settings::new(steps, temperature.unwrap_or(self.defaults.temperature), &self.space)?
+            .with_sampler(sampler.unwrap_or_default())
+            .with_temperature_end(temperature_end)
     }
 
     /// Queues a job, or says 429 when the queue is full.
@@ -299,7 +313,7 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         )
         .into());
     }
-    let settings = s.settings(req.steps, req.temperature)?;
+    let settings = s.settings(req.steps, req.temperature, req.temperature_end, req.sampler)?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
     let (reply, rx) = oneshot::channel();
     s.submit(Job::Generate(GenerateJob {
@@ -317,6 +331,8 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         "seed": seed,
         "steps": settings.steps,
         "temperature": settings.temperature,
+        "temperature_end": settings.temperature_end,
+        "sampler": settings.sampler,
         "images": pngs.iter().map(|p| b64.encode(p)).collect::<Vec<_>>(),
     });
     Ok(json_response(StatusCode::OK, &json))
@@ -325,7 +341,7 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
 async fn inpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
     let bytes = read_body(&s, &headers, body).await?;
     let req: InpaintRequest = parse_json(&bytes)?;
-    let settings = s.settings(req.steps, req.temperature)?;
+    let settings = s.settings(req.steps, req.temperature, req.temperature_end, req.sampler)?;
     // PNGs this small decode in microseconds; the body limit keeps it that way.
     let image = image::image_from_png(&base64_field(&req.image, "image")?, &s.image, "image")?;
     let (w, h) = (s.image.width, s.image.height);
@@ -443,6 +459,13 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
     if let Ok(v) = HeaderValue::from_str(&settings.temperature.to_string()) {
         h.insert("x-absorb-temperature", v);
     }
+    if let Some(v) = settings
+        .temperature_end
+        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+    {
+        h.insert("x-absorb-temperature-end", v);
+    }
+    h.insert("x-absorb-sampler", HeaderValue::from_static(settings.sampler.name()));
     r
 }
 
@@ -902,12 +925,10 @@ fn run_inpaint(
         image::composite(&mut pixels, &image::to_pixels(input, range), mask);
     }
     let mut meta = p.metadata("inpaint");
-    meta.sampler = Some(crate::SAMPLER.into());
+    crate::record_settings(&mut meta, settings);
     meta.seed = Some(seed);
     meta.index = Some(0);
     meta.count = Some(1);
-    meta.steps = Some(settings.steps);
-    meta.temperature = Some(settings.temperature);
     Ok(vec![image::png_bytes(&pixels, Some(&meta))?])
 }
 

@@ -327,6 +327,34 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         );
     }
 
+    // Another sampler with a temperature schedule: the CLI's `--sampler maskgit -t 1.2:0.6`.
+    let mg = s.post(
+        "/v1/generate",
+        r#"{"seed": 9, "sampler": "maskgit", "temperature": 1.2, "temperature_end": 0.6}"#,
+    );
+    assert_eq!(mg.status, 200, "{}", String::from_utf8_lossy(&mg.body));
+    assert_eq!(mg.header("x-absorb-sampler"), Some("maskgit"));
+    cli(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--seed",
+            "9",
+            "--sampler",
+            "maskgit",
+            "-t",
+            "1.2:0.6",
+            "-o",
+            "mg.png",
+        ],
+    );
+    assert!(
+        mg.body == std::fs::read(d.path().join("mg.png")).unwrap(),
+        "maskgit: service PNG != CLI PNG"
+    );
+
     // inpaint: a rectangle, and the same region as a mask PNG, both = the CLI's bytes.
     let (side, _) = shape(&s);
     let rect = format!("{},0,{},{}", side / 2, side / 2, side);
@@ -366,13 +394,13 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
     assert_eq!(s.get("/healthz").json()["status"], "ok");
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/generate",status="200"}"#),
-        2.0
+        3.0
     );
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
         2.0
     );
-    assert_eq!(s.metric("absorb_images_total"), 6.0);
+    assert_eq!(s.metric("absorb_images_total"), 7.0);
     assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
     assert!(s.metric("absorb_images_per_second") > 0.0);
 
@@ -498,6 +526,22 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             "POST",
             "/v1/generate",
             r#"{"temperature": 1e300}"#.into(),
+            400,
+            "temperature",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"sampler": "best"}"#.into(),
+            400,
+            "sampler",
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"temperature_end": 0}"#.into(),
             400,
             "temperature",
             "out of range",
