@@ -127,7 +127,8 @@ def worker(kind: str, bundle: Path, args):
 
         def sample(seed):
             gen = torch.Generator().manual_seed(seed)
-            return official_sample_torch(denoise, args.count, L, K, args.steps, args.temperature, gen)
+            return official_sample_torch(denoise, args.count, L, K, args.steps, args.temperature,
+                                         gen)
 
         def warm():
             with torch.inference_mode():
@@ -145,13 +146,15 @@ def worker(kind: str, bundle: Path, args):
 
         def sample(seed):
             rng = np.random.default_rng(seed)
-            return official_sample_numpy(denoise, args.count, L, K, args.steps, args.temperature, rng)
+            return official_sample_numpy(denoise, args.count, L, K, args.steps, args.temperature,
+                                         rng)
 
         def warm():
             denoise(np.full((args.count, L), K, dtype=np.int64))
 
     warm()  # one forward at the timed batch: allocation and planning, untimed
-    out.write(json.dumps({"load_s": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}) + "\n")
+    ready = {"load_s": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
+    out.write(json.dumps(ready) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "run":
@@ -299,8 +302,8 @@ def main(argv=None):
 
     c = runs["c"]
     ours = [x["sampling_per_image_ms"] for x in c]
-    names = {"a": "(a) official loop, torch eager", "b": f"(b) official loop, onnxruntime {variant}",
-             "c": f"(c) absorb bench {variant}"}
+    names = {"a": "(a) official loop, torch eager",
+             "b": f"(b) official loop, onnxruntime {variant}", "c": f"(c) absorb bench {variant}"}
     print(f"\n{'runner':<38} {'ms/image':>24} {'calls':>7} {'ms/call':>9} {'outside fwd':>11} "
           f"{'peak RSS MiB':>12} {'absorb/this':>24}")
     for k in ("a", "b"):
@@ -311,11 +314,13 @@ def main(argv=None):
                   f"{args.steps:>7} {statistics.mean(x['per_call_ms'] for x in xs):>9.2f} "
                   f"{statistics.mean(x['outside_forward'] for x in xs):>11.1%} "
                   f"{max(x['peak_rss_mib'] for x in xs):>12.0f} {spread(ratio):>24}")
-    print(f"{names['c']:<38} {spread(ours):>24} {statistics.mean(x['transformer_calls'] for x in c):>7.1f} "
+    calls = statistics.mean(x["transformer_calls"] for x in c)
+    print(f"{names['c']:<38} {spread(ours):>24} {calls:>7.1f} "
           f"{statistics.mean(x['per_call_ms'] for x in c):>9.2f} "
           f"{statistics.mean(x['runner_overhead'] for x in c):>11.1%} "
           f"{max(x['peak_rss_mib'] for x in c):>12.0f}")
-    print(f"absorb also decodes: {statistics.mean(x['decode_per_image_ms'] for x in c):.1f} ms/image "
+    decode = statistics.mean(x["decode_per_image_ms"] for x in c)
+    print(f"absorb also decodes: {decode:.1f} ms/image "
           f"(total {spread([x['per_image_ms'] for x in c])} ms/image); ms/image above is sampling "
           f"only. ONNX Runtime: absorb {c[0]['onnxruntime']}, (b) the Python package.")
     if verify:

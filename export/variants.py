@@ -87,12 +87,14 @@ def check_contract(path: Path, s: ort.InferenceSession, fp32: ort.InferenceSessi
     """Same input/output names, dtypes and shapes as fp32; opset 17; weights inside the file."""
     want, got = ports(fp32), ports(s)
     if got != want:
-        raise ExportError(f"{path.name}: inputs/outputs {got} differ from transformer.onnx's {want}")
+        raise ExportError(f"{path.name}: inputs/outputs {got} differ from transformer.onnx's "
+                          f"{want}")
     model = onnx.load(path, load_external_data=False)
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     if opset.get("ai.onnx") != OPSET:
         raise ExportError(f"{path.name}: opset {opset}, expected ai.onnx {OPSET}")
-    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t.name for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise ExportError(f"{path.name}: {len(external)} initializers in external files, e.g. "
                           f"{external[0]!r}; the bundle wants one file per graph")
