@@ -127,6 +127,19 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     let service = service?;
     let shared = service.shared.clone();
 
+    // Handlers before READY=1, so a stop right after readiness is a drain too, never a kill.
+    // (While loading, SIGTERM still ends the process at once: nothing has been accepted yet.)
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    };
+    let (Ok(term), Ok(int)) = signals else {
+        return Err(Error::io(
+            "<signals>",
+            std::io::Error::other("cannot install SIGTERM/SIGINT handlers"),
+        ));
+    };
     eprintln!("listening on {addr}");
     log::info!("serving on {addr} (limits: {limits:?})");
     notify.send(&format!("READY=1\nSTATUS=serving on {addr}"));
@@ -142,7 +155,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
             }
         });
         axum::serve(listener, app(shared.clone()))
-            .with_graceful_shutdown(shutdown_signal(notify.clone(), shared.clone()))
+            .with_graceful_shutdown(shutdown_signal(term, int, notify.clone(), shared.clone()))
             .await
     });
     service.stop();
@@ -936,21 +949,15 @@ fn run_inpaint(
 // Shutdown and watchdog
 
 /// Resolves on SIGTERM or SIGINT: axum then stops accepting and waits for in-flight requests.
-async fn shutdown_signal(notify: Arc<systemd::Notifier>, shared: Arc<Shared>) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                log::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await
-            }
-        }
-    };
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    notify: Arc<systemd::Notifier>,
+    shared: Arc<Shared>,
+) {
     tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+        _ = int.recv() => {},
     }
     shared.shutting_down.store(true, Ordering::Relaxed);
     let pending = shared.metrics.in_flight.load(Ordering::Relaxed);
