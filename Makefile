@@ -161,3 +161,9 @@ bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
 	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m export reference --bundle $(PAPER_BUNDLE) \
 	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps 2 $$v || exit 1; echo; \
 	done
+
+# Quality vs steps per sampler on the digits bundle, judged by its eval classifier (README table).
+.PHONY: quality-table
+quality-table: ort build
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb eval --model models/digits \
+	  --samplers absorbing,even,maskgit --steps 2,4,8,16,32,64 --count 256 --json out/quality-table.json

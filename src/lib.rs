@@ -34,6 +34,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod error;
+pub mod eval;
 pub mod graphs;
 pub mod image;
 pub mod sampler;

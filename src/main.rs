@@ -38,6 +38,8 @@ enum Command {
     Info(InfoArgs),
     /// Time generation on this machine: per image, per transformer call, runner overhead, memory.
     Bench(BenchArgs),
+    /// Measure sample quality with the bundle's eval classifier, per sampler and step count.
+    Eval(EvalArgs),
     /// Build the provider's engines ahead of time (TensorRT: minutes on a Jetson) by running every
     /// graph at batch 1 and at --max-batch; later runs load them from the cache.
     Warmup(WarmupArgs),
@@ -225,6 +227,33 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Samplers to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "absorbing")]
+    samplers: Vec<SamplerKind>,
+    /// Step counts to compare, comma-separated (default: the bundle's).
+    #[arg(long, value_delimiter = ',')]
+    steps: Vec<usize>,
+    /// Temperature or START:END schedule (default: the bundle's).
+    #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
+    temperature: Option<(f32, Option<f32>)>,
+    /// Images per row of the table.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    count: usize,
+    /// Seed (the same images indices for every row).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct WarmupArgs {
     #[command(flatten)]
     common: Common,
@@ -299,6 +328,7 @@ fn main() -> ExitCode {
         Command::Info(a) => a.common.verbose,
         Command::Warmup(a) => a.common.verbose.max(1),
         Command::Bench(a) => a.common.verbose,
+        Command::Eval(a) => a.common.verbose,
         // A service logs its requests and lifecycle by default (to stderr, i.e. journald).
         Command::Serve(a) => a.common.verbose.max(1),
     };
@@ -331,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info(a),
         Command::Warmup(a) => warmup(a),
         Command::Bench(a) => bench(a),
+        Command::Eval(a) => eval(a),
         Command::Serve(a) => serve(a),
     }
 }
@@ -781,6 +812,72 @@ fn bench(a: BenchArgs) -> Result<()> {
             print!("{}", report.table());
         }
         None => print!("{}", report.table()),
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    if a.count == 0 {
+        bail!(absorb::Error::param("count", "0 images requested: use 1 or more"));
+    }
+    let mut p = load_batch(&a.common, a.max_batch)?;
+    let mut judge = absorb::eval::Judge::for_bundle(&p)?;
+    let real = judge.judge(&absorb::eval::heldout_images(&p)?)?;
+    let steps = if a.steps.is_empty() {
+        vec![p.bundle().manifest().sampling.steps]
+    } else {
+        a.steps.clone()
+    };
+    let (t0, t1) = a.temperature.map_or((None, None), |(x, y)| (Some(x), y));
+    println!(
+        "real held-out images: mean confidence {:.3} over {} images\n",
+        real.mean_confidence, real.count
+    );
+    println!(
+        "| sampler | steps | transformer calls/image | mean confidence | vs real | classes | max class share | bar |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for &kind in &a.samplers {
+        for &s in &steps {
+            let settings = p.settings(Some(s), t0)?.with_sampler(kind).with_temperature_end(t1)?;
+            let mut timings = Timings::default();
+            let pixels = p.generate_pixels(
+                a.seed,
+                0..a.count as u64,
+                &settings,
+                a.max_batch,
+                &mut |_| {},
+                &mut timings,
+            )?;
+            let spec = p.bundle().manifest().image.clone();
+            let tensors: Vec<_> = pixels.iter().map(|px| image::to_tensor(px, &spec)).collect();
+            let v = judge.judge(&tensors)?;
+            let ratio = v.mean_confidence / real.mean_confidence;
+            let meets = ratio >= 0.85 && v.all_classes_present() && v.max_class_fraction() <= 0.25;
+            // Calls per image: each call feeds up to max_batch images.
+            let calls = timings.transformer_calls as f64 * a.max_batch.min(a.count) as f64 / a.count as f64;
+            println!(
+                "| {} | {s} | {calls:.1} | {:.3} | {:.2} | {}/{} | {:.2} | {} |",
+                kind.name(),
+                v.mean_confidence,
+                ratio,
+                v.histogram.iter().filter(|&&h| h > 0).count(),
+                v.histogram.len(),
+                v.max_class_fraction(),
+                if meets { "meets" } else { "below" }
+            );
+            rows.push(serde_json::json!({
+                "sampler": kind.name(), "steps": s, "temperature": settings.temperature,
+                "temperature_end": settings.temperature_end, "count": v.count,
+                "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,
+                "meets_bar": meets,
+            }));
+        }
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({"real_mean_confidence": real.mean_confidence, "rows": rows});
+        write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }
