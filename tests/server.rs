@@ -831,6 +831,32 @@ fn a_client_that_hangs_up_does_not_keep_the_worker_busy() {
 }
 
 #[test]
+fn a_request_not_answered_in_time_gets_503_and_stops_using_the_worker() {
+    let s = Server::start(&["--max-batch", "1", "--timeout-ms", "30"], &[]);
+    let (_, tokens) = shape(&s);
+    let r = s.post(
+        "/v1/generate",
+        &format!(r#"{{"seed": 1, "count": 16, "steps": {tokens}}}"#),
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some());
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not answered within 30 ms"));
+    let start = Instant::now();
+    while s.metric("absorb_jobs_skipped_total") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the timed-out job ran to the end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(s.metric("absorb_images_total") < 16.0);
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
 fn a_few_hundred_requests_leave_memory_flat() {
     let s = Server::start(&[], &[]);
     let (side, _) = shape(&s);
