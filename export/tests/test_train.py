@@ -1,0 +1,56 @@
+"""The digits trainer end to end (--quick), and the committed models/digits bundle against its bar."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export import train
+from export.classifier import BAR, confidence, session
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "models" / "digits"
+
+
+def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
+    out = tmp_path / "digits"
+    train.main(["--out", str(out), "--quick", "--seed", "3"])
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["name"] == "digits"
+    K = train.Config().codebook_size
+    assert manifest["tokens"] == {"height": 8, "width": 8, "codebook_size": K, "mask_id": K}
+    assert manifest["image"]["height"] == manifest["image"]["width"] == 32
+    assert len(list((out / "eval" / "heldout").glob("*_[0-9].png"))) == 100
+    q = json.loads((out / "eval" / "quality.json").read_text())
+    for key in ("real_mean_confidence", "heldout_png_psnr_db", "noise_mean_confidence",
+                "random_tokens_mean_confidence", "samples", "steps_table", "codebook_usage"):
+        assert key in q, f"quality.json lacks {key}"
+    assert sum(q["samples"]["class_histogram"]) == q["samples"]["count"]
+    logits = session(out / "eval" / "classifier.onnx").run(None, {"image": np.zeros((3, 1, 32, 32), np.float32)})[0]
+    assert logits.shape == (3, 11)
+    assert (out / "samples.png").exists() and (out / "README.md").exists()
+
+
+def test_committed_digits_bundle_meets_its_bar():
+    q = json.loads((DIGITS / "eval" / "quality.json").read_text())
+    assert q["bar"]["min_confidence_ratio"] >= BAR["min_confidence_ratio"], "the stated bar was lowered"
+    assert q["bar"]["max_class_fraction"] <= BAR["max_class_fraction"], "the stated bar was lowered"
+    s = q["samples"]
+    manifest = json.loads((DIGITS / "model.json").read_text())
+    defaults = manifest["sampling"]
+    assert (s["steps"], s["temperature"]) == (defaults["steps"], defaults["temperature"]), \
+        f"quality.json measures {s['steps']} steps at {s['temperature']}, model.json's defaults are {defaults}"
+    ratio = s["mean_confidence"] / q["real_mean_confidence"]
+    bar = BAR["min_confidence_ratio"]
+    assert ratio >= bar, f"samples' confidence is {ratio:.3f} x the real digits', below {bar}"
+    h = s["class_histogram"]
+    assert min(h) > 0, f"a digit class is never sampled: {h}"
+    assert max(h) <= BAR["max_class_fraction"] * sum(h), f"one class dominates the samples: {h}"
+    assert q["real_mean_confidence"] > 0.8 and q["random_tokens_mean_confidence"] < 0.5, q
+    assert q["bar"]["meets_bar"]
+
+
+def test_confidence_ignores_the_reject_class():
+    logits = np.array([[0.0] * 10 + [10.0], [5.0] + [0.0] * 10], dtype=np.float32)
+    conf, digit = confidence(logits)
+    assert conf[0] < 0.01 and digit[1] == 0 and conf[1] > 0.9
