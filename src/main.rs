@@ -834,7 +834,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         real.mean_confidence, real.count
     );
     println!(
-        "| sampler | steps | transformer calls/image | mean confidence | vs real | classes | max class share | bar |"
+        "| sampler | steps | transformer calls per batch | mean confidence | vs real | classes | max class share | bar |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
@@ -855,7 +855,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             let v = judge.judge(&tensors)?;
             let ratio = v.mean_confidence / real.mean_confidence;
             let meets = ratio >= 0.85 && v.all_classes_present() && v.max_class_fraction() <= 0.25;
-            // Calls per image: each call feeds up to max_batch images.
+            // Calls per batch of max_batch images (each call feeds the whole batch).
             let calls = timings.transformer_calls as f64 * a.max_batch.min(a.count) as f64 / a.count as f64;
             println!(
                 "| {} | {s} | {calls:.1} | {:.3} | {:.2} | {}/{} | {:.2} | {} |",
