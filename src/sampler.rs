@@ -354,7 +354,15 @@ pub fn run(
             let chain = &mut chains[c];
             let row_logits = &logits[r * l * k..(r + 1) * l * k];
             revealed += if maskgit {
-                maskgit_step(chain, row_logits, k, temperature, step, settings.steps, &mut weights)
+                maskgit_step(
+                    chain,
+                    row_logits,
+                    temperature,
+                    step,
+                    settings.steps,
+                    space.mask_id,
+                    &mut weights,
+                )
             } else {
                 let n = chain.pending_at(t).len();
                 for i in chain.cursor..chain.cursor + n {
@@ -391,12 +399,13 @@ pub fn run(
 fn maskgit_step(
     chain: &mut Chain,
     logits: &[f32],
-    k: usize,
     temperature: f64,
     step: usize,
     steps: usize,
+    mask_id: i64,
     weights: &mut [f64],
 ) -> usize {
+    let k = logits.len() / chain.tokens.len(); // (L, K) logits of this row
     let ratio = (step + 1) as f64 / steps as f64;
     let keep_masked = if step + 1 == steps {
         0
@@ -422,12 +431,11 @@ fn maskgit_step(
     }
     // Most confident first; NaN-free by construction (finite log-probs, u in (0, 1)).
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut revealed = vec![false; chain.tokens.len()];
     for &(_, p, token) in &candidates[..n_reveal] {
         chain.tokens[p as usize] = token;
-        revealed[p as usize] = true;
     }
-    chain.masked.retain(|&p| !revealed[p as usize]);
+    // Revealed positions now hold a code; the rest still hold the mask id.
+    chain.masked.retain(|&p| chain.tokens[p as usize] == mask_id);
     n_reveal
 }
 
