@@ -344,7 +344,9 @@ def git_short_hash() -> str:
 
 def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *,
                  name: str, image_range=(0.0, 1.0), steps: int, temperature: float, source: str,
-                 metrics: dict | None = None, parity_atol: float = PARITY_ATOL) -> Path:
+                 metrics: dict | None = None, parity_atol: float = PARITY_ATOL,
+                 window_stride: tuple[int, int] | None = None,
+                 window_margin: tuple[int, int] | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
@@ -365,7 +367,9 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                    "mask_id": pc.mask_id},
         "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
                    for g, (f, _, _) in GRAPHS.items()},
-        "sampling": {"steps": int(steps), "temperature": float(temperature)},
+        "sampling": {"steps": int(steps), "temperature": float(temperature),
+                     **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
+                     **({"window_margin": [int(v) for v in window_margin]} if window_margin else {})},
         "provenance": {
             "exporter": f"absorb export {git_short_hash()}",
             "opset": OPSET,

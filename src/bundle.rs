@@ -125,6 +125,15 @@ pub struct SamplingDefaults {
     pub steps: usize,
     /// Softmax temperature, > 0.
     pub temperature: f32,
+    /// Window stride `[rows, cols]` for grids larger than the trained one; absent = half a
+    /// window. Data that is not stationary (one centred object per image, like digits) wants
+    /// the full window: overlapping windows would each ask for an object centred on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_stride: Option<[usize; 2]>,
+    /// Window margin `[rows, cols]` (see `absorb generate --window-margin`); absent = an eighth
+    /// of a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_margin: Option<[usize; 2]>,
 }
 
 /// The three graphs of a bundle.
@@ -347,6 +356,23 @@ fn validate(m: &Manifest) -> Result<(), String> {
             "sampling.temperature is {}, must be a finite number > 0",
             s.temperature
         ));
+    }
+    let margin = s.window_margin.unwrap_or([0, 0]);
+    if let Some([mh, mw]) = s.window_margin {
+        if 2 * mh >= t.height || 2 * mw >= t.width {
+            return Err(format!(
+                "sampling.window_margin is [{mh}, {mw}], each must be less than half the tokens grid {}x{}",
+                t.height, t.width
+            ));
+        }
+    }
+    if let Some([sh, sw]) = s.window_stride {
+        if sh == 0 || sw == 0 || sh + 2 * margin[0] > t.height || sw + 2 * margin[1] > t.width {
+            return Err(format!(
+                "sampling.window_stride is [{sh}, {sw}], must be 1..= the tokens grid {}x{} minus twice the margin",
+                t.height, t.width
+            ));
+        }
     }
     let g = &m.graphs;
     let files = [

@@ -93,6 +93,9 @@ pub struct ProviderConfig {
     /// Transformer precision variant from the bundle (`int8` for CPUs, `fp16` for GPUs);
     /// `None` = the fp32 graph.
     pub variant: Option<String>,
+    /// TensorRT: largest token grid the decoder's shape profile covers (`--grid`); `None` = the
+    /// bundle's grid.
+    pub max_grid: Option<[usize; 2]>,
 }
 
 impl ProviderConfig {
@@ -105,6 +108,7 @@ impl ProviderConfig {
             max_batch: crate::DEFAULT_MAX_BATCH,
             device_id: 0,
             variant: None,
+            max_grid: None,
         }
     }
 
@@ -530,13 +534,17 @@ impl Graphs {
                 GraphKind::Decoder => (DECODER_INPUT, format!("{th}x{tw}")),
                 GraphKind::Transformer => (TRANSFORMER_INPUT, format!("{l}")),
             };
+            let max_dims = match (kind, config.max_grid) {
+                (GraphKind::Decoder, Some([gh, gw])) => format!("{}x{}", gh.max(th), gw.max(tw)),
+                _ => dims.clone(),
+            };
             let gpu = GpuPlan {
                 config,
                 cache: config.engine_cache(bundle, runtime.library()),
                 profile: [
                     format!("{name}:1x{dims}"),
                     format!("{name}:{n}x{dims}"),
-                    format!("{name}:{n}x{dims}"),
+                    format!("{name}:{n}x{max_dims}"),
                 ],
             };
             let (session, used) = build_session(runtime, &path, kind, provider, &gpu)?;

@@ -62,7 +62,7 @@ pub fn load_image(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
     Ok(bundle_tensor(&img, spec))
 }
 
-/// Converts a decoded image of the bundle's size to its channel count and tensor range.
+/// Converts a decoded image to the bundle's channel count and tensor range.
 fn bundle_tensor(img: &::image::DynamicImage, spec: &ImageSpec) -> Tensor {
     let raw: Vec<u8> = if spec.channels == 1 {
         img.to_luma8().into_raw()
@@ -71,11 +71,28 @@ fn bundle_tensor(img: &::image::DynamicImage, spec: &ImageSpec) -> Tensor {
     };
     let pixels = Pixels {
         channels: spec.channels,
-        height: spec.height,
-        width: spec.width,
+        height: img.height() as usize,
+        width: img.width() as usize,
         data: raw,
     };
     to_tensor(&pixels, spec)
+}
+
+/// Reads an image of any size (outpainting input) as a tensor with the bundle's channels and
+/// range; sides above 8192 pixels are refused.
+pub fn load_image_any(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
+    let img = open(path)?;
+    if img.width() > MAX_PNG_SIDE || img.height() > MAX_PNG_SIDE {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "image is {}x{}: at most {MAX_PNG_SIDE} pixels per side",
+                img.width(),
+                img.height()
+            ),
+        });
+    }
+    Ok(bundle_tensor(&img, spec))
 }
 
 /// Largest PNG accepted from memory, per side, before its size is compared with the bundle's.
@@ -329,6 +346,18 @@ pub struct Metadata {
     /// Transformer precision variant, if not fp32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// Token grid `[rows, cols]` when larger than the bundle's (windowed generation, outpainting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<[usize; 2]>,
+    /// Window stride `[rows, cols]` of a larger grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<[usize; 2]>,
+    /// Window margin `[rows, cols]` of a larger grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_margin: Option<[usize; 2]>,
+    /// How a larger grid was decoded: `tiles` or `whole`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<String>,
 }
 
 /// Writes a PNG with `meta` as JSON in a text chunk, atomically: a temporary file in the same
@@ -350,6 +379,137 @@ pub fn write_png(path: &Path, pixels: &Pixels, meta: Option<&Metadata>) -> Resul
         encode_png(&mut w, pixels, meta).map_err(|e| Error::io(path, std::io::Error::other(e)))?;
         w.flush().map_err(io)?;
     }
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Copies `src` into `dst` with its top-left corner at (`x`, `y`) (outpainting keeps the input's
+/// own pixels); parts outside `dst` are cut off.
+pub fn paste(dst: &mut Pixels, src: &Pixels, x: usize, y: usize) {
+    let c = dst.channels.min(src.channels);
+    for sy in 0..src.height.min(dst.height.saturating_sub(y)) {
+        for sx in 0..src.width.min(dst.width.saturating_sub(x)) {
+            let d = ((y + sy) * dst.width + x + sx) * dst.channels;
+            let s = (sy * src.width + sx) * src.channels;
+            dst.data[d..d + c].copy_from_slice(&src.data[s..s + c]);
+        }
+    }
+}
+
+/// Grey level of a still-masked token's tile in preview frames.
+pub const MASKED_GREY: u8 = 128;
+
+/// Paints the pixels of every masked token of `grid` (`token_masked`, row-major) in `p` as a flat
+/// neutral tile (preview frames of the reverse process).
+pub fn paint_masked(p: &mut Pixels, token_masked: &[bool], grid: [usize; 2]) {
+    let (fy, fx) = (p.height / grid[0], p.width / grid[1]);
+    for (i, _) in token_masked.iter().enumerate().filter(|(_, &m)| m) {
+        let (r, c) = (i / grid[1], i % grid[1]);
+        for y in r * fy..(r + 1) * fy {
+            let row = (y * p.width + c * fx) * p.channels;
+            p.data[row..row + fx * p.channels].fill(MASKED_GREY);
+        }
+    }
+}
+
+/// Animation container of a preview, from the file name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnimationFormat {
+    /// Animated GIF (palette; small, plays everywhere).
+    Gif,
+    /// Animated PNG (lossless; `.png` or `.apng`).
+    Apng,
+}
+
+impl AnimationFormat {
+    /// The format `path` asks for, or an error naming `param`.
+    pub fn from_path(path: &Path, param: &'static str) -> Result<AnimationFormat> {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("gif") => Ok(AnimationFormat::Gif),
+            Some("png" | "apng") => Ok(AnimationFormat::Apng),
+            _ => Err(Error::param(
+                param,
+                format!("{} must end in .gif, .png or .apng", path.display()),
+            )),
+        }
+    }
+}
+
+/// Encodes `frames` (all the same size) as an endlessly looping animation, `delay_ms` per frame
+/// and `last_ms` on the last one.
+pub fn animation_bytes(frames: &[Pixels], format: AnimationFormat, delay_ms: u16, last_ms: u16) -> Result<Vec<u8>> {
+    let Some(first) = frames.first() else {
+        return Err(Error::param("frames", "no step revealed anything: nothing to animate"));
+    };
+    if frames
+        .iter()
+        .any(|f| (f.channels, f.height, f.width) != (first.channels, first.height, first.width))
+    {
+        return Err(Error::param("frames", "frames differ in size"));
+    }
+    let delay = |i: usize| if i + 1 == frames.len() { last_ms } else { delay_ms };
+    let fail = |e: String| Error::io("<animation>", std::io::Error::other(e));
+    let mut out = Vec::new();
+    match format {
+        AnimationFormat::Apng => {
+            let mut enc = png::Encoder::new(&mut out, first.width as u32, first.height as u32);
+            enc.set_color(if first.channels == 1 {
+                png::ColorType::Grayscale
+            } else {
+                png::ColorType::Rgb
+            });
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_compression(png::Compression::Balanced);
+            enc.set_animated(frames.len() as u32, 0)
+                .map_err(|e| fail(e.to_string()))?;
+            let mut w = enc.write_header().map_err(|e| fail(e.to_string()))?;
+            for (i, f) in frames.iter().enumerate() {
+                w.set_frame_delay(delay(i), 1000).map_err(|e| fail(e.to_string()))?;
+                w.write_image_data(&f.data).map_err(|e| fail(e.to_string()))?;
+            }
+            w.finish().map_err(|e| fail(e.to_string()))?;
+        }
+        AnimationFormat::Gif => {
+            use ::image::codecs::gif::{GifEncoder, Repeat};
+            use ::image::{Delay, Frame, Rgba, RgbaImage};
+            let mut enc = GifEncoder::new_with_speed(&mut out, 10);
+            enc.set_repeat(Repeat::Infinite).map_err(|e| fail(e.to_string()))?;
+            for (i, f) in frames.iter().enumerate() {
+                let rgba = RgbaImage::from_fn(f.width as u32, f.height as u32, |x, y| {
+                    let o = (y as usize * f.width + x as usize) * f.channels;
+                    if f.channels == 1 {
+                        Rgba([f.data[o], f.data[o], f.data[o], 255])
+                    } else {
+                        Rgba([f.data[o], f.data[o + 1], f.data[o + 2], 255])
+                    }
+                });
+                let frame = Frame::from_parts(rgba, 0, 0, Delay::from_numer_denom_ms(delay(i) as u32, 1));
+                enc.encode_frame(frame).map_err(|e| fail(e.to_string()))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same directory, synced, renamed).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |e: std::io::Error| Error::io(path, e);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".absorb-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
@@ -496,6 +656,10 @@ mod tests {
             temperature_end: None,
             provider: Some("cpu".into()),
             variant: None,
+            grid: Some([8, 16]),
+            stride: Some([4, 4]),
+            window_margin: Some([1, 1]),
+            decode: Some("tiles".into()),
         };
         write_png(&path, &p, Some(&meta)).unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);
@@ -520,5 +684,63 @@ mod tests {
         .unwrap();
         let e = read_metadata(&path).unwrap_err().to_string();
         assert!(e.contains("no \"absorb\" text chunk"), "{e}");
+    }
+
+    #[test]
+    fn masked_tokens_are_painted_grey_and_paste_copies_a_region() {
+        let mut p = Pixels {
+            channels: 1,
+            height: 4,
+            width: 4,
+            data: vec![7; 16],
+        };
+        // 2x2 tokens of 2x2 pixels; token 1 (top right) masked.
+        paint_masked(&mut p, &[false, true, false, false], [2, 2]);
+        assert_eq!(
+            p.data[..8],
+            [7, 7, MASKED_GREY, MASKED_GREY, 7, 7, MASKED_GREY, MASKED_GREY]
+        );
+        assert!(p.data[8..].iter().all(|&v| v == 7));
+        let src = Pixels {
+            channels: 1,
+            height: 2,
+            width: 2,
+            data: vec![1, 2, 3, 4],
+        };
+        paste(&mut p, &src, 3, 3);
+        assert_eq!(p.data[15], 1, "cut off at the edge");
+        assert_eq!(p.data[14], 7);
+    }
+
+    #[test]
+    fn animations_hold_one_frame_per_image_in_both_formats() {
+        let frames: Vec<Pixels> = (0..5u8)
+            .map(|i| Pixels {
+                channels: 1,
+                height: 3,
+                width: 4,
+                data: vec![i * 40; 12],
+            })
+            .collect();
+        let apng = animation_bytes(&frames, AnimationFormat::Apng, 100, 1500).unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(&apng)).read_info().unwrap();
+        assert_eq!(reader.info().animation_control().map(|a| a.num_frames), Some(5));
+        let gif = animation_bytes(&frames, AnimationFormat::Gif, 100, 1500).unwrap();
+        use ::image::AnimationDecoder;
+        let decoded = ::image::codecs::gif::GifDecoder::new(std::io::Cursor::new(gif))
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap();
+        assert_eq!(decoded.len(), 5);
+        assert_eq!(decoded[2].buffer().get_pixel(1, 1).0[0], 80);
+        let e = animation_bytes(&[], AnimationFormat::Gif, 100, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nothing to animate"), "{e}");
+        let e = AnimationFormat::from_path(Path::new("x.jpg"), "frames")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".gif"), "{e}");
     }
 }

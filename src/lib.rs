@@ -50,13 +50,53 @@ pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
 
 use crate::graphs::Graphs;
 use crate::image::{Metadata, Pixels, Tensor};
-use crate::sampler::{Chain, RunStats, Settings, StepReport, TokenSpace};
+use crate::sampler::{Chain, RunStats, Settings, StepReport, Tiling, TokenSpace};
 
 /// This crate's version, recorded in PNG metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Name of the default sampler, recorded in PNG metadata.
 pub const SAMPLER: &str = "absorbing";
+
+/// Writes a larger-than-trained grid, its windows and decode mode into PNG metadata (nothing for
+/// the bundle's own grid, so those PNGs are unchanged).
+pub fn record_tiling(meta: &mut Metadata, tiling: &Tiling, trained: [usize; 2], decode: DecodeMode) {
+    if tiling.grid() != trained {
+        meta.grid = Some(tiling.grid());
+        meta.stride = Some(tiling.stride());
+        meta.window_margin = Some(tiling.margin());
+        meta.decode = Some(decode.name().to_string());
+    }
+}
+
+/// How a grid larger than the bundle's is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Window by window in the decoder's trained shape, overlaps blended (one batched run).
+    #[default]
+    Tiles,
+    /// The whole grid in one piece (the paper's way; the decoder is convolutional, but its
+    /// attention and normalisation then see a shape they were not trained on).
+    Whole,
+}
+
+impl DecodeMode {
+    /// The name used on the command line, in JSON and in PNG metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeMode::Tiles => "tiles",
+            DecodeMode::Whole => "whole",
+        }
+    }
+
+    /// Parses a name written by [`DecodeMode::name`].
+    pub fn from_name(name: &str) -> Option<DecodeMode> {
+        [DecodeMode::Tiles, DecodeMode::Whole]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+}
 
 /// Writes the sampling settings (sampler, steps, temperature schedule) into PNG metadata.
 pub fn record_settings(meta: &mut Metadata, settings: &Settings) {
@@ -82,6 +122,75 @@ pub fn fresh_seed() -> u64 {
 
 /// Images fed to the transformer together at most, by default.
 pub const DEFAULT_MAX_BATCH: usize = 16;
+
+/// How a generate or outpaint request is carried out beyond its sampling settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan<'a> {
+    /// Windows over a grid larger than the bundle's; `None` = the bundle's grid.
+    pub tiling: Option<&'a Tiling>,
+    /// How a larger grid is decoded.
+    pub decode: DecodeMode,
+    /// Also render one preview frame per step that revealed something.
+    pub frames: bool,
+    /// Grid columns of a frame showing several images.
+    pub columns: usize,
+    /// Images (or windows) per transformer call.
+    pub max_batch: usize,
+}
+
+/// What a request made.
+#[derive(Debug, Clone)]
+pub struct Made {
+    /// The token grids, one per image (row-major, `grid`).
+    pub tokens: Vec<Vec<i64>>,
+    /// The decoded images.
+    pub pixels: Vec<Pixels>,
+    /// The token grid size.
+    pub grid: [usize; 2],
+    /// Preview frames when asked for.
+    pub frames: Option<Vec<Pixels>>,
+}
+
+/// Pixels added around an image by outpainting, `[left, right, up, down]`, checked to be whole
+/// tokens; returns the new token grid and where the image's tokens go in it (`[row, col]`).
+pub fn outpaint_grid(
+    image: [usize; 2],
+    token_px: [usize; 2],
+    extend: [usize; 4],
+    max_side: usize,
+) -> Result<([usize; 2], [usize; 2])> {
+    let [left, right, up, down] = extend;
+    for (side, px, unit) in [
+        ("left", left, token_px[1]),
+        ("right", right, token_px[1]),
+        ("up", up, token_px[0]),
+        ("down", down, token_px[0]),
+    ] {
+        if px % unit != 0 {
+            return Err(Error::param(
+                "extend",
+                format!("{side}={px} is not a whole number of tokens: use a multiple of {unit} pixels"),
+            ));
+        }
+    }
+    if extend == [0; 4] {
+        return Err(Error::param("extend", "nothing to extend: give e.g. right=32"));
+    }
+    let grid = [
+        (image[0] + up + down) / token_px[0],
+        (image[1] + left + right) / token_px[1],
+    ];
+    if grid[0] > max_side || grid[1] > max_side {
+        return Err(Error::param(
+            "extend",
+            format!(
+                "the result would be {}x{} tokens: at most {max_side} per side",
+                grid[0], grid[1]
+            ),
+        ));
+    }
+    Ok((grid, [up / token_px[0], left / token_px[1]]))
+}
 
 /// A loaded bundle with its three sessions: the object every command works through.
 pub struct Pipeline {
@@ -174,7 +283,7 @@ impl Pipeline {
         let name = m.sampler.as_deref().unwrap_or(SAMPLER);
         let kind = sampler::SamplerKind::from_name(name)
             .ok_or_else(|| Error::param("sampler", format!("\"{name}\" is not a sampler this build has")))?;
-        self.settings(m.steps, m.temperature)?
+        self.settings_for(m.grid.unwrap_or(self.grid()), m.steps, m.temperature)?
             .with_sampler(kind)
             .with_temperature_end(m.temperature_end)
     }
@@ -289,6 +398,394 @@ impl Pipeline {
         Ok(stats)
     }
 
+    /// The token space of a `grid` of this bundle's codes (the bundle's own grid or a larger one).
+    pub fn token_space_of(&self, grid: [usize; 2]) -> TokenSpace {
+        TokenSpace {
+            len: grid[0] * grid[1],
+            ..self.token_space()
+        }
+    }
+
+    /// Validated settings for sampling a `grid` (steps may go up to its number of tokens).
+    pub fn settings_for(&self, grid: [usize; 2], steps: Option<usize>, temperature: Option<f32>) -> Result<Settings> {
+        let d = &self.bundle.manifest().sampling;
+        Settings::new(
+            steps.unwrap_or(d.steps),
+            temperature.unwrap_or(d.temperature),
+            &self.token_space_of(grid),
+        )
+    }
+
+    /// Windows of this bundle's grid over `grid`; `stride` and `margin` default to the bundle's
+    /// (`sampling.window_stride`, `sampling.window_margin`), else half and an eighth of a window.
+    pub fn tiling(&self, grid: [usize; 2], stride: Option<[usize; 2]>, margin: Option<[usize; 2]>) -> Result<Tiling> {
+        let w = self.grid();
+        let d = &self.bundle.manifest().sampling;
+        Tiling::new(
+            grid,
+            w,
+            stride
+                .or(d.window_stride)
+                .unwrap_or([w[0].div_ceil(2), w[1].div_ceil(2)]),
+            margin.or(d.window_margin).unwrap_or([w[0] / 8, w[1] / 8]),
+        )
+    }
+
+    /// Decodes token grids of `tiling`'s size window by window (each window in the decoder's
+    /// trained shape, all in one batched run), blending overlaps with weights that fall off
+    /// towards a window's inner edges. The decoder's attention and normalisation see exactly
+    /// what they were trained on, which decoding the whole grid at once does not give.
+    pub fn decode_tiled(
+        &mut self,
+        grids: &[Vec<i64>],
+        tiling: &Tiling,
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Tensor>> {
+        let [gh, gw] = tiling.grid();
+        let w = self.grid();
+        let mut cuts = Vec::with_capacity(grids.len() * tiling.windows());
+        for g in grids {
+            if g.len() != gh * gw {
+                return Err(Error::Tokens(format!(
+                    "a grid has {} tokens, expected {gh}x{gw}",
+                    g.len()
+                )));
+            }
+            for &[r0, c0] in tiling.offsets() {
+                cuts.push(
+                    (r0..r0 + w[0])
+                        .flat_map(|r| g[r * gw + c0..r * gw + c0 + w[1]].iter().copied())
+                        .collect(),
+                );
+            }
+        }
+        let tiles = self.decode(&cuts, w, max_batch, timings)?;
+        let (c, th, tw) = (tiles[0].channels, tiles[0].height, tiles[0].width);
+        let f = [th / w[0], tw / w[1]];
+        let (ph, pw) = (gh * f[0], gw * f[1]);
+        // Per axis: distance (pixels) to the nearest inner edge, capped at half a window.
+        let weight = |pos: usize, start: usize, len: usize, total: usize| {
+            let lo = if start == 0 {
+                f64::INFINITY
+            } else {
+                (pos - start) as f64 + 0.5
+            };
+            let hi = if start + len == total {
+                f64::INFINITY
+            } else {
+                (start + len - pos) as f64 - 0.5
+            };
+            lo.min(hi).min(len as f64 / 2.0)
+        };
+        let mut out = Vec::with_capacity(grids.len());
+        for tiles in tiles.chunks(tiling.windows()) {
+            let mut acc = vec![0f64; c * ph * pw];
+            let mut norm = vec![0f64; ph * pw];
+            for (tile, &[r0, c0]) in tiles.iter().zip(tiling.offsets()) {
+                let (y0, x0) = (r0 * f[0], c0 * f[1]);
+                for y in 0..th {
+                    let wy = weight(y0 + y, y0, th, ph);
+                    for x in 0..tw {
+                        let wt = wy * weight(x0 + x, x0, tw, pw);
+                        let o = (y0 + y) * pw + x0 + x;
+                        norm[o] += wt;
+                        for ch in 0..c {
+                            acc[ch * ph * pw + o] += wt * tile.data[(ch * th + y) * tw + x] as f64;
+                        }
+                    }
+                }
+            }
+            let data = acc
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| (a / norm[i % (ph * pw)]) as f32)
+                .collect();
+            out.push(Tensor {
+                channels: c,
+                height: ph,
+                width: pw,
+                data,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Generates images `indices` under `seed` on the big grid of `tiling`, each from its own
+    /// stream, the windows of each step batched `max_batch` per transformer call. A tiling of
+    /// the bundle's own grid is plain [`Pipeline::generate`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_tiled(
+        &mut self,
+        seed: u64,
+        indices: Range<u64>,
+        tiling: &Tiling,
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Vec<Vec<i64>>> {
+        if tiling.grid() == self.grid() {
+            return self.generate(seed, indices, settings, max_batch, on_step, timings);
+        }
+        if max_batch == 0 {
+            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+        }
+        let big = self.token_space_of(tiling.grid());
+        let indices: Vec<u64> = indices.collect();
+        let mut out = Vec::with_capacity(indices.len());
+        // Images whose windows fill about max_batch rows per step go together.
+        let per_run = (max_batch / tiling.windows().min(max_batch)).max(1);
+        for chunk in indices.chunks(per_run) {
+            let mut chains: Vec<Chain> = chunk
+                .iter()
+                .map(|&i| Chain::masked(&big, settings, seed, i))
+                .collect::<Result<_>>()?;
+            self.run_tiled(&mut chains, tiling, settings, max_batch, on_step, timings)?;
+            out.extend(chains.into_iter().map(Chain::into_tokens));
+        }
+        Ok(out)
+    }
+
+    /// Samples the masked positions of `tokens` (a grid of `tiling`'s size holding codes and the
+    /// mask id) under stream (`seed`, 0) with windows, keeping every known token: outpainting.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill_tiled(
+        &mut self,
+        tokens: Vec<i64>,
+        tiling: &Tiling,
+        seed: u64,
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Vec<i64>> {
+        let big = self.token_space_of(tiling.grid());
+        let mut chain = Chain::new(tokens, &big, settings, sampler::image_rng(seed, 0))?;
+        if chain.masked_count() == 0 {
+            return Err(Error::param("extend", "nothing to fill: every token is known"));
+        }
+        if tiling.grid() == self.grid() {
+            self.run_chains(std::slice::from_mut(&mut chain), settings, on_step, timings)?;
+        } else {
+            self.run_tiled(
+                std::slice::from_mut(&mut chain),
+                tiling,
+                settings,
+                max_batch,
+                on_step,
+                timings,
+            )?;
+        }
+        Ok(chain.into_tokens())
+    }
+
+    fn run_tiled(
+        &mut self,
+        chains: &mut [Chain],
+        tiling: &Tiling,
+        settings: &Settings,
+        max_batch: usize,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<RunStats> {
+        let space = self.token_space();
+        let before = self.graphs.transformer_stats;
+        let start = Instant::now();
+        let graphs = &mut self.graphs;
+        let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| graphs.transformer(tokens, rows, logits);
+        let stats = sampler::run_tiled(chains, tiling, &space, settings, max_batch, &mut denoise, on_step)?;
+        let total = start.elapsed();
+        let after = self.graphs.transformer_stats;
+        let in_graph = after.time - before.time;
+        timings.transformer += in_graph;
+        timings.transformer_calls += after.calls - before.calls;
+        timings.sampler += total.saturating_sub(in_graph);
+        Ok(stats)
+    }
+
+    /// Encodes an image of any size that is a whole number of tokens and at least the bundle's
+    /// size, tile by tile with the bundle's fixed-size encoder (tiles flush with the far edges
+    /// where the size is not a multiple). Returns the tokens and their grid.
+    pub fn encode_any(&mut self, image: &Tensor) -> Result<(Vec<i64>, [usize; 2])> {
+        let s = self.bundle.manifest().image.clone();
+        let g = self.grid();
+        let f = [s.height / g[0], s.width / g[1]];
+        if image.channels != s.channels
+            || image.height < s.height
+            || image.width < s.width
+            || image.height % f[0] != 0
+            || image.width % f[1] != 0
+        {
+            return Err(Error::param("image", format!(
+                "image is {}x{} with {} channel(s): must have {} channel(s), be at least {}x{} and a multiple of {}x{} pixels (one token)",
+                image.width, image.height, image.channels, s.channels, s.width, s.height, f[1], f[0]
+            )));
+        }
+        if (image.height, image.width) == (s.height, s.width) {
+            return Ok((self.encode(image)?, g));
+        }
+        let grid = [image.height / f[0], image.width / f[1]];
+        let mut tokens = vec![self.token_space().mask_id; grid[0] * grid[1]];
+        let starts = |size: usize, tile: usize| {
+            let mut v: Vec<usize> = (0..).map(|i| i * tile).take_while(|&o| o + tile < size).collect();
+            v.push(size - tile);
+            v
+        };
+        for y in starts(image.height, s.height) {
+            for x in starts(image.width, s.width) {
+                let mut tile = Vec::with_capacity(s.channels * s.height * s.width);
+                for c in 0..s.channels {
+                    for r in y..y + s.height {
+                        let row = (c * image.height + r) * image.width;
+                        tile.extend_from_slice(&image.data[row + x..row + x + s.width]);
+                    }
+                }
+                let t = self.graphs.encode(&tile, 1)?;
+                let (ty, tx) = (y / f[0], x / f[1]);
+                for r in 0..g[0] {
+                    for c in 0..g[1] {
+                        let dst = &mut tokens[(ty + r) * grid[1] + tx + c];
+                        // Tiles flush with the far edge overlap earlier ones: the first tile wins.
+                        if *dst == self.token_space().mask_id {
+                            *dst = t[r * g[1] + c];
+                        }
+                    }
+                }
+            }
+        }
+        Ok((tokens, grid))
+    }
+
+    /// Pixels per token `[rows, cols]`.
+    pub fn token_pixels(&self) -> [usize; 2] {
+        let s = &self.bundle.manifest().image;
+        let g = self.grid();
+        [s.height / g[0], s.width / g[1]]
+    }
+
+    /// Generates and decodes images `indices` under `seed` as `plan` says (the bundle's grid or a
+    /// larger one, previews): what the CLI and the service both run.
+    pub fn make(
+        &mut self,
+        seed: u64,
+        indices: Range<u64>,
+        settings: &Settings,
+        plan: &Plan<'_>,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Made> {
+        let count = indices.end.saturating_sub(indices.start) as usize;
+        if plan.frames {
+            if plan.tiling.is_some_and(|t| t.grid() != self.grid()) && count > 1 {
+                return Err(Error::param(
+                    "frames",
+                    "previews of a larger grid are made one image at a time: ask for 1 image",
+                ));
+            }
+            if count > plan.max_batch {
+                return Err(Error::param(
+                    "frames",
+                    format!(
+                        "a preview shows all images in one batch: {count} images is above the batch size {}",
+                        plan.max_batch
+                    ),
+                ));
+            }
+        }
+        let mut snapshots = Vec::new();
+        let mut record = |r: &StepReport| {
+            on_step(r);
+            if plan.frames {
+                snapshots.push(r.chains.iter().map(|c| c.tokens().to_vec()).collect());
+            }
+        };
+        let (tokens, grid) = match plan.tiling {
+            Some(t) => (
+                self.generate_tiled(seed, indices, t, settings, plan.max_batch, &mut record, timings)?,
+                t.grid(),
+            ),
+            None => (
+                self.generate(seed, indices, settings, plan.max_batch, &mut record, timings)?,
+                self.grid(),
+            ),
+        };
+        self.finish(tokens, grid, snapshots, plan, timings)
+    }
+
+    /// Outpaints: encodes `image` (any size of whole tokens, at least the bundle's), surrounds it
+    /// by `extend` pixels `[left, right, up, down]` of masked tokens and fills them under stream
+    /// (`seed`, 0) with windows `stride`/`margin` (bundle defaults when `None`). The image's
+    /// tokens never change. Returns the result and its tiling.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outpaint(
+        &mut self,
+        image: &Tensor,
+        extend: [usize; 4],
+        seed: u64,
+        settings: &Settings,
+        plan: &Plan<'_>,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<Made> {
+        let tiling = plan
+            .tiling
+            .ok_or_else(|| Error::param("extend", "outpainting needs the tiling of its grid"))?;
+        let (grid, at) = outpaint_grid(
+            [image.height, image.width],
+            self.token_pixels(),
+            extend,
+            sampler::MAX_GRID_SIDE,
+        )?;
+        if tiling.grid() != grid {
+            return Err(Error::param(
+                "extend",
+                format!("the tiling covers {:?}, the outpainted grid is {grid:?}", tiling.grid()),
+            ));
+        }
+        let (known, kgrid) = self.encode_any(image)?;
+        let mut tokens = vec![self.token_space().mask_id; grid[0] * grid[1]];
+        for r in 0..kgrid[0] {
+            let dst = (at[0] + r) * grid[1] + at[1];
+            tokens[dst..dst + kgrid[1]].copy_from_slice(&known[r * kgrid[1]..(r + 1) * kgrid[1]]);
+        }
+        let mut snapshots = Vec::new();
+        let mut record = |r: &StepReport| {
+            on_step(r);
+            if plan.frames {
+                snapshots.push(r.chains.iter().map(|c| c.tokens().to_vec()).collect());
+            }
+        };
+        let filled = self.fill_tiled(tokens, tiling, seed, settings, plan.max_batch, &mut record, timings)?;
+        self.finish(vec![filled], grid, snapshots, plan, timings)
+    }
+
+    fn finish(
+        &mut self,
+        tokens: Vec<Vec<i64>>,
+        grid: [usize; 2],
+        snapshots: Vec<Vec<Vec<i64>>>,
+        plan: &Plan<'_>,
+        timings: &mut Timings,
+    ) -> Result<Made> {
+        let tiled = plan.tiling.map(|t| (t, plan.decode));
+        let pixels = match tiled {
+            Some((t, mode)) => self.tiled_to_pixels(&tokens, t, mode, plan.max_batch, timings)?,
+            None => self.grid_to_pixels(&tokens, grid, plan.max_batch, timings)?,
+        };
+        let frames = if plan.frames {
+            Some(self.render_frames(&snapshots, grid, tiled, plan.columns, plan.max_batch, timings)?)
+        } else {
+            None
+        };
+        Ok(Made {
+            tokens,
+            pixels,
+            grid,
+            frames,
+        })
+    }
+
     /// One transformer forward outside any sampling loop (benchmarks): `tokens` `(rows, L)` ->
     /// `logits` `(rows, L, K)`.
     pub fn forward(&mut self, tokens: &[i64], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
@@ -373,6 +870,43 @@ impl Pipeline {
         self.tokens_to_pixels(&tokens, max_batch, timings)
     }
 
+    /// Preview frames of a reverse process: each snapshot (one token grid of size `grid` per image,
+    /// still-masked positions holding the mask id) decoded with masked tokens painted as neutral
+    /// tiles; several images per snapshot are laid out `columns` wide.
+    /// A larger grid is decoded as `tiling` and `mode` say.
+    pub fn render_frames(
+        &mut self,
+        snapshots: &[Vec<Vec<i64>>],
+        grid: [usize; 2],
+        tiled: Option<(&Tiling, DecodeMode)>,
+        columns: usize,
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
+        let mask_id = self.token_space().mask_id;
+        let mut frames = Vec::with_capacity(snapshots.len());
+        for snap in snapshots {
+            let filled: Vec<Vec<i64>> = snap
+                .iter()
+                .map(|g| g.iter().map(|&t| if t == mask_id { 0 } else { t }).collect())
+                .collect();
+            let mut pixels = match tiled {
+                Some((t, mode)) => self.tiled_to_pixels(&filled, t, mode, max_batch, timings)?,
+                None => self.grid_to_pixels(&filled, grid, max_batch, timings)?,
+            };
+            for (px, g) in pixels.iter_mut().zip(snap) {
+                let masked: Vec<bool> = g.iter().map(|&t| t == mask_id).collect();
+                image::paint_masked(px, &masked, grid);
+            }
+            frames.push(if pixels.len() == 1 {
+                pixels.remove(0)
+            } else {
+                image::grid(&pixels, columns)
+            });
+        }
+        Ok(frames)
+    }
+
     /// Decodes token grids of the bundle's size to 8-bit pixels, `max_batch` at a time.
     pub fn tokens_to_pixels(
         &mut self,
@@ -381,6 +915,35 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<Vec<Pixels>> {
         let grid = self.grid();
+        self.grid_to_pixels(tokens, grid, max_batch, timings)
+    }
+
+    /// Decodes token grids of `tiling`'s size to 8-bit pixels: the bundle's own grid directly,
+    /// a larger one by `mode`.
+    pub fn tiled_to_pixels(
+        &mut self,
+        tokens: &[Vec<i64>],
+        tiling: &Tiling,
+        mode: DecodeMode,
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
+        if mode == DecodeMode::Whole || tiling.grid() == self.grid() {
+            return self.grid_to_pixels(tokens, tiling.grid(), max_batch, timings);
+        }
+        let range = self.bundle.manifest().image.range;
+        let tensors = self.decode_tiled(tokens, tiling, max_batch, timings)?;
+        Ok(tensors.iter().map(|t| image::to_pixels(t, range)).collect())
+    }
+
+    /// Decodes token grids of size `grid` to 8-bit pixels, `max_batch` at a time.
+    pub fn grid_to_pixels(
+        &mut self,
+        tokens: &[Vec<i64>],
+        grid: [usize; 2],
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
         let range = self.bundle.manifest().image.range;
         let tensors = self.decode(tokens, grid, max_batch, timings)?;
         Ok(tensors.iter().map(|t| image::to_pixels(t, range)).collect())
@@ -423,6 +986,10 @@ impl Pipeline {
             temperature_end: None,
             provider: Some(self.provider().to_string()),
             variant: self.bundle.variant().map(str::to_string),
+            grid: None,
+            stride: None,
+            window_margin: None,
+            decode: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use absorb::image::{self, Metadata};
 use absorb::sampler::{SamplerKind, Settings, StepReport};
+use absorb::DecodeMode;
 use absorb::{Pipeline, Provider, RuntimeOptions, Timings};
 
 /// Generate and edit images with discrete absorbing diffusion on ONNX Runtime.
@@ -30,6 +31,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Regenerate the masked region of an image; tokens outside the mask never change.
     Inpaint(InpaintArgs),
+    /// Extend an image beyond its borders; its own tokens never change.
+    Outpaint(OutpaintArgs),
     /// Encode an image to its token grid (JSON).
     Encode(EncodeArgs),
     /// Decode a token grid (JSON, as `encode` writes it) to a PNG.
@@ -102,8 +105,13 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn settings(&self, p: &Pipeline) -> Result<Settings> {
+        self.settings_for(p, p.grid())
+    }
+
+    /// Settings for sampling a `grid` (steps up to its token count).
+    fn settings_for(&self, p: &Pipeline, grid: [usize; 2]) -> Result<Settings> {
         let (start, end) = self.temperature.map_or((None, None), |(a, b)| (Some(a), b));
-        Ok(p.settings(self.steps, start)?
+        Ok(p.settings_for(grid, self.steps, start)?
             .with_sampler(self.sampler)
             .with_temperature_end(end)?)
     }
@@ -150,6 +158,73 @@ struct GenerateArgs {
     /// Also write the generated token grids as JSON (one entry per image, with its index).
     #[arg(long, value_name = "JSON")]
     tokens_out: Option<PathBuf>,
+    /// Token grid ROWSxCOLS larger than the bundle's, e.g. 8x16 for two digits side by side:
+    /// windows of the trained grid slide over it.
+    #[arg(long, value_name = "ROWSxCOLS", value_parser = parse_pair, conflicts_with = "size")]
+    grid: Option<[usize; 2]>,
+    /// Image size WIDTHxHEIGHT in pixels instead of --grid (a whole number of tokens).
+    #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_pair)]
+    size: Option<[usize; 2]>,
+    #[command(flatten)]
+    windows: WindowArgs,
+    #[command(flatten)]
+    frames: FrameArgs,
+}
+
+/// How windows cover a grid larger than the bundle's.
+#[derive(Args, Clone)]
+struct WindowArgs {
+    /// Window stride in tokens, N or ROWSxCOLS (default: half a window).
+    #[arg(long, value_name = "N", value_parser = parse_pair)]
+    stride: Option<[usize; 2]>,
+    /// Tokens along a window's inner edges it does not vote for, N or ROWSxCOLS (default: an
+    /// eighth of a window; 0 = the paper's rule, every covering window votes).
+    #[arg(long, value_name = "N", value_parser = parse_pair)]
+    window_margin: Option<[usize; 2]>,
+    /// How a larger grid is decoded: tiles (window by window, overlaps blended) or whole (in one
+    /// piece, as the paper does).
+    #[arg(long, value_enum, default_value_t = DecodeMode::Tiles)]
+    decode: DecodeMode,
+}
+
+/// Preview of the reverse process.
+#[derive(Args, Clone)]
+struct FrameArgs {
+    /// Also write the reverse process as an animation (.gif, or .png/.apng for APNG): one frame
+    /// per step that revealed something, masked tokens shown as grey tiles.
+    #[arg(long, value_name = "FILE")]
+    frames: Option<PathBuf>,
+    /// Milliseconds per frame (the last one stays 1.5 s).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    frame_ms: u16,
+}
+
+#[derive(Args)]
+struct OutpaintArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The image to extend: at least the bundle's size, a whole number of tokens.
+    #[arg(long, short = 'i')]
+    image: PathBuf,
+    /// Pixels to add per side, e.g. right=32,down=16 (sides: left, right, up, down; multiples of
+    /// the token size).
+    #[arg(long, value_parser = parse_extend)]
+    extend: [usize; 4],
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "outpainted.png")]
+    out: PathBuf,
+    /// Images per transformer call (windows of one step).
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    max_batch: usize,
+    /// Write the decoder's output everywhere instead of keeping the input's own pixels.
+    #[arg(long)]
+    decode_all: bool,
+    #[command(flatten)]
+    windows: WindowArgs,
+    #[command(flatten)]
+    frames: FrameArgs,
 }
 
 #[derive(Args)]
@@ -295,6 +370,9 @@ struct ServeArgs {
     /// Milliseconds before a request still waiting or running is answered 503.
     #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().timeout_ms)]
     timeout_ms: u64,
+    /// Largest token grid side a request may ask for (`grid`, outpainting).
+    #[arg(long, value_name = "TOKENS", default_value_t = absorb::server::Limits::default().max_grid)]
+    max_grid: usize,
 }
 
 /// A token grid as `encode` writes and `decode` reads it.
@@ -323,6 +401,7 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Command::Generate(a) => a.common.verbose,
         Command::Inpaint(a) => a.common.verbose,
+        Command::Outpaint(a) => a.common.verbose,
         Command::Encode(a) => a.common.verbose,
         Command::Decode(a) => a.common.verbose,
         Command::Info(a) => a.common.verbose,
@@ -356,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Inpaint(a) => inpaint(a),
+        Command::Outpaint(a) => outpaint(a),
         Command::Encode(a) => encode(a),
         Command::Decode(a) => decode(a),
         Command::Info(a) => info(a),
@@ -364,6 +444,41 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Serve(a) => serve(a),
     }
+}
+
+/// `N` (both axes) or `AxB`.
+fn parse_pair(s: &str) -> Result<[usize; 2], String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("\"{s}\" is not N or AxB (integers)"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((a, b)) => Ok([num(a)?, num(b)?]),
+        None => num(s).map(|n| [n, n]),
+    }
+}
+
+/// `left=A,right=B,up=C,down=D` (any subset) -> `[left, right, up, down]` in pixels.
+fn parse_extend(s: &str) -> Result<[usize; 4], String> {
+    let mut out = [0usize; 4];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (side, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("\"{part}\" is not SIDE=PIXELS (sides: left, right, up, down)"))?;
+        let i = ["left", "right", "up", "down"]
+            .iter()
+            .position(|&k| k == side.trim())
+            .ok_or_else(|| format!("\"{side}\" is not a side: use left, right, up or down"))?;
+        out[i] = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("\"{n}\" is not a number of pixels"))?;
+    }
+    if out == [0; 4] {
+        return Err("nothing to extend: give e.g. right=32".into());
+    }
+    Ok(out)
 }
 
 fn parse_rect(s: &str) -> Result<[usize; 4], String> {
@@ -394,6 +509,11 @@ fn load(common: &Common) -> Result<Pipeline> {
 
 /// Loads the bundle with shape profiles (TensorRT) covering batches up to `max_batch`.
 fn load_batch(common: &Common, max_batch: usize) -> Result<Pipeline> {
+    load_grid(common, max_batch, None)
+}
+
+/// [`load_batch`] with the decoder's TensorRT profile also covering token grids up to `max_grid`.
+fn load_grid(common: &Common, max_batch: usize, max_grid: Option<[usize; 2]>) -> Result<Pipeline> {
     let dir = model_dir(common);
     let options = RuntimeOptions {
         ort_lib: common.ort_lib.clone(),
@@ -406,6 +526,7 @@ fn load_batch(common: &Common, max_batch: usize) -> Result<Pipeline> {
         max_batch,
         device_id: common.device,
         variant: common.variant.clone(),
+        max_grid,
     };
     Pipeline::load_with(&dir, &options, &config).with_context(|| format!("loading the model from {}", dir.display()))
 }
@@ -446,46 +567,109 @@ fn out_kind(out: &Path) -> Result<OutKind> {
     }
 }
 
+/// The token grid a request asks for: `--grid`, `--size` in pixels, or `None` for the bundle's.
+fn requested_grid(p: &Pipeline, grid: Option<[usize; 2]>, size: Option<[usize; 2]>) -> Result<Option<[usize; 2]>> {
+    let Some([w, h]) = size else {
+        return Ok(grid);
+    };
+    let spec = &p.bundle().manifest().image;
+    let g = p.grid();
+    let f = [spec.height / g[0], spec.width / g[1]];
+    if h % f[0] != 0 || w % f[1] != 0 || h == 0 || w == 0 {
+        bail!(absorb::Error::param(
+            "size",
+            format!(
+                "{w}x{h} is not a whole number of tokens: width and height must be multiples of {}x{} pixels",
+                f[1], f[0]
+            )
+        ));
+    }
+    Ok(Some([h / f[0], w / f[1]]))
+}
+
+/// Writes `--frames` when the request made them.
+fn write_frames(args: &FrameArgs, made: &absorb::Made) -> Result<()> {
+    let (Some(path), Some(frames)) = (&args.frames, &made.frames) else {
+        return Ok(());
+    };
+    let format = image::AnimationFormat::from_path(path, "frames")?;
+    let bytes = image::animation_bytes(frames, format, args.frame_ms, 1500)?;
+    image::write_atomic(path, &bytes)?;
+    eprintln!("wrote {} ({} frames)", path.display(), frames.len());
+    Ok(())
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
-    let mut p = load_batch(&a.common, a.max_batch)?;
-    let (seed, first, count, columns, settings) = match &a.from {
+    if let Some(path) = &a.frames.frames {
+        image::AnimationFormat::from_path(path, "frames")?;
+    }
+    let max_grid = a.grid.or(a.size.map(|[w, h]| [h, w]));
+    let mut p = load_grid(&a.common, a.max_batch, max_grid)?;
+    let mut decode = a.windows.decode;
+    let (seed, first, count, columns, settings, tiling) = match &a.from {
         Some(png) => {
             let m = image::read_metadata(png)?;
-            from_metadata(&p, png, &m)?
+            let (seed, first, count, columns, settings) = from_metadata(&p, png, &m)?;
+            let tiling = match m.grid {
+                Some(g) => Some(p.tiling(g, m.stride, m.window_margin)?),
+                None => None,
+            };
+            if let Some(name) = &m.decode {
+                decode = DecodeMode::from_name(name).ok_or_else(|| absorb::Error::Metadata {
+                    path: png.clone(),
+                    message: format!("decode \"{name}\" is not a mode this build has"),
+                })?;
+            }
+            (seed, first, count, columns, settings, tiling)
         }
         None => {
             if a.count == 0 {
                 return Err(absorb::Error::param("count", "0 images requested: use 1 or more").into());
             }
-            let settings = a.sampling.settings(&p)?;
+            let grid = requested_grid(&p, a.grid, a.size)?;
+            let tiling = match grid {
+                Some(g) if g != p.grid() => Some(p.tiling(g, a.windows.stride, a.windows.window_margin)?),
+                _ => None,
+            };
+            let grid = tiling.as_ref().map_or(p.grid(), |t| t.grid());
+            let settings = a.sampling.settings_for(&p, grid)?;
             (
                 seed_or_fresh(a.sampling.seed),
                 a.first_index,
                 a.count,
                 a.columns,
                 settings,
+                tiling,
             )
         }
     };
     let kind = out_kind(&a.out)?;
     eprintln!("seed {seed}");
-    let len = p.token_space().len as u64;
-    let bar = progress(count as u64 * len);
+    let grid = tiling.as_ref().map_or(p.grid(), |t| t.grid());
+    let bar = progress(count as u64 * (grid[0] * grid[1]) as u64);
     let mut timings = Timings::default();
     let start = Instant::now();
-    let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
-    let tokens = p.generate(
+    let columns = columns.unwrap_or_else(|| image::grid_columns(count));
+    let plan = absorb::Plan {
+        tiling: tiling.as_ref(),
+        decode,
+        frames: a.frames.frames.is_some(),
+        columns,
+        max_batch: a.max_batch,
+    };
+    let made = p.make(
         seed,
         first..first + count as u64,
         &settings,
-        a.max_batch,
-        on_step,
+        &plan,
+        &mut |r: &StepReport| bar.inc(r.revealed as u64),
         &mut timings,
     )?;
-    let pixels = p.tokens_to_pixels(&tokens, a.max_batch, &mut timings)?;
+    bar.finish_and_clear();
+    let sampled = start.elapsed();
     if let Some(path) = &a.tokens_out {
-        let grid = p.grid();
-        let images: Vec<serde_json::Value> = tokens
+        let images: Vec<serde_json::Value> = made
+            .tokens
             .iter()
             .enumerate()
             .map(|(i, t)| serde_json::json!({"index": first + i as u64, "tokens": t.chunks(grid[1]).collect::<Vec<_>>()}))
@@ -496,25 +680,31 @@ fn generate(a: GenerateArgs) -> Result<()> {
         });
         write_atomic(path, serde_json::to_string(&json)?.as_bytes())?;
     }
-    let sampled = start.elapsed();
-    bar.finish_and_clear();
+    write_frames(&a.frames, &made)?;
+    let pixels = made.pixels;
+    let trained = p.grid();
+    let metadata = |p: &Pipeline, index: u64, n: usize| {
+        let mut meta = p.generate_metadata(seed, &settings, index, n, Some(columns));
+        if let Some(t) = &tiling {
+            absorb::record_tiling(&mut meta, t, trained, decode);
+        }
+        meta
+    };
     match kind {
         OutKind::File => {
-            let columns = columns.unwrap_or_else(|| image::grid_columns(count));
             let img = if count == 1 {
                 pixels[0].clone()
             } else {
                 image::grid(&pixels, columns)
             };
-            let meta = p.generate_metadata(seed, &settings, first, count, Some(columns));
-            image::write_png(&a.out, &img, Some(&meta))?;
+            image::write_png(&a.out, &img, Some(&metadata(&p, first, count)))?;
             eprintln!("wrote {}", a.out.display());
         }
         OutKind::Dir => {
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
             for (i, img) in pixels.iter().enumerate() {
                 let index = first + i as u64;
-                let meta = p.generate_metadata(seed, &settings, index, 1, None);
+                let meta = metadata(&p, index, 1);
                 image::write_png(&a.out.join(format!("{seed}-{index:06}.png")), img, Some(&meta))?;
             }
             eprintln!("wrote {count} images to {}", a.out.display());
@@ -617,6 +807,80 @@ fn inpaint(a: InpaintArgs) -> Result<()> {
     eprintln!(
         "regenerated {masked} of {} tokens; wrote {}",
         token_mask.len(),
+        a.out.display()
+    );
+    log_timings(&p, &timings, sampled, 1);
+    Ok(())
+}
+
+fn outpaint(a: OutpaintArgs) -> Result<()> {
+    if let Some(path) = &a.frames.frames {
+        image::AnimationFormat::from_path(path, "frames")?;
+    }
+    // The manifest first: the grid (and TensorRT's decoder profile) depends on the image size.
+    let bundle = absorb::Bundle::load_variant(&model_dir(&a.common), a.common.variant.as_deref())?;
+    let spec = bundle.manifest().image.clone();
+    let t = &bundle.manifest().tokens;
+    let token_px = [spec.height / t.height, spec.width / t.width];
+    drop(bundle);
+    let input = image::load_image_any(&a.image, &spec)?;
+    let (grid, at) = absorb::outpaint_grid(
+        [input.height, input.width],
+        token_px,
+        a.extend,
+        absorb::sampler::MAX_GRID_SIDE,
+    )?;
+    let mut p = load_grid(&a.common, a.max_batch, Some(grid))?;
+    let tiling = p.tiling(grid, a.windows.stride, a.windows.window_margin)?;
+    let settings = a.sampling.settings_for(&p, grid)?;
+    let seed = seed_or_fresh(a.sampling.seed);
+    eprintln!("seed {seed}");
+    let masked = grid[0] * grid[1] - (input.height / token_px[0]) * (input.width / token_px[1]);
+    let bar = progress(masked as u64);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let plan = absorb::Plan {
+        tiling: Some(&tiling),
+        decode: a.windows.decode,
+        frames: a.frames.frames.is_some(),
+        columns: 1,
+        max_batch: a.max_batch,
+    };
+    let made = p.outpaint(
+        &input,
+        a.extend,
+        seed,
+        &settings,
+        &plan,
+        &mut |r: &StepReport| bar.inc(r.revealed as u64),
+        &mut timings,
+    )?;
+    bar.finish_and_clear();
+    let sampled = start.elapsed();
+    write_frames(&a.frames, &made)?;
+    let mut pixels = made.pixels.into_iter().next().context("outpainting made no image")?;
+    if !a.decode_all {
+        image::paste(
+            &mut pixels,
+            &image::to_pixels(&input, spec.range),
+            at[1] * token_px[1],
+            at[0] * token_px[0],
+        );
+    }
+    let mut meta = p.metadata("outpaint");
+    absorb::record_settings(&mut meta, &settings);
+    absorb::record_tiling(&mut meta, &tiling, p.grid(), a.windows.decode);
+    meta.seed = Some(seed);
+    meta.index = Some(0);
+    meta.count = Some(1);
+    image::write_png(&a.out, &pixels, Some(&meta))?;
+    eprintln!(
+        "extended {}x{} to {}x{} ({masked} new tokens, {} windows); wrote {}",
+        input.width,
+        input.height,
+        pixels.width,
+        pixels.height,
+        tiling.windows(),
         a.out.display()
     );
     log_timings(&p, &timings, sampled, 1);
@@ -733,6 +997,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             max_batch: a.max_batch,
             device_id: a.common.device,
             variant: a.common.variant.clone(),
+            max_grid: Some([a.max_grid, a.max_grid]),
         },
         listen: a.listen,
         limits: absorb::server::Limits {
@@ -742,6 +1007,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             max_steps: a.max_steps,
             max_body_bytes: a.max_body,
             timeout_ms: a.timeout_ms,
+            max_grid: a.max_grid,
         },
     };
     absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))

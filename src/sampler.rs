@@ -276,7 +276,7 @@ impl Chain {
 
 /// What happened in one executed step, for progress reporting and previews.
 #[derive(Debug, Clone, Copy)]
-pub struct StepReport {
+pub struct StepReport<'a> {
     /// The step index t (counts down from S to 1).
     pub t: usize,
     /// S.
@@ -285,6 +285,8 @@ pub struct StepReport {
     pub rows: usize,
     /// Tokens revealed in this step across all chains.
     pub revealed: usize,
+    /// The chains of this run after the step (masked positions still hold the mask id).
+    pub chains: &'a [Chain],
 }
 
 /// Totals of one `run`.
@@ -321,8 +323,6 @@ pub fn run(
     let mut rows: Vec<usize> = Vec::with_capacity(chains.len());
     let maskgit = settings.sampler == SamplerKind::Maskgit;
     for t in (1..=settings.steps as u32).rev() {
-        let step = settings.steps - t as usize;
-        let temperature = settings.temperature_at(step);
         rows.clear();
         rows.extend((0..chains.len()).filter(|&c| {
             if maskgit {
@@ -351,33 +351,8 @@ pub fn run(
         }
         let mut revealed = 0;
         for (r, &c) in rows.iter().enumerate() {
-            let chain = &mut chains[c];
             let row_logits = &logits[r * l * k..(r + 1) * l * k];
-            revealed += if maskgit {
-                maskgit_step(
-                    chain,
-                    row_logits,
-                    temperature,
-                    step,
-                    settings.steps,
-                    space.mask_id,
-                    &mut weights,
-                )
-            } else {
-                let n = chain.pending_at(t).len();
-                for i in chain.cursor..chain.cursor + n {
-                    let p = chain.reveals[i].1 as usize;
-                    let (token, _) = draw(
-                        &row_logits[p * k..(p + 1) * k],
-                        temperature,
-                        &mut weights,
-                        &mut chain.rng,
-                    );
-                    chain.tokens[p] = token as i64;
-                }
-                chain.cursor += n;
-                n
-            };
+            revealed += advance(&mut chains[c], row_logits, t, settings, space.mask_id, &mut weights);
         }
         stats.calls += 1;
         stats.rows += rows.len();
@@ -387,12 +362,330 @@ pub fn run(
             steps: settings.steps,
             rows: rows.len(),
             revealed,
+            chains,
         });
     }
     debug_assert!(chains
         .iter()
         .all(|c| c.cursor == c.reveals.len() && (!maskgit || c.masked.is_empty())));
     Ok(stats)
+}
+
+/// How windows of the trained token grid cover a larger grid (spec section 4.3, made cheaper).
+///
+/// Along each axis windows start at 0, stride, 2 stride, ... and a last one is flush with the far
+/// edge. A window *votes* for the positions at least `margin` tokens inside each of its edges that
+/// face another window (edges on the big grid's border have no margin): a token at a window's
+/// inner edge sees context on one side only, so that window's opinion is left out. A position's
+/// distribution is the mean of the probabilities of the windows voting for it (the paper's
+/// mixture; margin 0 is exactly the paper's rule). Each step evaluates only windows that vote for
+/// a position sampled in that step.
+#[derive(Debug, Clone)]
+pub struct Tiling {
+    grid: [usize; 2],
+    window: [usize; 2],
+    stride: [usize; 2],
+    margin: [usize; 2],
+    /// Top-left corner of every window, row-major.
+    offsets: Vec<[usize; 2]>,
+    /// For every position of the big grid, the windows voting for it, ascending.
+    voters: Vec<Vec<u32>>,
+}
+
+fn axis_offsets(size: usize, window: usize, stride: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..).map(|i| i * stride).take_while(|&o| o + window < size).collect();
+    v.push(size - window);
+    v
+}
+
+impl Tiling {
+    /// Windows of `window` (the trained grid, `[h, w]`) over `grid`, `stride` and `margin` per
+    /// axis. Errors name the parameter at fault.
+    pub fn new(grid: [usize; 2], window: [usize; 2], stride: [usize; 2], margin: [usize; 2]) -> Result<Tiling> {
+        for a in 0..2 {
+            let axis = ["height", "width"][a];
+            if grid[a] < window[a] {
+                return Err(Error::param(
+                    "grid",
+                    format!(
+                        "{}x{} is smaller than the trained grid {}x{} ({axis})",
+                        grid[0], grid[1], window[0], window[1]
+                    ),
+                ));
+            }
+            if grid[a] > MAX_GRID_SIDE {
+                return Err(Error::param(
+                    "grid",
+                    format!("{}x{}: at most {MAX_GRID_SIDE} tokens per side", grid[0], grid[1]),
+                ));
+            }
+            if 2 * margin[a] >= window[a] {
+                return Err(Error::param(
+                    "window-margin",
+                    format!(
+                        "{} leaves no voting core in a window {} wide ({axis})",
+                        margin[a], window[a]
+                    ),
+                ));
+            }
+            // One window spans this axis: its stride does not matter.
+            if grid[a] > window[a] && (stride[a] == 0 || stride[a] + 2 * margin[a] > window[a]) {
+                return Err(Error::param(
+                    "stride",
+                    format!(
+                        "{} is out of range for the {axis}: must be 1..={} (window {} minus twice the margin {}) \
+                         so that every position has a voting window",
+                        stride[a],
+                        window[a] - 2 * margin[a],
+                        window[a],
+                        margin[a]
+                    ),
+                ));
+            }
+        }
+        let rows = axis_offsets(grid[0], window[0], stride[0]);
+        let cols = axis_offsets(grid[1], window[1], stride[1]);
+        let offsets: Vec<[usize; 2]> = rows.iter().flat_map(|&r| cols.iter().map(move |&c| [r, c])).collect();
+        let mut voters = vec![Vec::new(); grid[0] * grid[1]];
+        for (w, o) in offsets.iter().enumerate() {
+            let span = |a: usize| {
+                let lo = if o[a] == 0 { 0 } else { margin[a] };
+                let hi = if o[a] + window[a] == grid[a] { 0 } else { margin[a] };
+                o[a] + lo..o[a] + window[a] - hi
+            };
+            for r in span(0) {
+                for c in span(1) {
+                    voters[r * grid[1] + c].push(w as u32);
+                }
+            }
+        }
+        // Guaranteed by the stride check; kept as a hard error rather than a silent hole.
+        if let Some(p) = voters.iter().position(Vec::is_empty) {
+            return Err(Error::param(
+                "stride",
+                format!("position ({}, {}) has no voting window", p / grid[1], p % grid[1]),
+            ));
+        }
+        Ok(Tiling {
+            grid,
+            window,
+            stride,
+            margin,
+            offsets,
+            voters,
+        })
+    }
+
+    /// The default: stride half a window (rounded up), margin an eighth of a window.
+    pub fn with_defaults(grid: [usize; 2], window: [usize; 2]) -> Result<Tiling> {
+        let margin = [window[0] / 8, window[1] / 8];
+        let stride = [window[0].div_ceil(2), window[1].div_ceil(2)];
+        Tiling::new(grid, window, stride, margin)
+    }
+
+    /// The big grid `[H, W]`.
+    pub fn grid(&self) -> [usize; 2] {
+        self.grid
+    }
+
+    /// The window stride `[rows, cols]`.
+    pub fn stride(&self) -> [usize; 2] {
+        self.stride
+    }
+
+    /// The window margin `[rows, cols]`.
+    pub fn margin(&self) -> [usize; 2] {
+        self.margin
+    }
+
+    /// Number of windows.
+    pub fn windows(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// Top-left corners of the windows, row-major.
+    pub fn offsets(&self) -> &[[usize; 2]] {
+        &self.offsets
+    }
+
+    /// The windows voting for position `p` of the big grid.
+    pub fn voters(&self, p: usize) -> &[u32] {
+        &self.voters[p]
+    }
+
+    fn cut(&self, tokens: &[i64], w: usize, out: &mut Vec<i64>) {
+        let [r0, c0] = self.offsets[w];
+        for r in r0..r0 + self.window[0] {
+            out.extend_from_slice(&tokens[r * self.grid[1] + c0..r * self.grid[1] + c0 + self.window[1]]);
+        }
+    }
+}
+
+/// Largest big-grid side accepted, in tokens (keeps memory bounded: 1024 x 1024 codes).
+pub const MAX_GRID_SIDE: usize = 1024;
+
+/// Runs the reverse process on `chains` over the big grid of `tiling` (each chain's tokens are
+/// that grid, row-major; known tokens are kept). `window_space` is the trained grid's token space
+/// (the denoiser's row length). Each step feeds the windows that vote for a position sampled in
+/// that step, of all chains together, at most `max_rows` per denoiser call. Chains stay
+/// independent: each one's result never depends on the others.
+///
+/// Determinism: each chain's draws follow the module contract over the big grid's positions; the
+/// combined distribution of a position is computed in f64 (`libm`), summing its voting windows in
+/// ascending order, then drawn with the step's temperature (`p^(1/T)` renormalised).
+pub fn run_tiled(
+    chains: &mut [Chain],
+    tiling: &Tiling,
+    window_space: &TokenSpace,
+    settings: &Settings,
+    max_rows: usize,
+    denoise: &mut Denoiser<'_>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<RunStats> {
+    let (l, k) = (window_space.len, window_space.codebook_size);
+    let big = tiling.grid[0] * tiling.grid[1];
+    if l != tiling.window[0] * tiling.window[1] {
+        return Err(Error::Tokens(format!(
+            "tiled run: windows of {l} tokens, the tiling's are {}x{}",
+            tiling.window[0], tiling.window[1]
+        )));
+    }
+    if let Some(c) = chains.iter().find(|c| c.tokens.len() != big) {
+        return Err(Error::Tokens(format!(
+            "tiled run: a chain of {} tokens over a {}x{} grid",
+            c.tokens.len(),
+            tiling.grid[0],
+            tiling.grid[1]
+        )));
+    }
+    let max_rows = max_rows.max(1);
+    let maskgit = settings.sampler == SamplerKind::Maskgit;
+    let nw = tiling.windows();
+    let mut stats = RunStats::default();
+    let mut combined: Vec<f32> = vec![0.0; big * k];
+    let mut weights: Vec<f64> = vec![0.0; k];
+    let mut acc: Vec<f64> = vec![0.0; k];
+    // Row of (chain, window) in this step's logits, if fed.
+    let mut row_of: Vec<Option<usize>> = vec![None; chains.len() * nw];
+    let mut selected: Vec<(usize, usize)> = Vec::new();
+    let mut input: Vec<i64> = Vec::new();
+    let mut part: Vec<f32> = Vec::new();
+    let mut logits: Vec<f32> = Vec::new();
+    let needed = |chain: &Chain, t: u32| -> Vec<u32> {
+        if maskgit {
+            chain.masked.clone()
+        } else {
+            chain.pending_at(t).iter().map(|&(_, p)| p).collect()
+        }
+    };
+    for t in (1..=settings.steps as u32).rev() {
+        row_of.iter_mut().for_each(|r| *r = None);
+        selected.clear();
+        for (c, chain) in chains.iter().enumerate() {
+            let mut windows: Vec<usize> = needed(chain, t)
+                .iter()
+                .flat_map(|&p| tiling.voters(p as usize).iter().map(|&w| w as usize))
+                .collect();
+            windows.sort_unstable();
+            windows.dedup();
+            selected.extend(windows.into_iter().map(|w| (c, w)));
+        }
+        if selected.is_empty() {
+            stats.skipped_steps += 1;
+            continue;
+        }
+        for (r, &(c, w)) in selected.iter().enumerate() {
+            row_of[c * nw + w] = Some(r);
+        }
+        logits.clear();
+        for chunk in selected.chunks(max_rows) {
+            input.clear();
+            for &(c, w) in chunk {
+                tiling.cut(&chains[c].tokens, w, &mut input);
+            }
+            denoise(&input, chunk.len(), &mut part)?;
+            if part.len() != chunk.len() * l * k {
+                return Err(Error::Tokens(format!(
+                    "denoiser returned {} logits for {} rows, expected {}",
+                    part.len(),
+                    chunk.len(),
+                    chunk.len() * l * k
+                )));
+            }
+            logits.extend_from_slice(&part);
+            stats.calls += 1;
+        }
+        let mut revealed = 0;
+        for (c, chain) in chains.iter_mut().enumerate() {
+            let positions = needed(chain, t);
+            if positions.is_empty() {
+                continue;
+            }
+            for &p in &positions {
+                let p = p as usize;
+                let (r, col) = (p / tiling.grid[1], p % tiling.grid[1]);
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let voters = tiling.voters(p);
+                for &w in voters {
+                    let [r0, c0] = tiling.offsets[w as usize];
+                    let local = (r - r0) * tiling.window[1] + (col - c0);
+                    let row = row_of[c * nw + w as usize].unwrap_or(0);
+                    let x = &logits[(row * l + local) * k..(row * l + local + 1) * k];
+                    softmax_into(x, &mut weights);
+                    for (a, &q) in acc.iter_mut().zip(weights.iter()) {
+                        *a += q;
+                    }
+                }
+                let n = voters.len() as f64;
+                for (o, &a) in combined[p * k..(p + 1) * k].iter_mut().zip(acc.iter()) {
+                    *o = libm::log(a / n) as f32;
+                }
+            }
+            revealed += advance(chain, &combined, t, settings, window_space.mask_id, &mut weights);
+        }
+        stats.rows += selected.len();
+        stats.revealed += revealed;
+        on_step(&StepReport {
+            t: t as usize,
+            steps: settings.steps,
+            rows: selected.len(),
+            revealed,
+            chains,
+        });
+    }
+    Ok(stats)
+}
+
+/// softmax(x) at temperature 1 into `out`, in f64 with `libm` (NaN logits get probability 0).
+fn softmax_into(x: &[f32], out: &mut [f64]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut sum = 0.0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = if v.is_nan() { 0.0 } else { libm::exp((v - max) as f64) };
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
+/// Executes step `t` of `chain` given its `(L, K)` logits (only the positions sampled at `t` are
+/// read); returns how many positions it revealed.
+fn advance(chain: &mut Chain, logits: &[f32], t: u32, settings: &Settings, mask_id: i64, weights: &mut [f64]) -> usize {
+    let step = settings.steps - t as usize;
+    let temperature = settings.temperature_at(step);
+    if settings.sampler == SamplerKind::Maskgit {
+        return maskgit_step(chain, logits, temperature, step, settings.steps, mask_id, weights);
+    }
+    let k = logits.len() / chain.tokens.len();
+    let n = chain.pending_at(t).len();
+    for i in chain.cursor..chain.cursor + n {
+        let p = chain.reveals[i].1 as usize;
+        let (token, _) = draw(&logits[p * k..(p + 1) * k], temperature, weights, &mut chain.rng);
+        chain.tokens[p] = token as i64;
+    }
+    chain.cursor += n;
+    n
 }
 
 /// One MaskGIT step on one chain; returns how many positions it revealed.
@@ -775,5 +1068,161 @@ mod tests {
         tokens[5] = 9;
         let e = Chain::new(tokens, &SPACE, &s, image_rng(0, 0)).unwrap_err().to_string();
         assert!(e.contains("position 5"), "{e}");
+    }
+
+    /// A 4x4 window (SPACE's 16 tokens) over larger grids.
+    const WINDOW: [usize; 2] = [4, 4];
+
+    #[test]
+    fn windows_cover_the_grid_and_vote_only_inside_their_margins() {
+        // 4x8 grid, 4x4 windows, stride 2, margin 1: windows at columns 0, 2, 4.
+        let t = Tiling::new([4, 8], WINDOW, [2, 2], [1, 1]).unwrap();
+        assert_eq!(t.offsets(), &[[0, 0], [0, 2], [0, 4]]);
+        // Window 0 votes for columns 0..3 (its right edge is inner), window 1 for 3..5, window 2
+        // for 5..8 (its right edge is the grid's).
+        let by_col: Vec<Vec<u32>> = (0..8).map(|c| t.voters(c).to_vec()).collect();
+        assert_eq!(
+            by_col,
+            vec![vec![0], vec![0], vec![0], vec![1], vec![1], vec![2], vec![2], vec![2]]
+        );
+        // Margin 0 is the paper's rule: every covering window votes.
+        let t = Tiling::new([4, 8], WINDOW, [2, 2], [0, 0]).unwrap();
+        assert_eq!(t.voters(3), &[0, 1]);
+        assert_eq!(t.voters(4), &[1, 2]);
+        // The last window is flush with the far edge when the stride does not divide.
+        let t = Tiling::new([5, 7], WINDOW, [3, 3], [0, 0]).unwrap();
+        assert_eq!(t.offsets(), &[[0, 0], [0, 3], [1, 0], [1, 3]]);
+        for g in [[4, 4], [5, 9], [9, 5], [12, 13], [4, 17]] {
+            for (stride, margin) in [([2, 2], [1, 1]), ([4, 4], [0, 0]), ([1, 3], [0, 0]), ([2, 1], [1, 1])] {
+                let t = Tiling::new(g, WINDOW, stride, margin).unwrap();
+                assert!(
+                    (0..g[0] * g[1]).all(|p| !t.voters(p).is_empty()),
+                    "{g:?} {stride:?} {margin:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_tilings_are_rejected_naming_the_parameter() {
+        let e = Tiling::new([3, 8], WINDOW, [2, 2], [0, 0]).unwrap_err().to_string();
+        assert!(e.contains("grid") && e.contains("smaller"), "{e}");
+        let e = Tiling::new([4, 8], WINDOW, [3, 3], [1, 1]).unwrap_err().to_string();
+        assert!(e.contains("stride") && e.contains("1..=2"), "{e}");
+        let e = Tiling::new([4, 8], WINDOW, [0, 0], [0, 0]).unwrap_err().to_string();
+        assert!(e.contains("stride"), "{e}");
+        let e = Tiling::new([4, 8], WINDOW, [1, 1], [2, 2]).unwrap_err().to_string();
+        assert!(e.contains("window-margin"), "{e}");
+        let e = Tiling::new([4, MAX_GRID_SIDE + 1], WINDOW, [2, 2], [0, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
+
+    fn tiled(
+        grid: [usize; 2],
+        tiling: &Tiling,
+        kind: SamplerKind,
+        seeds: &[u64],
+        steps: usize,
+    ) -> (Vec<Vec<i64>>, RunStats) {
+        let big = TokenSpace {
+            len: grid[0] * grid[1],
+            ..SPACE
+        };
+        let s = Settings::new(steps, 1.0, &big).unwrap().with_sampler(kind);
+        let mut chains: Vec<Chain> = seeds.iter().map(|&i| Chain::masked(&big, &s, 1, i).unwrap()).collect();
+        let stats = run_tiled(&mut chains, tiling, &SPACE, &s, 5, &mut fake, &mut |_| {}).unwrap();
+        (chains.into_iter().map(Chain::into_tokens).collect(), stats)
+    }
+
+    #[test]
+    fn tiled_runs_fill_every_position_reproducibly_and_batch_independently() {
+        let grid = [6, 10];
+        let t = Tiling::new(grid, WINDOW, [2, 2], [1, 1]).unwrap();
+        for kind in [SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit] {
+            let (all, stats) = tiled(grid, &t, kind, &[0, 1, 2], 12);
+            assert!(all.iter().flatten().all(|&x| (0..8).contains(&x)), "{kind:?}");
+            assert_eq!(stats.revealed, 3 * 60);
+            let (alone, _) = tiled(grid, &t, kind, &[1], 12);
+            assert_eq!(alone[0], all[1], "{kind:?}: image 1 alone and in a batch");
+            assert_ne!(all[0], all[1], "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_single_window_tiling_is_the_plain_sampler() {
+        let t = Tiling::new([4, 4], WINDOW, [2, 2], [1, 1]).unwrap();
+        for kind in [SamplerKind::Absorbing, SamplerKind::Maskgit] {
+            let (tiles, _) = tiled([4, 4], &t, kind, &[0, 1], 6);
+            let (plain, _, _) = generate_with(kind, &[(1, 0), (1, 1)], 6);
+            assert_eq!(tiles, plain, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_position_draws_from_the_mean_of_its_voting_windows() {
+        // 4x8 grid, windows at columns 0, 2, 4 (margin 0). Known tokens in row 0 name each
+        // window: column 0 holds 1 (window 0's first token), column 2 holds 2, column 4 holds 3.
+        // The denoiser puts all mass on the code a row's first token names. Column 1 is voted by
+        // window 0 only; column 3 by windows 0 and 1: half its draws are 1 and half 2.
+        let t = Tiling::new([4, 8], WINDOW, [2, 2], [0, 0]).unwrap();
+        let big = TokenSpace { len: 32, ..SPACE };
+        let named = |tokens: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+            out.clear();
+            for r in 0..rows {
+                let code = tokens[r * 16];
+                for _ in 0..16 {
+                    out.extend((0..8).map(|c| if c as i64 == code { 40.0 } else { 0.0 }));
+                }
+            }
+            Ok(())
+        };
+        let mut counts = [[0usize; 8]; 2];
+        for seed in 0..400 {
+            let s = Settings::new(4, 1.0, &big).unwrap();
+            let mut tokens = vec![SPACE.mask_id; 32];
+            tokens[..6].copy_from_slice(&[1, 0, 2, 0, 3, 0]);
+            tokens[8 + 1] = SPACE.mask_id;
+            let mut chains = vec![Chain::new(tokens, &big, &s, image_rng(seed, 0)).unwrap()];
+            run_tiled(&mut chains, &t, &SPACE, &s, 8, &mut { named }, &mut |_| {}).unwrap();
+            counts[0][chains[0].tokens()[8 + 1] as usize] += 1;
+            counts[1][chains[0].tokens()[8 + 3] as usize] += 1;
+        }
+        assert_eq!(counts[0][1], 400, "{:?}", counts[0]);
+        assert_eq!(counts[1][1] + counts[1][2], 400, "{:?}", counts[1]);
+        assert!((160..240).contains(&counts[1][1]), "{:?}", counts[1]);
+    }
+
+    #[test]
+    fn a_two_window_wide_grid_feeds_at_most_three_times_one_image() {
+        // The trained grid 16x16 (paper size) at S = 256, 1x2 wide, the default windows.
+        let space = TokenSpace {
+            len: 256,
+            codebook_size: 4,
+            mask_id: 4,
+        };
+        let wide = TokenSpace { len: 512, ..space };
+        let zeros = |_: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+            out.clear();
+            out.resize(rows * 256 * 4, 0.0);
+            Ok(())
+        };
+        let t = Tiling::with_defaults([16, 32], [16, 16]).unwrap();
+        assert_eq!(t.windows(), 3);
+        let (mut one, mut two) = (0, 0);
+        for seed in 0..4 {
+            let s = Settings::new(256, 1.0, &space).unwrap();
+            let mut c = vec![Chain::masked(&space, &s, seed, 0).unwrap()];
+            one += run(&mut c, &space, &s, &mut { zeros }, &mut |_| {}).unwrap().rows;
+            let s = Settings::new(256, 1.0, &wide).unwrap();
+            let mut c = vec![Chain::masked(&wide, &s, seed, 0).unwrap()];
+            two += run_tiled(&mut c, &t, &space, &s, 16, &mut { zeros }, &mut |_| {})
+                .unwrap()
+                .rows;
+        }
+        let ratio = two as f64 / one as f64;
+        eprintln!("rows: one image {one}, 1x2 wide {two}: {ratio:.2}x (the paper's loop: 8704 per image)");
+        assert!(ratio <= 3.0, "{ratio}");
     }
 }

@@ -64,6 +64,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// A request not answered within this (queue wait + work) gets 503.
     pub timeout_ms: u64,
+    /// Largest token grid side a request may ask for (`grid`, outpainting).
+    pub max_grid: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +77,7 @@ impl Default for Limits {
             max_steps: None,
             max_body_bytes: 1 << 20,
             timeout_ms: 60_000,
+            max_grid: 32,
         }
     }
 }

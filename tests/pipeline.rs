@@ -202,3 +202,172 @@ fn samples_at_default_settings_meet_the_quality_bar_and_a_broken_temperature_doe
         "temperature 50 must fail the bar"
     );
 }
+
+fn real_confidence() -> f32 {
+    let p = pipeline();
+    let real = common::heldout_tensors(&p);
+    judge(&p, &real).0
+}
+
+#[test]
+fn every_sampler_meets_the_bar_at_its_documented_steps_and_fails_at_temperature_50() {
+    use absorb::sampler::SamplerKind;
+    let real_conf = real_confidence();
+    // The README's quality table (`make quality-table`: seed 0, 256 images): even at the bundle's
+    // 64 steps, maskgit at 16 (absorbing: the test above).
+    for (kind, steps) in [(SamplerKind::Even, 64), (SamplerKind::Maskgit, 16)] {
+        let run = |temperature: Option<f32>| {
+            let mut p = pipeline();
+            let s = p.settings(Some(steps), temperature).unwrap().with_sampler(kind);
+            let t = p
+                .generate(0, 0..256, &s, 64, &mut |_| {}, &mut Timings::default())
+                .unwrap();
+            drop(p);
+            let images = decode(&t);
+            let (conf, hist) = judge(&pipeline(), &images);
+            eprintln!(
+                "{} at {steps} steps, temperature {temperature:?}: {conf:.3} {hist:?}",
+                kind.name()
+            );
+            meets_bar(conf, &hist, real_conf)
+        };
+        run(None).unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
+        assert!(
+            run(Some(50.0)).is_err(),
+            "{} at temperature 50 must fail the bar",
+            kind.name()
+        );
+    }
+}
+
+/// Left and right halves (32x32 each) of 64x32 images.
+fn halves(images: &[Tensor]) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    for im in images {
+        assert_eq!((im.height, im.width), (32, 64));
+        for h in 0..2 {
+            let mut data = Vec::with_capacity(32 * 32);
+            for y in 0..32 {
+                data.extend_from_slice(&im.data[y * 64 + h * 32..y * 64 + h * 32 + 32]);
+            }
+            out.push(Tensor {
+                channels: 1,
+                height: 32,
+                width: 32,
+                data,
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn a_two_grid_wide_image_has_a_digit_in_each_half_and_overlapping_windows_do_not() {
+    let real_conf = real_confidence();
+    let wide = |stride: Option<[usize; 2]>, margin: Option<[usize; 2]>| {
+        let mut p = pipeline();
+        let tiling = p.tiling([8, 16], stride, margin).unwrap();
+        let s = p.settings_for([8, 16], None, None).unwrap();
+        let mut t = Timings::default();
+        let rows = p.transformer_rows();
+        let tokens = p
+            .generate_tiled(5, 0..128, &tiling, &s, 16, &mut |_| {}, &mut t)
+            .unwrap();
+        let rows = (p.transformer_rows() - rows) as f64 / 128.0;
+        let images = p.decode_tiled(&tokens, &tiling, 64, &mut t).unwrap();
+        drop(p);
+        let (conf, hist) = judge(&pipeline(), &halves(&images));
+        eprintln!("stride {stride:?} margin {margin:?}: halves {conf:.3} {hist:?}, {rows:.1} windows per image");
+        (meets_bar(conf, &hist, real_conf), rows)
+    };
+    // The bundle's windows (model.json: stride 8, margin 0: digits do not tile).
+    let (verdict, rows) = wide(None, None);
+    verdict.unwrap();
+    // One 8x8 image at 64 steps feeds about 40.6 rows (64 (1 - (63/64)^64)); two windows about 81.
+    assert!(
+        rows < 3.0 * 41.0,
+        "{rows} windows per image is above 3x one image's passes"
+    );
+    // Windows overlapping by half each ask for a digit centred on themselves: the halves fail.
+    assert!(wide(Some([4, 4]), Some([1, 1])).0.is_err());
+}
+
+#[test]
+fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
+    let mut p = pipeline();
+    let spec = p.bundle().manifest().image.clone();
+    let img = image::load_image(&common::heldout()[7].0, &spec).unwrap();
+    let known = p.encode(&img).unwrap();
+    let mask_id = p.token_space().mask_id;
+    // Outpaint 4 tokens right and 4 down: a 12x12 grid with the image's tokens top-left.
+    let grid = [12, 12];
+    let mut tokens = vec![mask_id; 144];
+    for r in 0..8 {
+        tokens[r * 12..r * 12 + 8].copy_from_slice(&known[r * 8..r * 8 + 8]);
+    }
+    for (stride, margin) in [(None, None), (Some([4, 4]), Some([1, 1])), (Some([2, 2]), Some([0, 0]))] {
+        let tiling = p.tiling(grid, stride, margin).unwrap();
+        let s = p.settings_for(grid, None, None).unwrap();
+        let mut t = Timings::default();
+        let out = p
+            .fill_tiled(tokens.clone(), &tiling, 3, &s, 16, &mut |_| {}, &mut t)
+            .unwrap();
+        let again = p
+            .fill_tiled(tokens.clone(), &tiling, 3, &s, 4, &mut |_| {}, &mut t)
+            .unwrap();
+        assert_eq!(out, again, "same seed, other batch size: same tokens");
+        for i in 0..144 {
+            if tokens[i] == mask_id {
+                assert!((0..mask_id).contains(&out[i]), "position {i} left unfilled");
+            } else {
+                assert_eq!(out[i], tokens[i], "known token {i} changed (stride {stride:?})");
+            }
+        }
+        let other = p
+            .fill_tiled(tokens.clone(), &tiling, 4, &s, 16, &mut |_| {}, &mut t)
+            .unwrap();
+        assert_ne!(out, other, "another seed fills differently");
+    }
+    // Generation on a larger grid: image i is the same alone and in a batch.
+    let tiling = p.tiling([8, 20], None, None).unwrap();
+    let s = p.settings_for([8, 20], Some(40), None).unwrap();
+    let mut t = Timings::default();
+    let batch = p.generate_tiled(9, 0..4, &tiling, &s, 16, &mut |_| {}, &mut t).unwrap();
+    let alone = p.generate_tiled(9, 2..3, &tiling, &s, 1, &mut |_| {}, &mut t).unwrap();
+    assert_eq!(alone[0], batch[2]);
+}
+
+#[test]
+fn an_image_larger_than_the_bundle_encodes_tile_by_tile() {
+    let mut p = pipeline();
+    let spec = p.bundle().manifest().image.clone();
+    let a = image::load_image(&common::heldout()[1].0, &spec).unwrap();
+    let b = image::load_image(&common::heldout()[2].0, &spec).unwrap();
+    // Side by side, 64x32.
+    let mut data = Vec::new();
+    for y in 0..32 {
+        data.extend_from_slice(&a.data[y * 32..y * 32 + 32]);
+        data.extend_from_slice(&b.data[y * 32..y * 32 + 32]);
+    }
+    let wide = Tensor {
+        channels: 1,
+        height: 32,
+        width: 64,
+        data,
+    };
+    let (tokens, grid) = p.encode_any(&wide).unwrap();
+    assert_eq!(grid, [8, 16]);
+    let (ta, tb) = (p.encode(&a).unwrap(), p.encode(&b).unwrap());
+    for r in 0..8 {
+        assert_eq!(&tokens[r * 16..r * 16 + 8], &ta[r * 8..r * 8 + 8]);
+        assert_eq!(&tokens[r * 16 + 8..r * 16 + 16], &tb[r * 8..r * 8 + 8]);
+    }
+    let odd = Tensor {
+        channels: 1,
+        height: 32,
+        width: 62,
+        data: vec![0.0; 32 * 62],
+    };
+    let e = p.encode_any(&odd).unwrap_err().to_string();
+    assert!(e.contains("multiple of 4x4"), "{e}");
+}
