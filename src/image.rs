@@ -101,6 +101,7 @@ const MAX_PNG_SIDE: u32 = 8192;
 
 /// Decodes a PNG held in memory (the service's request bodies), checking format and size from
 /// its header before decoding any pixel. `field` names where it came from in errors.
+/// `width`/`height` 0 = any size up to [`MAX_PNG_SIDE`].
 fn decode_png(bytes: &[u8], field: &str, width: usize, height: usize, what: &str) -> Result<::image::DynamicImage> {
     let err = |message: String| Error::Image {
         path: PathBuf::from(field),
@@ -113,12 +114,23 @@ fn decode_png(bytes: &[u8], field: &str, width: usize, height: usize, what: &str
     let (w, h) = reader()
         .into_dimensions()
         .map_err(|e| err(format!("not a readable PNG: {e}")))?;
-    if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE || (w as usize, h as usize) != (width, height) {
+    if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE {
+        return Err(err(format!(
+            "{what} is {w}x{h} (width x height): at most {MAX_PNG_SIDE} pixels per side"
+        )));
+    }
+    if width > 0 && (w as usize, h as usize) != (width, height) {
         return Err(err(format!(
             "{what} is {w}x{h} (width x height), expected {width}x{height}; resize it first"
         )));
     }
     reader().decode().map_err(|e| err(format!("not a readable PNG: {e}")))
+}
+
+/// Like [`load_image_any`], for a PNG held in memory; `field` names it in errors.
+pub fn image_any_from_png(bytes: &[u8], spec: &ImageSpec, field: &str) -> Result<Tensor> {
+    let img = decode_png(bytes, field, 0, 0, "image")?;
+    Ok(bundle_tensor(&img, spec))
 }
 
 /// Like [`load_image`], for a PNG held in memory; `field` names it in errors (`image`).
@@ -413,8 +425,10 @@ pub fn paint_masked(p: &mut Pixels, token_masked: &[bool], grid: [usize; 2]) {
     }
 }
 
-/// Animation container of a preview, from the file name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Animation container of a preview, from the file name (CLI) or its name (service: `gif`,
+/// `apng`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AnimationFormat {
     /// Animated GIF (palette; small, plays everywhere).
     Gif,
@@ -423,6 +437,14 @@ pub enum AnimationFormat {
 }
 
 impl AnimationFormat {
+    /// The name used in the service's JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            AnimationFormat::Gif => "gif",
+            AnimationFormat::Apng => "apng",
+        }
+    }
+
     /// The format `path` asks for, or an error naming `param`.
     pub fn from_path(path: &Path, param: &'static str) -> Result<AnimationFormat> {
         match path

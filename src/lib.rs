@@ -123,6 +123,27 @@ pub fn fresh_seed() -> u64 {
 /// Images fed to the transformer together at most, by default.
 pub const DEFAULT_MAX_BATCH: usize = 16;
 
+/// Windows of a bundle's `window` grid over `grid`; `stride` and `margin` default to the bundle's
+/// (`defaults.window_stride`, `defaults.window_margin`), else half and an eighth of a window.
+pub fn tiling_for(
+    window: [usize; 2],
+    defaults: &bundle::SamplingDefaults,
+    grid: [usize; 2],
+    stride: Option<[usize; 2]>,
+    margin: Option<[usize; 2]>,
+) -> Result<Tiling> {
+    Tiling::new(
+        grid,
+        window,
+        stride
+            .or(defaults.window_stride)
+            .unwrap_or([window[0].div_ceil(2), window[1].div_ceil(2)]),
+        margin
+            .or(defaults.window_margin)
+            .unwrap_or([window[0] / 8, window[1] / 8]),
+    )
+}
+
 /// How a generate or outpaint request is carried out beyond its sampling settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan<'a> {
@@ -419,16 +440,7 @@ impl Pipeline {
     /// Windows of this bundle's grid over `grid`; `stride` and `margin` default to the bundle's
     /// (`sampling.window_stride`, `sampling.window_margin`), else half and an eighth of a window.
     pub fn tiling(&self, grid: [usize; 2], stride: Option<[usize; 2]>, margin: Option<[usize; 2]>) -> Result<Tiling> {
-        let w = self.grid();
-        let d = &self.bundle.manifest().sampling;
-        Tiling::new(
-            grid,
-            w,
-            stride
-                .or(d.window_stride)
-                .unwrap_or([w[0].div_ceil(2), w[1].div_ceil(2)]),
-            margin.or(d.window_margin).unwrap_or([w[0] / 8, w[1] / 8]),
-        )
+        tiling_for(self.grid(), &self.bundle.manifest().sampling, grid, stride, margin)
     }
 
     /// Decodes token grids of `tiling`'s size window by window (each window in the decoder's

@@ -45,9 +45,9 @@ use tokio::sync::oneshot;
 use crate::bundle::ImageSpec;
 use crate::error::{Error, Result};
 use crate::graphs::{ProviderConfig, RuntimeOptions};
-use crate::image::{self, Mask, Tensor};
-use crate::sampler::{SamplerKind, Settings, TokenSpace};
-use crate::{Pipeline, Timings};
+use crate::image::{self, AnimationFormat, Mask, Tensor};
+use crate::sampler::{SamplerKind, Settings, Tiling, TokenSpace};
+use crate::{DecodeMode, Pipeline, Plan, Timings};
 
 /// Limits on what one request may ask for and on how much work may wait.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -172,6 +172,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/generate", post(generate))
         .route("/v1/inpaint", post(inpaint))
+        .route("/v1/outpaint", post(outpaint))
         .route("/v1/model", get(model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -194,6 +195,46 @@ struct GenerateRequest {
     temperature: Option<f32>,
     temperature_end: Option<f32>,
     sampler: Option<SamplerKind>,
+    /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
+    grid: Option<[usize; 2]>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    /// Also return the reverse process as an animation (`gif` or `apng`).
+    frames: Option<AnimationFormat>,
+}
+
+/// `POST /v1/outpaint`: a base64 PNG and the pixels to add per side.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutpaintRequest {
+    image: String,
+    extend: Extend,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    frames: Option<AnimationFormat>,
+    #[serde(default)]
+    decode_all: bool,
+}
+
+/// Pixels to add on each side (the CLI's `--extend left=..,right=..,up=..,down=..`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Extend {
+    #[serde(default)]
+    left: usize,
+    #[serde(default)]
+    right: usize,
+    #[serde(default)]
+    up: usize,
+    #[serde(default)]
+    down: usize,
 }
 
 /// `POST /v1/inpaint`: base64 PNGs and either a mask or a rectangle.
@@ -218,6 +259,8 @@ type Reply = oneshot::Sender<Result<Vec<Vec<u8>>>>;
 /// What the worker does next.
 enum Job {
     Generate(GenerateJob),
+    /// A larger grid, an outpainting or a preview: runs alone.
+    Canvas(CanvasJob),
     Inpaint {
         image: Tensor,
         mask: Mask,
@@ -228,6 +271,28 @@ enum Job {
         reply: Reply,
     },
     Stop,
+}
+
+/// Work that does not batch with others.
+struct CanvasJob {
+    seed: u64,
+    settings: Settings,
+    tiling: Option<Tiling>,
+    decode: DecodeMode,
+    frames: Option<AnimationFormat>,
+    what: Canvas,
+    reply: Reply,
+}
+
+enum Canvas {
+    /// Images `0..count`.
+    Generate { count: usize },
+    /// Outpaint `image` by `extend` pixels `[left, right, up, down]`.
+    Outpaint {
+        image: Tensor,
+        extend: [usize; 4],
+        decode_all: bool,
+    },
 }
 
 /// Images `0..count` of `seed`.
@@ -268,6 +333,18 @@ impl Shared {
         temperature_end: Option<f32>,
         sampler: Option<SamplerKind>,
     ) -> Result<Settings> {
+        self.settings_for(self.grid, steps, temperature, temperature_end, sampler)
+    }
+
+    /// [`Shared::settings`] for a `grid` (steps up to its token count).
+    fn settings_for(
+        &self,
+        grid: [usize; 2],
+        steps: Option<usize>,
+        temperature: Option<f32>,
+        temperature_end: Option<f32>,
+        sampler: Option<SamplerKind>,
+    ) -> Result<Settings> {
         let steps = steps.unwrap_or(self.defaults.steps);
         if let Some(max) = self.limits.max_steps.filter(|&m| steps > m) {
             return Err(Error::param(
@@ -275,9 +352,28 @@ impl Shared {
                 format!("{steps} is above this service's limit of {max}"),
             ));
         }
-        Settings::new(steps, temperature.unwrap_or(self.defaults.temperature), &self.space)?
+        let space = TokenSpace {
+            len: grid[0] * grid[1],
+            ..self.space
+        };
+        Settings::new(steps, temperature.unwrap_or(self.defaults.temperature), &space)?
             .with_sampler(sampler.unwrap_or_default())
             .with_temperature_end(temperature_end)
+    }
+
+    /// Windows over a requested `grid`, within this service's `max_grid`.
+    fn tiling(&self, grid: [usize; 2], stride: Option<[usize; 2]>, margin: Option<[usize; 2]>) -> Result<Tiling> {
+        let max = self.limits.max_grid;
+        if grid[0] > max || grid[1] > max {
+            return Err(Error::param(
+                "grid",
+                format!(
+                    "{}x{} tokens is above this service's limit of {max} per side",
+                    grid[0], grid[1]
+                ),
+            ));
+        }
+        crate::tiling_for(self.grid, &self.defaults, grid, stride, margin)
     }
 
     /// Queues a job, or says 429 when the queue is full.
@@ -328,6 +424,37 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
             format!("{count} images requested: must be 1..={}", s.limits.max_count),
         )
         .into());
+    }
+    let canvas = req.grid.is_some_and(|g| g != s.grid) || req.frames.is_some();
+    if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
+        return Err(Error::param(
+            "grid",
+            "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
+        )
+        .into());
+    }
+    if canvas {
+        let grid = req.grid.unwrap_or(s.grid);
+        let tiling = if grid == s.grid {
+            None
+        } else {
+            Some(s.tiling(grid, req.stride, req.window_margin)?)
+        };
+        let settings = s.settings_for(grid, req.steps, req.temperature, req.temperature_end, req.sampler)?;
+        let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+        return run_canvas_request(
+            &s,
+            CanvasJob {
+                seed,
+                settings,
+                tiling,
+                decode: req.decode.unwrap_or_default(),
+                frames: req.frames,
+                what: Canvas::Generate { count },
+                reply: oneshot::channel().0,
+            },
+        )
+        .await;
     }
     let settings = s.settings(req.steps, req.temperature, req.temperature_end, req.sampler)?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
@@ -389,6 +516,77 @@ async fn inpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -
     })?;
     let mut pngs = s.wait(rx).await?;
     Ok(png_response(pngs.remove(0), seed, &settings))
+}
+
+async fn outpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let req: OutpaintRequest = parse_json(&bytes)?;
+    let image = image::image_any_from_png(&base64_field(&req.image, "image")?, &s.image, "image")?;
+    let e = &req.extend;
+    let extend = [e.left, e.right, e.up, e.down];
+    let token_px = [s.image.height / s.grid[0], s.image.width / s.grid[1]];
+    let (iw, ih) = (image.width, image.height);
+    if ih < s.image.height || iw < s.image.width || ih % token_px[0] != 0 || iw % token_px[1] != 0 {
+        return Err(Error::param(
+            "image",
+            format!(
+                "image is {iw}x{ih}: must be at least {}x{} and a multiple of {}x{} pixels (one token)",
+                s.image.width, s.image.height, token_px[1], token_px[0]
+            ),
+        )
+        .into());
+    }
+    let (grid, _) = crate::outpaint_grid([ih, iw], token_px, extend, s.limits.max_grid)?;
+    let tiling = s.tiling(grid, req.stride, req.window_margin)?;
+    let settings = s.settings_for(grid, req.steps, req.temperature, req.temperature_end, req.sampler)?;
+    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    run_canvas_request(
+        &s,
+        CanvasJob {
+            seed,
+            settings,
+            tiling: Some(tiling),
+            decode: req.decode.unwrap_or_default(),
+            frames: req.frames,
+            what: Canvas::Outpaint {
+                image,
+                extend,
+                decode_all: req.decode_all,
+            },
+            reply: oneshot::channel().0,
+        },
+    )
+    .await
+}
+
+/// Queues a canvas job and answers with its PNG, or JSON when there are several images or a
+/// preview.
+async fn run_canvas_request(s: &Shared, mut job: CanvasJob) -> Result<Response, AppError> {
+    let (reply, rx) = oneshot::channel();
+    job.reply = reply;
+    let (seed, settings, frames) = (job.seed, job.settings, job.frames);
+    let grid = job.tiling.as_ref().map_or(s.grid, |t| t.grid());
+    s.submit(Job::Canvas(job))?;
+    let mut out = s.wait(rx).await?;
+    let animation = frames.map(|_| out.pop().unwrap_or_default());
+    if out.len() == 1 && animation.is_none() {
+        return Ok(png_response(out.remove(0), seed, &settings));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut json = serde_json::json!({
+        "seed": seed,
+        "steps": settings.steps,
+        "temperature": settings.temperature,
+        "temperature_end": settings.temperature_end,
+        "sampler": settings.sampler,
+        "grid": grid,
+        "images": out.iter().map(|p| b64.encode(p)).collect::<Vec<_>>(),
+    });
+    if let (Some(format), Some(bytes)) = (frames, animation) {
+        json["frames"] = serde_json::Value::String(b64.encode(bytes));
+        json["frames_format"] = serde_json::Value::String(format.name().into());
+    }
+    Ok(json_response(StatusCode::OK, &json))
 }
 
 async fn model(State(s): State<Arc<Shared>>) -> Response {
@@ -764,6 +962,19 @@ fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
                 let (answers, images) = run_batch(p, batch, max_batch, &mut timings);
                 (answers, images, images * steps)
             }
+            Job::Canvas(job) => {
+                if job.reply.is_closed() {
+                    m.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let result = run_canvas(p, &job, max_batch, &mut timings);
+                let images = match (&result, &job.what) {
+                    (Err(_), _) => 0,
+                    (Ok(_), Canvas::Generate { count }) => *count,
+                    (Ok(_), Canvas::Outpaint { .. }) => 1,
+                };
+                (vec![(job.reply, result)], images, images * job.settings.steps)
+            }
             Job::Inpaint {
                 image,
                 mask,
@@ -948,6 +1159,77 @@ fn run_inpaint(
     Ok(vec![image::png_bytes(&pixels, Some(&meta))?])
 }
 
+/// A larger grid, an outpainting or a preview: the CLI's `generate`/`outpaint` code path
+/// ([`Pipeline::make`], [`Pipeline::outpaint`]), so both give the same bytes. Returns the PNGs,
+/// then the animation when asked for.
+fn run_canvas(p: &mut Pipeline, job: &CanvasJob, max_batch: usize, timings: &mut Timings) -> Result<Vec<Vec<u8>>> {
+    let count = match job.what {
+        Canvas::Generate { count } => count,
+        Canvas::Outpaint { .. } => 1,
+    };
+    let plan = Plan {
+        tiling: job.tiling.as_ref(),
+        decode: job.decode,
+        frames: job.frames.is_some(),
+        // The CLI's default layout of a preview of several images.
+        columns: image::grid_columns(count),
+        max_batch,
+    };
+    let trained = p.grid();
+    let (made, metas) = match &job.what {
+        Canvas::Generate { count } => {
+            let made = p.make(job.seed, 0..*count as u64, &job.settings, &plan, &mut |_| {}, timings)?;
+            let metas: Vec<image::Metadata> = (0..*count as u64)
+                .map(|i| {
+                    let mut meta = p.generate_metadata(job.seed, &job.settings, i, 1, None);
+                    if let Some(t) = &job.tiling {
+                        crate::record_tiling(&mut meta, t, trained, job.decode);
+                    }
+                    meta
+                })
+                .collect();
+            (made, metas)
+        }
+        Canvas::Outpaint {
+            image: input,
+            extend,
+            decode_all,
+        } => {
+            let mut made = p.outpaint(input, *extend, job.seed, &job.settings, &plan, &mut |_| {}, timings)?;
+            if !decode_all {
+                let range = p.bundle().manifest().image.range;
+                let f = p.token_pixels();
+                let (_, at) = crate::outpaint_grid([input.height, input.width], f, *extend, usize::MAX)?;
+                image::paste(
+                    &mut made.pixels[0],
+                    &image::to_pixels(input, range),
+                    at[1] * f[1],
+                    at[0] * f[0],
+                );
+            }
+            let mut meta = p.metadata("outpaint");
+            crate::record_settings(&mut meta, &job.settings);
+            if let Some(t) = &job.tiling {
+                crate::record_tiling(&mut meta, t, trained, job.decode);
+            }
+            meta.seed = Some(job.seed);
+            meta.index = Some(0);
+            meta.count = Some(1);
+            (made, vec![meta])
+        }
+    };
+    let mut out = made
+        .pixels
+        .iter()
+        .zip(&metas)
+        .map(|(px, meta)| image::png_bytes(px, Some(meta)))
+        .collect::<Result<Vec<_>>>()?;
+    if let (Some(format), Some(frames)) = (job.frames, &made.frames) {
+        out.push(image::animation_bytes(frames, format, 100, 1500)?);
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shutdown and watchdog
 
@@ -994,9 +1276,10 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
 ];
 
 /// Routes are a fixed set of labels, so a scanner cannot blow up the series count.
-const ROUTES: [&str; 6] = [
+const ROUTES: [&str; 7] = [
     "/v1/generate",
     "/v1/inpaint",
+    "/v1/outpaint",
     "/v1/model",
     "/healthz",
     "/metrics",
@@ -1198,7 +1481,7 @@ async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         .find(|r| *r == req.uri().path())
         .unwrap_or("other");
     let start = Instant::now();
-    let work = matches!(route, "/v1/generate" | "/v1/inpaint");
+    let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint");
     let mut guard = work.then(|| {
         s.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {

@@ -516,3 +516,138 @@ fn an_onnx_runtime_older_than_1_17_is_refused_naming_both_versions() {
         &["ONNX Runtime 1.16", "too old", "needs 1.17 or newer"],
     );
 }
+
+/// Transformer calls from `-v`'s timing line.
+fn calls_logged(err: &str) -> usize {
+    let i = err.find(" transformer calls").expect("-v logs the calls");
+    err[..i].rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn larger_grids_reproduce_and_previews_have_one_frame_per_step_that_revealed_something() {
+    let d = tmp();
+    let m = model_arg();
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "8", "--grid", "8x16", "-o", "a.png"],
+    );
+    // --size in pixels (width x height) is the same request, and --from repeats it.
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "8", "--size", "64x32", "-o", "b.png"],
+    );
+    ok(d.path(), &["generate", "-m", &m, "--from", "a.png", "-o", "c.png"]);
+    let a = std::fs::read(d.path().join("a.png")).unwrap();
+    assert!(
+        a == std::fs::read(d.path().join("b.png")).unwrap(),
+        "--size 64x32 != --grid 8x16"
+    );
+    assert!(
+        a == std::fs::read(d.path().join("c.png")).unwrap(),
+        "--from did not reproduce"
+    );
+    let meta = absorb::image::read_metadata(&d.path().join("a.png")).unwrap();
+    assert_eq!(meta.grid, Some([8, 16]));
+
+    // Four images at 16 steps: one frame per transformer call (= per step that revealed
+    // something; all four images share each call).
+    let o = absorb(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "1", "-n", "4", "--steps", "16", "--frames", "f.apng", "-o", "g.png", "-v",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let calls = calls_logged(&stderr(&o));
+    let file = std::fs::File::open(d.path().join("f.apng")).unwrap();
+    let reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+    let frames = reader.info().animation_control().unwrap().num_frames as usize;
+    assert_eq!(frames, calls);
+    assert!((1..=16).contains(&frames), "{frames}");
+    // A larger grid, as a GIF: again one frame per step with a call.
+    let o = absorb(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "2", "--grid", "8x16", "--steps", "24", "--frames", "w.gif", "-o", "w.png",
+            "-v",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let calls = calls_logged(&stderr(&o));
+    use image::AnimationDecoder;
+    let gif = std::fs::File::open(d.path().join("w.gif")).unwrap();
+    let decoded = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(gif))
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    assert_eq!(decoded.len(), calls);
+    assert_eq!(decoded[0].buffer().dimensions(), (64, 32));
+}
+
+#[test]
+fn outpainting_keeps_the_input_pixels_and_bad_windows_are_rejected_with_exit_code_2() {
+    let d = tmp();
+    let m = model_arg();
+    let digit = common::heldout()[0].0.to_string_lossy().into_owned();
+    ok(
+        d.path(),
+        &[
+            "outpaint",
+            "-m",
+            &m,
+            "--image",
+            &digit,
+            "--extend",
+            "left=8,down=16",
+            "--seed",
+            "1",
+            "-o",
+            "o.png",
+        ],
+    );
+    let out = image::open(d.path().join("o.png")).unwrap().to_luma8();
+    let input = image::open(&digit).unwrap().to_luma8();
+    assert_eq!(out.dimensions(), (40, 48));
+    for y in 0..32 {
+        for x in 0..32 {
+            assert_eq!(out.get_pixel(x + 8, y), input.get_pixel(x, y), "pixel {x},{y}");
+        }
+    }
+    let gen = |extra: &[&str]| {
+        let mut v = vec!["generate", "-m", m.as_str(), "--seed", "1", "-o", "x.png"];
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>, needles: &[&str]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(d.path(), &a, 2, needles);
+    };
+    run(gen(&["--grid", "4x16"]), &["grid", "smaller than the trained grid"]);
+    run(gen(&["--grid", "8x16", "--stride", "9"]), &["stride", "out of range"]);
+    run(gen(&["--grid", "8x16", "--window-margin", "4"]), &["window-margin"]);
+    run(gen(&["--size", "63x32"]), &["size", "multiples of 4x4"]);
+    run(gen(&["--frames", "x.jpg"]), &["frames", ".gif"]);
+    run(
+        gen(&["--grid", "8x16", "-n", "2", "--frames", "x.gif"]),
+        &["frames", "one image at a time"],
+    );
+    let op = |extend: &str| {
+        vec![
+            "outpaint",
+            "-m",
+            m.as_str(),
+            "--image",
+            digit.as_str(),
+            "--extend",
+            extend,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    run(op("right=6"), &["extend", "multiple of 4"]);
+    run(op("sideways=8"), &["sideways", "left, right, up or down"]);
+    run(op("right=9000"), &["extend", "per side"]);
+    assert!(!d.path().join("x.png").exists(), "nothing written on error");
+}

@@ -687,6 +687,103 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             "steps",
             "out of range",
         ),
+        // Larger grids, outpainting and previews.
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"grid": [8, 400]}"#.into(),
+            400,
+            "grid",
+            "limit of 32",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"grid": [4, 16]}"#.into(),
+            400,
+            "grid",
+            "smaller than the trained",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"grid": [8, 16], "stride": [8, 0]}"#.into(),
+            400,
+            "stride",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"stride": [4, 4]}"#.into(),
+            400,
+            "grid",
+            "give \"grid\"",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"frames": "jpeg"}"#.into(),
+            400,
+            "frames",
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"grid": [8, 16], "count": 2, "frames": "gif"}"#.into(),
+            400,
+            "frames",
+            "one image at a time",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{good}", "extend": {{"right": 3}}}}"#),
+            400,
+            "extend",
+            "multiple of",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{good}", "extend": {{}}}}"#),
+            400,
+            "extend",
+            "nothing to extend",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{good}", "extend": {{"back": 4}}}}"#),
+            400,
+            "extend.back",
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{small}", "extend": {{"right": 8}}}}"#),
+            400,
+            "image",
+            "at least",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{good}", "extend": {{"right": 4000}}}}"#),
+            400,
+            "extend",
+            "per side",
+        ),
+        (
+            "POST",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{garbage}", "extend": {{"right": 8}}}}"#),
+            400,
+            "image",
+            "not a readable PNG",
+        ),
         ("GET", "/v1/generate", String::new(), 405, "", "method not allowed"),
         ("POST", "/v1/model", String::new(), 405, "", "method not allowed"),
         ("GET", "/v2/generate", String::new(), 404, "", "no such route"),
@@ -922,4 +1019,68 @@ fn throughput_and_latency_at_1_and_8_clients() {
             q(0.99)
         );
     }
+}
+
+#[test]
+fn larger_grids_outpainting_and_previews_answer_with_the_cli_bytes() {
+    let s = Server::start(&[], &[]);
+    let d = tempfile::tempdir().unwrap();
+    let m = model_arg();
+    // Two grids wide: the CLI's `--grid 8x16`.
+    let wide = s.post("/v1/generate", r#"{"seed": 3, "grid": [8, 16]}"#);
+    assert_eq!(wide.status, 200, "{}", String::from_utf8_lossy(&wide.body));
+    assert_eq!(wide.header("content-type"), Some("image/png"));
+    cli(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "3", "--grid", "8x16", "-o", "wide.png"],
+    );
+    assert!(
+        wide.body == std::fs::read(d.path().join("wide.png")).unwrap(),
+        "wide PNG != CLI"
+    );
+
+    // A preview of two images: the CLI's `--count 2 --steps 8 --frames f.apng`.
+    let r = s.post(
+        "/v1/generate",
+        r#"{"seed": 4, "count": 2, "steps": 8, "frames": "apng"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["frames_format"], "apng");
+    cli(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "4", "--count", "2", "--steps", "8", "--frames", "f.apng", "-o", "g.png",
+        ],
+    );
+    let frames = B64.decode(j["frames"].as_str().unwrap()).unwrap();
+    assert!(
+        frames == std::fs::read(d.path().join("f.apng")).unwrap(),
+        "preview != CLI"
+    );
+    assert_eq!(j["images"].as_array().unwrap().len(), 2);
+
+    // Outpainting a held-out digit 16 pixels to the right: the CLI's `outpaint --extend right=16`.
+    let digit = &common::heldout()[4].0;
+    let body = format!(
+        r#"{{"image": "{}", "extend": {{"right": 16}}, "seed": 6}}"#,
+        B64.encode(std::fs::read(digit).unwrap())
+    );
+    let r = s.post("/v1/outpaint", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let digit = digit.to_string_lossy();
+    cli(
+        d.path(),
+        &[
+            "outpaint", "-m", &m, "--image", &digit, "--extend", "right=16", "--seed", "6", "-o", "o.png",
+        ],
+    );
+    assert!(
+        r.body == std::fs::read(d.path().join("o.png")).unwrap(),
+        "outpaint != CLI"
+    );
+    assert_eq!(
+        s.metric(r#"absorb_requests_total{route="/v1/outpaint",status="200"}"#),
+        1.0
+    );
 }
