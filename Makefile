@@ -162,6 +162,17 @@ bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
 	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps 2 $$v || exit 1; echo; \
 	done
 
+# The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle).
+.PHONY: docs-pictures
+docs-pictures: ort build
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 3 --count 4 --steps 32 \
+	  --frames docs/reverse.gif -o out/reverse-final.png
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 11 --grid 8x32 --count 4 \
+	  --columns 1 -o docs/wide.png
+	cp models/digits/eval/heldout/005_0.png docs/outpaint-in.png
+	for s in 1 2 3; do ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb outpaint \
+	  --image docs/outpaint-in.png --extend right=16,down=16 --seed $$s -o docs/outpaint-$$s.png || exit 1; done
+
 # Quality vs steps per sampler on the digits bundle, judged by its eval classifier (README table).
 .PHONY: quality-table
 quality-table: ort build

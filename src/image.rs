@@ -372,6 +372,13 @@ pub struct Metadata {
     pub decode: Option<String>,
 }
 
+/// Files absorb writes are readable by everyone (0644), like any other tool's output; the
+/// temporary file they start as would otherwise stay private (0600) after the rename.
+fn output_permissions() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o644)
+}
+
 /// Writes a PNG with `meta` as JSON in a text chunk, atomically: a temporary file in the same
 /// directory, flushed and synced, then renamed over `path`. An interrupted run never leaves a
 /// truncated PNG, and an existing file is replaced only by a complete one.
@@ -384,6 +391,7 @@ pub fn write_png(path: &Path, pixels: &Pixels, meta: Option<&Metadata>) -> Resul
     let tmp = tempfile::Builder::new()
         .prefix(".absorb-")
         .suffix(".png.tmp")
+        .permissions(output_permissions())
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
     {
@@ -529,6 +537,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".absorb-")
         .suffix(".tmp")
+        .permissions(output_permissions())
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
     tmp.write_all(bytes).map_err(io)?;
@@ -687,6 +696,9 @@ mod tests {
         assert_eq!(read_metadata(&path).unwrap(), meta);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "output is readable by others: {mode:o}");
     }
 
     #[test]
