@@ -31,6 +31,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod batch;
 pub mod bench;
 pub mod bundle;
 pub mod error;

@@ -169,6 +169,18 @@ struct GenerateArgs {
     windows: WindowArgs,
     #[command(flatten)]
     frames: FrameArgs,
+    /// Make only shard I of M (0 <= I < M) into the --out directory: indices
+    /// first + floor(count*I/M) up to first + floor(count*(I+1)/M). Needs --seed. README "Scale out".
+    #[arg(long, value_name = "I/M", value_parser = parse_shard, conflicts_with = "shards")]
+    shard: Option<absorb::batch::Shard>,
+    /// Shard count M when the shard index comes from JOB_COMPLETION_INDEX (a Kubernetes Indexed
+    /// Job); default: ABSORB_SHARDS.
+    #[arg(long, value_name = "M")]
+    shards: Option<u64>,
+}
+
+fn parse_shard(s: &str) -> Result<absorb::batch::Shard, String> {
+    absorb::batch::Shard::parse(s).map_err(|e| e.to_string().trim_start_matches("invalid shard: ").to_string())
 }
 
 /// How windows cover a grid larger than the bundle's.
@@ -603,6 +615,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.frames.frames {
         image::AnimationFormat::from_path(path, "frames")?;
     }
+    let dir_output = matches!(out_kind(&a.out)?, OutKind::Dir);
+    let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    let seeded = a.sampling.seed.is_some() || a.from.is_some();
+    let shard = absorb::batch::resolve_shard(a.shard, a.shards, dir_output, seeded, &env)?;
     let max_grid = a.grid.or(a.size.map(|[w, h]| [h, w]));
     let mut p = load_grid(&a.common, a.max_batch, max_grid)?;
     let mut decode = a.windows.decode;
@@ -645,6 +661,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let kind = out_kind(&a.out)?;
     eprintln!("seed {seed}");
+    if let OutKind::Dir = kind {
+        return generate_dir(&mut p, &a, seed, first, count, shard, &settings);
+    }
     let grid = tiling.as_ref().map_or(p.grid(), |t| t.grid());
     let bar = progress(count as u64 * (grid[0] * grid[1]) as u64);
     let mut timings = Timings::default();
@@ -700,18 +719,82 @@ fn generate(a: GenerateArgs) -> Result<()> {
             image::write_png(&a.out, &img, Some(&metadata(&p, first, count)))?;
             eprintln!("wrote {}", a.out.display());
         }
-        OutKind::Dir => {
-            std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            for (i, img) in pixels.iter().enumerate() {
-                let index = first + i as u64;
-                let meta = metadata(&p, index, 1);
-                image::write_png(&a.out.join(format!("{seed}-{index:06}.png")), img, Some(&meta))?;
-            }
-            eprintln!("wrote {count} images to {}", a.out.display());
-        }
+        OutKind::Dir => unreachable!("directory outputs are written by generate_dir, above"),
     }
     log_timings(&p, &timings, sampled, count);
     Ok(())
+}
+
+/// `generate --out DIR/`: one shard (or all) of the request, resumable, with a manifest
+/// (`absorb::batch`).
+fn generate_dir(
+    p: &mut Pipeline,
+    a: &GenerateArgs,
+    seed: u64,
+    first: u64,
+    count: usize,
+    shard: Option<absorb::batch::Shard>,
+    settings: &Settings,
+) -> Result<()> {
+    let shard = shard.unwrap_or(absorb::batch::Shard::WHOLE);
+    let indices = shard.indices(first, count as u64);
+    if shard != absorb::batch::Shard::WHOLE {
+        eprintln!(
+            "shard {shard}: images {}..{} of {first}..{}",
+            indices.start,
+            indices.end,
+            first + count as u64
+        );
+    }
+    let req = absorb::batch::Request {
+        dir: &a.out,
+        seed,
+        first,
+        count: count as u64,
+        shard,
+        settings,
+        max_batch: a.max_batch,
+        keep_tokens: a.tokens_out.is_some(),
+    };
+    let bar = progress((indices.end - indices.start) * p.token_space().len as u64);
+    let mut timings = Timings::default();
+    let mut summary = absorb::batch::Summary::default();
+    let start = Instant::now();
+    let result = absorb::batch::run(
+        p,
+        &req,
+        &mut summary,
+        &mut |r: &StepReport| bar.inc(r.revealed as u64),
+        &mut timings,
+    );
+    bar.finish_and_clear();
+    eprintln!("{}: {summary}", a.out.display());
+    result.with_context(|| format!("writing shard {shard} into {}", a.out.display()))?;
+    if let Some(path) = &a.tokens_out {
+        write_tokens(p, path, seed, indices.start, &summary.tokens)?;
+    }
+    log_timings(
+        p,
+        &timings,
+        start.elapsed(),
+        summary.made + summary.regenerated + summary.foreign,
+    );
+    Ok(())
+}
+
+/// `--tokens-out`: the token grids of images `first..` as JSON.
+fn write_tokens(p: &Pipeline, path: &Path, seed: u64, first: u64, tokens: &[Vec<i64>]) -> Result<()> {
+    let grid = p.grid();
+    let images: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"index": first + i as u64, "tokens": t.chunks(grid[1]).collect::<Vec<_>>()}))
+        .collect();
+    let json = serde_json::json!({
+        "bundle": p.bundle().manifest().name, "bundle_sha256": p.bundle().sha256(), "seed": seed,
+        "height": grid[0], "width": grid[1], "images": images,
+    });
+    write_atomic(path, serde_json::to_string(&json)?.as_bytes())
 }
 
 /// Parameters to reproduce a generated PNG, checked against the loaded bundle.

@@ -121,9 +121,11 @@ fn a_directory_gets_one_png_per_image_equal_to_single_generations() {
     let mut files: Vec<PathBuf> = fs::read_dir(d.path().join("many"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
     files.sort();
     assert_eq!(files.len(), 3, "{files:?}");
+    assert!(d.path().join("many/manifest-5-00000-of-00001.jsonl").exists());
     ok(
         d.path(),
         &[
