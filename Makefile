@@ -117,7 +117,22 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user libc6-arm64-cross libstdc++6-arm64-cross; }
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
-test: lint rust-test pytest cross-test verify-unit
+test: lint rust-test pytest cross-test verify-unit verify-k8s
+
+# deploy/Containerfile and deploy/k8s/*.yaml, offline (scripts/verify-deploy.py): strict schema
+# validation with the schemas kubernetes-validate carries, cross-checks between the files, and
+# deliberately broken copies that must be rejected. Its own venv, every wheel pinned by sha256.
+K8S_REQ  := scripts/k8s-requirements.txt
+K8S_VENV ?= $(HOME)/.cache/absorb/k8s-$(shell sha256sum $(K8S_REQ) | cut -c1-12)
+$(K8S_VENV)/.installed: $(K8S_REQ)
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+	  --only-binary=:all: -r $(K8S_REQ)
+	touch $@
+
+.PHONY: verify-k8s
+verify-k8s: $(K8S_VENV)/.installed
+	$(K8S_VENV)/bin/python scripts/verify-deploy.py
 
 # systemd-analyze verify on deploy/absorb.service exactly as shipped, in a scratch root holding the
 # unit, the host's system units and a stub /usr/local/bin/absorb (verify insists that ExecStart
