@@ -21,8 +21,9 @@
 //!   the rename and the append), and rewrites the file atomically only if it finds lines that are
 //!   unreadable, duplicated or no longer true; no file is ever listed twice.
 //!
-//! It does not sample or decode (that is [`Pipeline`]'s) and knows nothing of Kubernetes beyond
-//! the two environment variables an Indexed Job sets.
+//! It does not sample or decode: the caller hands [`run`] a closure that makes the pixels (the
+//! CLI's uses [`crate::Pipeline`]). It knows nothing of Kubernetes beyond the two environment
+//! variables an Indexed Job sets.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,9 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{sha256_hex, ImageSpec};
 use crate::error::{Error, Result};
-use crate::image::{self, Metadata};
-use crate::sampler::{Settings, StepReport};
-use crate::{Pipeline, Timings};
+use crate::image::{self, Metadata, Pixels};
 
 /// Set by Kubernetes in each pod of an Indexed Job: the pod's completion index, used as the shard.
 pub const JOB_INDEX_VAR: &str = "JOB_COMPLETION_INDEX";
@@ -244,7 +243,7 @@ pub struct Entry {
 
 impl Entry {
     /// The line for a file whose metadata `made` matched the request `expected` (see [`inspect`]).
-    /// `expected` comes from [`Pipeline::generate_metadata`], which sets every field read here.
+    /// `expected` comes from [`crate::Pipeline::generate_metadata`], which sets every field read here.
     fn new(file: &str, bytes: &[u8], shard: Shard, expected: &Metadata, made: &Metadata) -> Entry {
         Entry {
             index: expected.index.unwrap_or_default(),
@@ -280,7 +279,7 @@ pub enum Found {
 }
 
 /// Checks the file at `path` against the metadata this request writes for it (`expected`, from
-/// [`Pipeline::generate_metadata`]) and the bundle's image size.
+/// [`crate::Pipeline::generate_metadata`]) and the image size.
 pub fn inspect(path: &Path, expected: &Metadata, spec: &ImageSpec, shard: Shard) -> Result<Found> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
@@ -596,12 +595,13 @@ pub struct Request<'a> {
     pub count: u64,
     /// The part this run makes.
     pub shard: Shard,
-    /// Sampling settings.
-    pub settings: &'a Settings,
-    /// Images per transformer call, and per chunk written: a kill loses at most one chunk.
-    pub max_batch: usize,
-    /// Also return every image's token grid (sampling kept images again, without rewriting them).
-    pub keep_tokens: bool,
+    /// Images per chunk: made, then written, before the next is checked; a kill loses at most one.
+    pub chunk: usize,
+    /// Size and channels of the images (a file of another size is foreign).
+    pub image: &'a ImageSpec,
+    /// Also hand kept images to `make` (whose pixels are then not written): for a caller that
+    /// needs every image's tokens, like `--tokens-out`.
+    pub make_kept: bool,
 }
 
 /// What a run did.
@@ -621,8 +621,6 @@ pub struct Summary {
     pub leftovers: usize,
     /// The manifest written.
     pub manifest: PathBuf,
-    /// Token grids of the shard's images, in index order, when [`Request::keep_tokens`].
-    pub tokens: Vec<Vec<i64>>,
 }
 
 impl fmt::Display for Summary {
@@ -645,18 +643,30 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Makes the images of `req.shard` that `req.dir` lacks, a chunk of `max_batch` at a time, and
-/// lists every good one in the shard's manifest. `summary` is filled as the run goes, so a caller
-/// can report what was done before an error.
+/// Makes the images of `req.shard` that `req.dir` lacks, a chunk at a time, and lists every good
+/// one in the shard's manifest. `metadata(index)` is what image `index`'s PNG carries (its
+/// request, compared with what a file holds); `make(indices)` returns their pixels, in order
+/// (with [`crate::Pipeline`]: `generate_streams` and `tokens_to_pixels`). `summary` is filled as the run
+/// goes, so a caller can report what was done before an error.
 pub fn run(
-    p: &mut Pipeline,
     req: &Request,
+    metadata: &dyn Fn(u64) -> Metadata,
+    make: &mut dyn FnMut(&[u64]) -> Result<Vec<Pixels>>,
     summary: &mut Summary,
-    on_step: &mut dyn FnMut(&StepReport),
-    timings: &mut Timings,
 ) -> Result<()> {
-    if req.max_batch == 0 {
+    if req.chunk == 0 {
         return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+    }
+    if req.first.checked_add(req.count).is_none() {
+        return Err(Error::param(
+            "first-index",
+            format!(
+                "{} + {} images runs past the last index, {}",
+                req.first,
+                req.count,
+                u64::MAX
+            ),
+        ));
     }
     let dir = req.dir;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -664,18 +674,16 @@ pub fn run(
     summary.leftovers = remove_leftovers(dir, &prefix)?;
     summary.manifest = dir.join(req.shard.manifest_name(req.seed));
     let mut manifest = Manifest::open(&summary.manifest)?;
-    let spec = p.bundle().manifest().image.clone();
     let range = req.shard.indices(req.first, req.count);
     let mut start = range.start;
     while start < range.end {
-        let chunk = start..range.end.min(start.saturating_add(req.max_batch as u64));
+        let chunk = start..range.end.min(start.saturating_add(req.chunk as u64));
         start = chunk.end;
         let mut todo: Vec<(u64, Remake)> = Vec::new();
         for index in chunk.clone() {
             let name = file_name(req.seed, index);
             let path = dir.join(&name);
-            let expected = p.generate_metadata(req.seed, req.settings, index, 1, None);
-            match inspect(&path, &expected, &spec, req.shard)? {
+            match inspect(&path, &metadata(index), req.image, req.shard)? {
                 Found::Missing => todo.push((index, Remake::Missing)),
                 Found::Good(entry) => {
                     summary.skipped += 1;
@@ -698,26 +706,27 @@ pub fn run(
                 }
             }
         }
-        let sample: Vec<u64> = if req.keep_tokens {
+        let asked: Vec<u64> = if req.make_kept {
             chunk.collect()
         } else {
             todo.iter().map(|t| t.0).collect()
         };
-        if sample.is_empty() {
+        if asked.is_empty() {
             continue;
         }
-        let streams: Vec<(u64, u64)> = sample.iter().map(|&i| (req.seed, i)).collect();
-        let tokens = p.generate_streams(&streams, req.settings, req.max_batch, on_step, timings)?;
-        let make: Vec<Vec<i64>> = sample
-            .iter()
-            .zip(&tokens)
-            .filter(|(i, _)| todo.iter().any(|t| t.0 == **i))
-            .map(|(_, t)| t.clone())
-            .collect();
-        let pixels = p.tokens_to_pixels(&make, req.max_batch, timings)?;
-        for (&(index, why), px) in todo.iter().zip(&pixels) {
+        let pixels = make(&asked)?;
+        if pixels.len() != asked.len() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::other(format!("{} images asked for, {} made", asked.len(), pixels.len())),
+            ));
+        }
+        for (&index, px) in asked.iter().zip(&pixels) {
+            let Some(&(_, why)) = todo.iter().find(|t| t.0 == index) else {
+                continue;
+            };
             let name = file_name(req.seed, index);
-            let meta = p.generate_metadata(req.seed, req.settings, index, 1, None);
+            let meta = metadata(index);
             let bytes = image::png_bytes(px, Some(&meta))?;
             write_atomic(dir, &dir.join(&name), &bytes, &prefix, ".png.tmp")?;
             manifest.record(Entry::new(&name, &bytes, req.shard, &meta, &meta))?;
@@ -727,12 +736,10 @@ pub fn run(
                 Remake::Foreign => summary.foreign += 1,
             }
         }
-        // The renames are durable before the next chunk starts.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, e))?;
-        if req.keep_tokens {
-            summary.tokens.extend(tokens);
+        // The renames are durable before the next chunk starts. Some network and FUSE file
+        // systems refuse fsync on a directory; their renames are as durable as they get.
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            log::debug!("{}: fsync of the directory: {e}", dir.display());
         }
     }
     manifest.finish(&prefix)
@@ -741,7 +748,6 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::Pixels;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -1089,5 +1095,127 @@ mod tests {
         assert_eq!(s.manifest_name(7), "manifest-7-00001-of-00003.jsonl");
         assert_eq!(s.to_string(), "1/3");
         assert_eq!(file_name(7, 12), "7-000012.png");
+    }
+
+    /// A fake model: image `i` is 16 pixels of value `i`; records what it was asked for.
+    fn fake(asked: &mut Vec<u64>, fail_after: usize) -> impl FnMut(&[u64]) -> Result<Vec<Pixels>> + '_ {
+        move |indices: &[u64]| {
+            if asked.len() >= fail_after {
+                return Err(Error::param("steps", "the fake model fails"));
+            }
+            asked.extend(indices);
+            Ok(indices
+                .iter()
+                .map(|&i| Pixels {
+                    channels: 1,
+                    height: 4,
+                    width: 4,
+                    data: vec![i as u8; 16],
+                })
+                .collect())
+        }
+    }
+
+    fn request(dir: &Path, count: u64, shard: Shard) -> Request<'_> {
+        Request {
+            dir,
+            seed: 7,
+            first: 0,
+            count,
+            shard,
+            chunk: 2,
+            image: &SPEC,
+            make_kept: false,
+        }
+    }
+
+    fn run_fake(req: &Request, fail_after: usize) -> (Result<()>, Summary, Vec<u64>) {
+        let mut asked = Vec::new();
+        let mut summary = Summary::default();
+        let result = run(req, &|i| meta(7, i), &mut fake(&mut asked, fail_after), &mut summary);
+        (result, summary, asked)
+    }
+
+    fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| (e.file_name().into_string().unwrap(), fs::read(e.path()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_rerun_makes_nothing_and_shards_add_up_to_the_whole() {
+        let whole = tempfile::tempdir().unwrap();
+        let (r, s, asked) = run_fake(&request(whole.path(), 5, Shard::WHOLE), usize::MAX);
+        r.unwrap();
+        assert_eq!((s.made, s.skipped, asked), (5, 0, vec![0, 1, 2, 3, 4]));
+        let (r, s, asked) = run_fake(&request(whole.path(), 5, Shard::WHOLE), usize::MAX);
+        r.unwrap();
+        assert_eq!(
+            (s.made, s.skipped, asked.len()),
+            (0, 5, 0),
+            "a complete directory is only checked"
+        );
+
+        let parts = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            let shard = Shard::new(i, 3, "shard").unwrap();
+            run_fake(&request(parts.path(), 5, shard), usize::MAX).0.unwrap();
+        }
+        let (w, p) = (dir_files(whole.path()), dir_files(parts.path()));
+        let pngs = |m: &BTreeMap<String, Vec<u8>>| {
+            m.iter()
+                .filter(|(k, _)| k.ends_with(".png"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pngs(&w), pngs(&p));
+        let listed: Vec<Entry> = (0..3)
+            .flat_map(|i| lines(&parts.path().join(Shard::new(i, 3, "shard").unwrap().manifest_name(7))))
+            .map(|mut e| {
+                e.shard = "0/1".into();
+                e
+            })
+            .collect();
+        assert_eq!(listed, lines(&whole.path().join(Shard::WHOLE.manifest_name(7))));
+    }
+
+    #[test]
+    fn a_failure_keeps_the_chunks_written_and_a_rerun_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // The fake fails on its third chunk: two chunks of two are written and listed.
+        let (r, s, _) = run_fake(&request(dir.path(), 7, Shard::WHOLE), 4);
+        assert!(r.is_err());
+        assert_eq!(s.made, 4, "the summary counts what was written before the error");
+        let manifest = dir.path().join(Shard::WHOLE.manifest_name(7));
+        assert_eq!(lines(&manifest).len(), 4);
+        let (r, s, asked) = run_fake(&request(dir.path(), 7, Shard::WHOLE), usize::MAX);
+        r.unwrap();
+        assert_eq!((s.made, s.skipped, asked), (3, 4, vec![4, 5, 6]));
+        let indices: Vec<u64> = lines(&manifest).iter().map(|e| e.index).collect();
+        assert_eq!(indices, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn kept_images_go_to_make_only_when_asked_and_are_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        run_fake(&request(dir.path(), 3, Shard::WHOLE), usize::MAX).0.unwrap();
+        let before = fs::metadata(dir.path().join(file_name(7, 0)))
+            .unwrap()
+            .modified()
+            .unwrap();
+        fs::remove_file(dir.path().join(file_name(7, 2))).unwrap();
+        let mut req = request(dir.path(), 3, Shard::WHOLE);
+        req.make_kept = true;
+        let (r, s, asked) = run_fake(&req, usize::MAX);
+        r.unwrap();
+        assert_eq!((s.made, s.skipped, asked), (1, 2, vec![0, 1, 2]));
+        let after = fs::metadata(dir.path().join(file_name(7, 0)))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after, "a kept file is never rewritten");
     }
 }

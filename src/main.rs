@@ -746,32 +746,45 @@ fn generate_dir(
             first + count as u64
         );
     }
+    let image = p.bundle().manifest().image.clone();
     let req = absorb::batch::Request {
         dir: &a.out,
         seed,
         first,
         count: count as u64,
         shard,
-        settings,
-        max_batch: a.max_batch,
-        keep_tokens: a.tokens_out.is_some(),
+        chunk: a.max_batch,
+        image: &image,
+        make_kept: a.tokens_out.is_some(),
+    };
+    // What every PNG of the request carries but for its index; built once, so that `make` alone
+    // borrows the pipeline.
+    let template = p.generate_metadata(seed, settings, first, 1, None);
+    let metadata = |index: u64| Metadata {
+        index: Some(index),
+        ..template.clone()
     };
     let bar = progress((indices.end - indices.start) * p.token_space().len as u64);
     let mut timings = Timings::default();
+    let mut tokens = Vec::new();
+    let mut make = |indices: &[u64]| -> absorb::Result<Vec<image::Pixels>> {
+        let streams: Vec<(u64, u64)> = indices.iter().map(|&i| (seed, i)).collect();
+        let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
+        let grids = p.generate_streams(&streams, settings, a.max_batch, on_step, &mut timings)?;
+        let pixels = p.tokens_to_pixels(&grids, a.max_batch, &mut timings)?;
+        if a.tokens_out.is_some() {
+            tokens.extend(grids);
+        }
+        Ok(pixels)
+    };
     let mut summary = absorb::batch::Summary::default();
     let start = Instant::now();
-    let result = absorb::batch::run(
-        p,
-        &req,
-        &mut summary,
-        &mut |r: &StepReport| bar.inc(r.revealed as u64),
-        &mut timings,
-    );
+    let result = absorb::batch::run(&req, &metadata, &mut make, &mut summary);
     bar.finish_and_clear();
     eprintln!("{}: {summary}", a.out.display());
     result.with_context(|| format!("writing shard {shard} into {}", a.out.display()))?;
     if let Some(path) = &a.tokens_out {
-        write_tokens(p, path, seed, indices.start, &summary.tokens)?;
+        write_tokens(p, path, seed, indices.start, &tokens)?;
     }
     log_timings(
         p,
