@@ -13,7 +13,8 @@
 //!   made a kept file do not count: they are recorded, per file, in its metadata and manifest line.
 //! - **Atomic writes.** Each PNG goes to a temporary `.absorb-{seed}-{shard}-*.png.tmp` in the same
 //!   directory, is synced and renamed; a run starts by deleting its own shard's leftovers (and
-//!   untagged ones from older builds), not another shard's, which may be running.
+//!   the untagged `.absorb-XXXXXX.png.tmp` of [`image::write_png`]), not another shard's, which
+//!   may be running.
 //! - **Manifest.** `manifest-{seed}-{IIIII}-of-{MMMMM}.jsonl`, one per shard so that several
 //!   pods never append to one file over a network volume. One line per image (an [`Entry`]),
 //!   appended with a single `write` on an `O_APPEND` file after the PNG's rename, then synced. A
