@@ -120,8 +120,9 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 test: lint rust-test pytest cross-test verify-unit verify-k8s
 
 # deploy/Containerfile and deploy/k8s/*.yaml, offline (scripts/verify-deploy.py): strict schema
-# validation with the schemas kubernetes-validate carries, cross-checks between the files, and
-# deliberately broken copies that must be rejected. Its own venv, every wheel pinned by sha256.
+# validation with the schemas kubernetes-validate carries, cross-checks between the files,
+# deliberately broken copies that must be rejected, and the containers' own args run by the built
+# binary on the CPU. Its own venv, every wheel pinned by sha256.
 K8S_REQ  := scripts/k8s-requirements.txt
 K8S_VENV ?= $(HOME)/.cache/absorb/k8s-$(shell sha256sum $(K8S_REQ) | cut -c1-12)
 $(K8S_VENV)/.installed: $(K8S_REQ)
@@ -131,8 +132,8 @@ $(K8S_VENV)/.installed: $(K8S_REQ)
 	touch $@
 
 .PHONY: verify-k8s
-verify-k8s: $(K8S_VENV)/.installed
-	$(K8S_VENV)/bin/python scripts/verify-deploy.py
+verify-k8s: $(K8S_VENV)/.installed ort build
+	ABSORB_BIN=target/release/absorb ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(K8S_VENV)/bin/python scripts/verify-deploy.py
 
 # systemd-analyze verify on deploy/absorb.service exactly as shipped, in a scratch root holding the
 # unit, the host's system units and a stub /usr/local/bin/absorb (verify insists that ExecStart

@@ -8,6 +8,10 @@
    pods, GPU pods ask for nvidia.com/gpu, the bundle, library and user match the Containerfile's.
 3. Each check can fail: broken copies of the real files (an unknown field, a wrong shard count, a
    string port, a loopback listener, ...) must each be rejected with the expected message.
+4. With ABSORB_BIN (an absorb binary; ORT_DYLIB_PATH as usual): the containers' own args run, with
+   the repository's bundle for the image's, a temporary directory for the volume, a few images and
+   the CPU provider: the Job's as its shard 1 from JOB_COMPLETION_INDEX, each `serve` until its
+   /healthz answers 200, then SIGTERM, which must exit 0.
 
 Run with the venv from scripts/k8s-requirements.txt: python scripts/verify-deploy.py
 """
@@ -15,7 +19,12 @@ Run with the venv from scripts/k8s-requirements.txt: python scripts/verify-deplo
 import copy
 import glob
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import urllib.request
 
 import dockerfile
 import yaml
@@ -270,6 +279,71 @@ BROKEN = [
 ]
 
 
+def run_job(bin_path, name, job, tmp):
+    """Runs the Job's container args as its shard 1, on a few images at 2 steps."""
+    c = container(job)
+    args = list(c["args"])
+    out = os.path.join(tmp, "job") + "/"
+    for flag, value in (("--model", os.path.join(ROOT, "models", "digits")), ("--out", out), ("--count", "6")):
+        args[args.index(flag) + 1] = value
+    env = dict(os.environ, JOB_COMPLETION_INDEX="1")
+    env.update({e["name"]: e["value"] for e in c.get("env", [])})
+    shards = int(env["ABSORB_SHARDS"])
+    p = subprocess.run([bin_path, *args, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise Invalid(f"{name}: the Job's args fail: exit {p.returncode}: {p.stderr.strip()}")
+    made = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    first, last = 6 * 1 // shards, 6 * 2 // shards
+    seed = arg_after(args, "--seed")
+    if made != [f"{seed}-{i:06}.png" for i in range(first, last)]:
+        raise Invalid(f"{name}: shard 1 of {shards} made {made}")
+
+
+def run_serve(bin_path, name, d):
+    """Starts each serve container's args on the CPU and asks /healthz, then stops it."""
+    c = container(d)
+    args = list(c["args"])
+    args[args.index("--model") + 1] = os.path.join(ROOT, "models", "digits")
+    args[args.index("--listen") + 1] = "127.0.0.1:0"
+    if "--provider" in args:
+        args[args.index("--provider") + 1] = "cpu"
+    p = subprocess.Popen([bin_path, *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    timer = threading.Timer(120, p.kill)
+    timer.start()
+    try:
+        addr, lines = None, []
+        for line in p.stderr:
+            lines.append(line)
+            if line.startswith("listening on "):
+                addr = line.split()[-1]
+                break
+        if addr is None:
+            raise Invalid(f"{name}: serve with the Deployment's args did not start: {''.join(lines).strip()}")
+        path = c["livenessProbe"]["httpGet"]["path"]
+        with urllib.request.urlopen(f"http://{addr}{path}", timeout=10) as r:
+            if r.status != 200:
+                raise Invalid(f"{name}: GET {path} answered {r.status}")
+        p.send_signal(signal.SIGTERM)
+        p.stderr.read()
+        if p.wait() != 0:
+            raise Invalid(f"{name}: serve exited {p.returncode} on SIGTERM")
+    finally:
+        timer.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def run_args(manifests, bin_path):
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, objs in manifests.items():
+            for obj in objs:
+                if obj["kind"] == "Job":
+                    run_job(bin_path, name, obj, tmp)
+                elif obj["kind"] == "Deployment":
+                    run_serve(bin_path, name, obj)
+
+
 def main():
     manifests = load_manifests()
     image = load_containerfile()
@@ -294,6 +368,29 @@ def main():
                 print(f"verify-k8s: FAILED: {what} was rejected for another reason: {e}")
                 failed += 1
     print(f"verify-k8s: {len(BROKEN) - failed} of {len(BROKEN)} deliberately broken copies rejected")
+    bin_path = os.environ.get("ABSORB_BIN")
+    if not bin_path:
+        print("verify-k8s: the containers' args were not run (set ABSORB_BIN to an absorb binary)")
+    else:
+        try:
+            run_args(manifests, bin_path)
+            print(f"verify-k8s: the containers' args run with {bin_path}: the Job's shard 1 made its images, "
+                  "each serve answered /healthz and stopped on SIGTERM")
+        except (Invalid, OSError, subprocess.SubprocessError) as e:
+            print(f"verify-k8s: FAILED: {e}")
+            failed += 1
+        # And that run can fail: a misspelt flag in the Job's args.
+        m = copy.deepcopy(manifests)
+        args = container(find(m, "Job", "batch-job.yaml"))["args"]
+        args[args.index("--max-batch")] = "--max_batch"
+        try:
+            run_args({"batch-job.yaml": m["batch-job.yaml"]}, bin_path)
+            print("verify-k8s: FAILED: a Job with a misspelt flag ran")
+            failed += 1
+        except Invalid as e:
+            if "the Job's args fail: exit 2" not in str(e):
+                print(f"verify-k8s: FAILED: a misspelt flag failed for another reason: {e}")
+                failed += 1
     return 1 if failed else 0
 
 

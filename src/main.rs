@@ -142,7 +142,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     first_index: u64,
     /// Output: a .png file (a grid when count > 1) or a directory (existing or ending in /) for
-    /// one PNG per image.
+    /// one PNG per image; a rerun into a directory keeps the complete images and makes the rest
+    /// (README "Scale out").
     #[arg(long, short = 'o', default_value = "absorb.png")]
     out: PathBuf,
     /// Grid columns when writing several images into one PNG (default: near square).
