@@ -796,7 +796,8 @@ fn generate_dir(
     Ok(())
 }
 
-/// `--tokens-out`: the token grids of images `first..` as JSON.
+/// `--tokens-out` for a directory: the token grids of images `first..` as JSON, in the format
+/// `generate` writes for a .png output.
 fn write_tokens(p: &Pipeline, path: &Path, seed: u64, first: u64, tokens: &[Vec<i64>]) -> Result<()> {
     let grid = p.grid();
     let images: Vec<serde_json::Value> = tokens
