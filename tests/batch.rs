@@ -90,11 +90,31 @@ fn three_shards_make_the_files_and_manifest_lines_of_one_run() {
     let d = tempfile::tempdir().unwrap();
     let err = run(d.path(), &generate("one/", "10", &["--tokens-out", "tokens.json"]));
     assert!(err.contains("made 10, skipped 0, regenerated 0, foreign 0"), "{err}");
-    for i in 0..3 {
-        let shard = format!("{i}/3");
-        let err = run(d.path(), &generate("three/", "10", &["--shard", &shard]));
-        let expected = ["images 0..3 of 0..10", "images 3..6 of 0..10", "images 6..10 of 0..10"][i];
-        assert!(err.contains(expected), "{err}");
+    // Three workers at once into one directory, as an Indexed Job runs them: shards 0 and 1 by
+    // flag, shard 2 from the environment (JOB_COMPLETION_INDEX and ABSORB_SHARDS).
+    let spawn = |extra: &[&str], env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_absorb"))
+            .args(generate("three/", "10", extra))
+            .env_remove("JOB_COMPLETION_INDEX")
+            .env_remove("ABSORB_SHARDS")
+            .envs(env.iter().copied())
+            .current_dir(d.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let workers = [
+        spawn(&["--shard", "0/3"], &[]),
+        spawn(&["--shard", "1/3"], &[]),
+        spawn(&[], &[("JOB_COMPLETION_INDEX", "2"), ("ABSORB_SHARDS", "3")]),
+    ];
+    let expected = ["images 0..3 of 0..10", "images 3..6 of 0..10", "images 6..10 of 0..10"];
+    for (w, expected) in workers.into_iter().zip(expected) {
+        let o = w.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success() && err.contains(expected), "{err}");
     }
     let (one, three) = (d.path().join("one"), d.path().join("three"));
     let pngs = files(&one, ".png");
@@ -104,6 +124,7 @@ fn three_shards_make_the_files_and_manifest_lines_of_one_run() {
     assert_eq!(m1.keys().collect::<Vec<_>>(), pngs.keys().collect::<Vec<_>>());
     assert_eq!(without_shard(&m1), without_shard(&m3), "equivalent manifests");
     assert_eq!(m3["7-000005.png"]["shard"], "1/3");
+    assert_eq!(m3["7-000009.png"]["shard"], "2/3");
     assert_eq!(m1["7-000005.png"]["shard"], "0/1");
     assert_eq!(files(&three, ".jsonl").len(), 3, "one manifest per shard");
 
@@ -116,24 +137,6 @@ fn three_shards_make_the_files_and_manifest_lines_of_one_run() {
         .map(|i| i["index"].as_u64().unwrap())
         .collect();
     assert_eq!(indices, (0..10).collect::<Vec<_>>());
-
-    // The Indexed Job's way: the shard index from the environment, the count from a variable.
-    let args = generate("job/", "10", &[]);
-    let o = Command::new(env!("CARGO_BIN_EXE_absorb"))
-        .args(&args)
-        .current_dir(d.path())
-        .env("JOB_COMPLETION_INDEX", "2")
-        .env("ABSORB_SHARDS", "3")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let job = files(&d.path().join("job"), ".png");
-    assert_eq!(
-        job.keys().cloned().collect::<Vec<_>>(),
-        (6..10).map(|i| format!("7-{i:06}.png")).collect::<Vec<_>>()
-    );
-    assert!(job.iter().all(|(k, v)| pngs[k] == *v));
 }
 
 #[test]
