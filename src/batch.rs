@@ -94,8 +94,9 @@ impl Shard {
 
     /// This shard's indices of a request for `count` images from `first` on.
     pub fn indices(&self, first: u64, count: u64) -> Range<u64> {
-        // u128: count * index must not overflow for any u64 count.
-        let at = |k: u64| first + (u128::from(count) * u128::from(k) / u128::from(self.count)) as u64;
+        // u128: count * index must not overflow for any u64 count. (`run` refuses a request that
+        // runs past u64::MAX; saturating keeps this total.)
+        let at = |k: u64| first.saturating_add((u128::from(count) * u128::from(k) / u128::from(self.count)) as u64);
         at(self.index)..at(self.index + 1)
     }
 
@@ -361,49 +362,25 @@ fn decode_complete(bytes: &[u8]) -> Result<Decoded, String> {
 }
 
 /// The first field in which `made` is not the request `expected`, described; `None` if it is the
-/// same request. The provider and the absorb version do not count.
+/// same request. Every metadata field counts (a field added later too) but the provider and the
+/// absorb version.
 fn request_difference(made: &Metadata, expected: &Metadata) -> Option<String> {
-    let differs = |name: &str, a: String, b: String| (a != b).then(|| format!("its {name} is {a}, this run's {b}"));
-    differs("mode", made.mode.clone(), expected.mode.clone())
-        .or_else(|| {
-            differs(
-                "bundle sha256",
-                made.bundle_sha256.clone(),
-                expected.bundle_sha256.clone(),
-            )
-        })
-        .or_else(|| {
-            differs(
-                "variant",
-                format!("{:?}", made.variant),
-                format!("{:?}", expected.variant),
-            )
-        })
-        .or_else(|| differs("seed", format!("{:?}", made.seed), format!("{:?}", expected.seed)))
-        .or_else(|| differs("index", format!("{:?}", made.index), format!("{:?}", expected.index)))
-        .or_else(|| differs("count", format!("{:?}", made.count), format!("{:?}", expected.count)))
-        .or_else(|| {
-            differs(
-                "sampler",
-                format!("{:?}", made.sampler),
-                format!("{:?}", expected.sampler),
-            )
-        })
-        .or_else(|| differs("steps", format!("{:?}", made.steps), format!("{:?}", expected.steps)))
-        .or_else(|| {
-            differs(
-                "temperature",
-                format!("{:?}", made.temperature),
-                format!("{:?}", expected.temperature),
-            )
-        })
-        .or_else(|| {
-            differs(
-                "temperature_end",
-                format!("{:?}", made.temperature_end),
-                format!("{:?}", expected.temperature_end),
-            )
-        })
+    // Through JSON text, so that temperatures compare and print as written (f32, shortest form).
+    let fields = |m: &Metadata| {
+        let text = serde_json::to_string(m).ok()?;
+        let mut map: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).ok()?;
+        map.remove("absorb");
+        map.remove("provider");
+        Some(map)
+    };
+    let (Some(a), Some(b)) = (fields(made), fields(expected)) else {
+        return Some("its metadata cannot be compared with this run's".into());
+    };
+    let show = |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+    a.keys()
+        .chain(b.keys())
+        .find(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("its {k} is {}, this run's {}", show(a.get(k)), show(b.get(k))))
 }
 
 /// A shard's manifest, open for appending, with the lines it holds.
@@ -966,7 +943,7 @@ mod tests {
         let Found::Foreign(why) = found(&png(Some(&steps)), &m) else {
             panic!("foreign")
         };
-        assert_eq!(why, "its steps is Some(16), this run's Some(8)");
+        assert_eq!(why, "its steps is 16, this run's 8");
         let Found::Foreign(why) = found(&png(Some(&meta(8, 3))), &m) else {
             panic!("foreign")
         };
@@ -977,7 +954,16 @@ mod tests {
         assert!(why.contains("no \"absorb\" metadata"), "{why}");
         let mut t = m.clone();
         t.temperature_end = Some(0.5);
-        assert!(matches!(found(&png(Some(&t)), &m), Found::Foreign(_)));
+        let Found::Foreign(why) = found(&png(Some(&t)), &m) else {
+            panic!("foreign")
+        };
+        assert_eq!(why, "its temperature_end is 0.5, this run's unset");
+        let mut v = m.clone();
+        v.variant = Some("int8".into());
+        let Found::Foreign(why) = found(&png(Some(&v)), &m) else {
+            panic!("foreign")
+        };
+        assert_eq!(why, "its variant is \"int8\", this run's unset");
         let mut b = m.clone();
         b.bundle_sha256 = "cd".into();
         assert!(matches!(found(&png(Some(&b)), &m), Found::Foreign(_)));

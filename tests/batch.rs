@@ -218,7 +218,7 @@ fn a_damaged_directory_is_repaired_and_foreign_files_are_moved_aside() {
         "{err}"
     );
     assert!(
-        err.contains("a PNG of another request (its temperature is Some(1.0), this run's Some(0.7))"),
+        err.contains("a PNG of another request (its temperature is 1.0, this run's 0.7)"),
         "{err}"
     );
     assert_eq!(files(&out, ".png"), good, "every image is this request's again");
