@@ -7,10 +7,10 @@
 //!   files one worker writes, byte for byte (on the same execution provider).
 //! - **Resume.** Before making an image, its file `{seed}-{index:06}.png` is checked: a complete
 //!   PNG (CRCs, zlib checksum and every pixel decoded) whose metadata is this request's is kept;
-//!   a file that is not a complete PNG is replaced; a complete PNG of another request (other bundle,
-//!   variant, seed, index, sampler, steps or temperatures, or none of absorb's metadata) is moved to
-//!   `.absorb-foreign/` with a warning, never overwritten. The provider and the absorb version that
-//!   made a kept file do not count: they are recorded, per file, in its metadata and manifest line.
+//!   a file that is not a complete PNG is replaced; a complete PNG of another request (any other
+//!   metadata: bundle, variant, seed, index, sampler, steps, temperatures; or none of absorb's) is
+//!   moved to `.absorb-foreign/` with a warning, never overwritten. The provider and the absorb
+//!   version that made a kept file do not count: they are recorded in its metadata and manifest line.
 //! - **Atomic writes.** Each PNG goes to a temporary `.absorb-{seed}-{shard}-*.png.tmp` in the same
 //!   directory, is synced and renamed; a run starts by deleting its own shard's leftovers (and
 //!   the untagged `.absorb-XXXXXX.png.tmp` of [`image::write_png`]), not another shard's, which
