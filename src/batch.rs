@@ -847,23 +847,14 @@ mod tests {
         );
     }
 
+    /// Through JSON, so that fields added to `Metadata` later (all optional) need no change here.
     fn meta(seed: u64, index: u64) -> Metadata {
-        Metadata {
-            absorb: "0.1.0".into(),
-            mode: "generate".into(),
-            bundle: "b".into(),
-            bundle_sha256: "ab".into(),
-            sampler: Some("absorbing".into()),
-            seed: Some(seed),
-            index: Some(index),
-            count: Some(1),
-            columns: None,
-            steps: Some(8),
-            temperature: Some(0.9),
-            temperature_end: None,
-            provider: Some("cpu".into()),
-            variant: None,
-        }
+        serde_json::from_value(serde_json::json!({
+            "absorb": "0.1.0", "mode": "generate", "bundle": "b", "bundle_sha256": "ab",
+            "sampler": "absorbing", "seed": seed, "index": index, "count": 1, "steps": 8,
+            "temperature": 0.9, "provider": "cpu",
+        }))
+        .unwrap()
     }
 
     const SPEC: ImageSpec = ImageSpec {
