@@ -295,7 +295,7 @@ pub fn inspect(path: &Path, expected: &Metadata, spec: &ImageSpec, shard: Shard)
     let wanted = (spec.width, spec.height, spec.channels);
     if size != wanted {
         return Ok(Found::Foreign(format!(
-            "it is {}x{} with {} channel(s), this bundle makes {}x{} with {}",
+            "it is {}x{} with {} channel(s), this run makes {}x{} with {}",
             size.0, size.1, size.2, wanted.0, wanted.1, wanted.2
         )));
     }
