@@ -663,7 +663,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let kind = out_kind(&a.out)?;
     eprintln!("seed {seed}");
     if let OutKind::Dir = kind {
-        return generate_dir(&mut p, &a, seed, first, count, shard, &settings);
+        return generate_dir(
+            &mut p,
+            &a,
+            seed,
+            first,
+            count,
+            shard,
+            &settings,
+            tiling.as_ref(),
+            decode,
+        );
     }
     let grid = tiling.as_ref().map_or(p.grid(), |t| t.grid());
     let bar = progress(count as u64 * (grid[0] * grid[1]) as u64);
@@ -727,7 +737,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// `generate --out DIR/`: one shard (or all) of the request, resumable, with a manifest
-/// (`absorb::batch`).
+/// (`absorb::batch`); on the bundle's grid or, with `tiling`, a larger one.
+#[allow(clippy::too_many_arguments)]
 fn generate_dir(
     p: &mut Pipeline,
     a: &GenerateArgs,
@@ -736,7 +747,16 @@ fn generate_dir(
     count: usize,
     shard: Option<absorb::batch::Shard>,
     settings: &Settings,
+    tiling: Option<&absorb::sampler::Tiling>,
+    decode: DecodeMode,
 ) -> Result<()> {
+    if a.frames.frames.is_some() {
+        // A resumed run samples only the images it lacks: a preview of those would be partial.
+        bail!(absorb::Error::param(
+            "frames",
+            "previews go with a .png output, not a directory: make the preview in a run of its own"
+        ));
+    }
     let shard = shard.unwrap_or(absorb::batch::Shard::WHOLE);
     let indices = shard.indices(first, count as u64);
     if shard != absorb::batch::Shard::WHOLE {
@@ -747,7 +767,11 @@ fn generate_dir(
             first + count as u64
         );
     }
-    let image = p.bundle().manifest().image.clone();
+    let trained = p.grid();
+    let grid = tiling.map_or(trained, |t| t.grid());
+    let mut image = p.bundle().manifest().image.clone();
+    image.height = image.height / trained[0] * grid[0];
+    image.width = image.width / trained[1] * grid[1];
     let req = absorb::batch::Request {
         dir: &a.out,
         seed,
@@ -760,21 +784,42 @@ fn generate_dir(
     };
     // What every PNG of the request carries but for its index; built once, so that `make` alone
     // borrows the pipeline.
-    let template = p.generate_metadata(seed, settings, first, 1, None);
+    let mut template = p.generate_metadata(seed, settings, first, 1, None);
+    if let Some(t) = tiling {
+        absorb::record_tiling(&mut template, t, trained, decode);
+    }
     let metadata = |index: u64| Metadata {
         index: Some(index),
         ..template.clone()
     };
-    let bar = progress((indices.end - indices.start) * p.token_space().len as u64);
+    let plan = absorb::Plan {
+        tiling,
+        decode,
+        frames: false,
+        columns: 1,
+        max_batch: a.max_batch,
+    };
+    let bar = progress((indices.end - indices.start) * (grid[0] * grid[1]) as u64);
     let mut timings = Timings::default();
     let mut tokens = Vec::new();
     let mut make = |indices: &[u64]| -> absorb::Result<Vec<image::Pixels>> {
-        let streams: Vec<(u64, u64)> = indices.iter().map(|&i| (seed, i)).collect();
-        let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
-        let grids = p.generate_streams(&streams, settings, a.max_batch, on_step, &mut timings)?;
-        let pixels = p.tokens_to_pixels(&grids, a.max_batch, &mut timings)?;
-        if a.tokens_out.is_some() {
-            tokens.extend(grids);
+        let mut pixels = Vec::with_capacity(indices.len());
+        // Pipeline::make takes a range: one call per run of consecutive indices (a resumed chunk
+        // may have gaps). Each image is the same whatever the range.
+        let mut rest = indices;
+        while let Some(&start) = rest.first() {
+            let run = rest
+                .iter()
+                .enumerate()
+                .take_while(|&(k, &i)| i == start + k as u64)
+                .count();
+            let on_step = &mut |r: &StepReport| bar.inc(r.revealed as u64);
+            let made = p.make(seed, start..start + run as u64, settings, &plan, on_step, &mut timings)?;
+            pixels.extend(made.pixels);
+            if a.tokens_out.is_some() {
+                tokens.extend(made.tokens);
+            }
+            rest = &rest[run..];
         }
         Ok(pixels)
     };
@@ -785,7 +830,7 @@ fn generate_dir(
     eprintln!("{}: {summary}", a.out.display());
     result.with_context(|| format!("writing shard {shard} into {}", a.out.display()))?;
     if let Some(path) = &a.tokens_out {
-        write_tokens(p, path, seed, indices.start, &tokens)?;
+        write_tokens(p, path, seed, indices.start, grid, &tokens)?;
     }
     log_timings(
         p,
@@ -798,8 +843,7 @@ fn generate_dir(
 
 /// `--tokens-out` for a directory: the token grids of images `first..` as JSON, in the format
 /// `generate` writes for a .png output.
-fn write_tokens(p: &Pipeline, path: &Path, seed: u64, first: u64, tokens: &[Vec<i64>]) -> Result<()> {
-    let grid = p.grid();
+fn write_tokens(p: &Pipeline, path: &Path, seed: u64, first: u64, grid: [usize; 2], tokens: &[Vec<i64>]) -> Result<()> {
     let images: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()

@@ -304,3 +304,56 @@ fn bad_shard_settings_are_refused_with_exit_code_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("need a directory output"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_larger_grid_shards_and_resumes_like_the_bundles_own() {
+    let d = tempfile::tempdir().unwrap();
+    let wide = ["--grid", "8x16", "--max-batch", "2"];
+    run(d.path(), &generate("whole/", "3", &wide));
+    for shard in ["0/2", "1/2"] {
+        let mut extra = wide.to_vec();
+        extra.extend(["--shard", shard]);
+        run(d.path(), &generate("parts/", "3", &extra));
+    }
+    let (whole, parts) = (d.path().join("whole"), d.path().join("parts"));
+    let pngs = files(&whole, ".png");
+    assert_eq!(pngs, files(&parts, ".png"));
+    assert_eq!(without_shard(&manifest(&whole)), without_shard(&manifest(&parts)));
+    // Each file is the image a single .png run makes for its index, tiling metadata included.
+    run(
+        d.path(),
+        &generate("two.png", "1", &["--grid", "8x16", "--first-index", "2"]),
+    );
+    assert_eq!(pngs["7-000002.png"], fs::read(d.path().join("two.png")).unwrap());
+
+    // Gaps around a kept file in one chunk: only those images are made again.
+    fs::remove_file(parts.join("7-000000.png")).unwrap();
+    fs::remove_file(parts.join("7-000002.png")).unwrap();
+    let err = run(
+        d.path(),
+        &generate("parts/", "3", &["--grid", "8x16", "--max-batch", "3"]),
+    );
+    assert!(err.contains("made 2, skipped 1,"), "{err}");
+    assert_eq!(pngs, files(&parts, ".png"));
+    // The bundle's own grid is another request: those files are moved aside, never overwritten.
+    let err = run(d.path(), &generate("parts/", "3", &[]));
+    assert!(err.contains("made 0, skipped 0, regenerated 0, foreign 3"), "{err}");
+    assert_eq!(files(&parts.join(".absorb-foreign"), ".png"), pngs);
+
+    let o = absorb(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &model_arg(),
+            "--seed",
+            "7",
+            "-o",
+            "p/",
+            "--frames",
+            "f.gif",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("previews go with a .png output"), "{}", stderr(&o));
+}
