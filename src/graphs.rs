@@ -215,6 +215,8 @@ impl Runtime {
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(threads)
             .and_then(|p| p.with_inter_threads(1))
+            // Spinning off. Measured on 2 cores: paper size no gain from spinning (225-318 ms per
+            // call either way), digits 10-15% faster with it; off stays fair to other processes.
             .and_then(|p| p.with_spin_control(false))
             .map_err(Error::ort("configuring the ONNX Runtime thread pool"))?;
         let env = builder

@@ -399,7 +399,20 @@ struct TokenFile {
     tokens: Vec<Vec<i64>>,
 }
 
+/// Makes glibc return freed memory to the system at once. ONNX Runtime frees large buffers while
+/// loading a graph (the parsed file, initializers before optimisation); glibc would keep them
+/// and RSS would stay that much higher. Measured at paper size: peak RSS 835 instead of 987 MiB,
+/// at the same speed (runs allocate from ONNX Runtime's arena, not malloc).
+fn trim_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    trim_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

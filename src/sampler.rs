@@ -31,6 +31,11 @@
 //! - A linear temperature schedule `start:end` sets step s's temperature to
 //!   `start + (end - start) s / (S - 1)` (computed in f64).
 //!
+//! - Larger grids ([`run_tiled`]): the same draws over the big grid's positions in raster order;
+//!   a position's distribution is the mean of its voting windows' softmax probabilities (f64,
+//!   `libm`, windows in ascending order), drawn with the step's temperature as `p^(1/T)`
+//!   renormalised. Which windows vote is fixed by the [`Tiling`] (grid, stride, margin).
+//!
 //! Changing any of this changes the tokens for a given seed: a breaking change.
 
 use rand_chacha::ChaCha20Rng;
