@@ -172,11 +172,19 @@ $(PAPER_BUNDLE)/model.json: | venv
 	$(PY) -m export official --random-init --seed 0 --preset churches --out $(PAPER_BUNDLE)
 $(PAPER_BUNDLE)/transformer.int8.onnx: | $(PAPER_BUNDLE)/model.json
 	$(PY) -m export variants --bundle $(PAPER_BUNDLE) --only int8
+PAPER_REPS   ?= 2
+PAPER_THREADS ?= 1
 bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
 	@for v in "" "--variant int8"; do \
 	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m export reference --bundle $(PAPER_BUNDLE) \
-	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps 2 $$v || exit 1; echo; \
+	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps $(PAPER_REPS) --threads $(PAPER_THREADS) $$v \
+	    || exit 1; echo; \
 	done
+
+# The README's performance table: the paper's S = 256, one image, both cores (about 6 minutes).
+.PHONY: bench-paper-256
+bench-paper-256:
+	$(MAKE) bench-paper PAPER_STEPS=256 PAPER_COUNT=1 PAPER_REPS=1 PAPER_THREADS=2
 
 # The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle).
 .PHONY: docs-pictures

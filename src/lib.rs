@@ -405,12 +405,30 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepReport),
         timings: &mut Timings,
     ) -> Result<RunStats> {
+        self.run_with(chains, settings, None, on_step, timings)
+    }
+
+    /// Runs the sampler on `chains` (windowed over `tiled`'s tiling, `max_batch` rows per call,
+    /// when given) and adds the time inside and outside the transformer to `timings`.
+    fn run_with(
+        &mut self,
+        chains: &mut [Chain],
+        settings: &Settings,
+        tiled: Option<(&Tiling, usize)>,
+        on_step: &mut dyn FnMut(&StepReport),
+        timings: &mut Timings,
+    ) -> Result<RunStats> {
         let space = self.token_space();
         let before = self.graphs.transformer_stats;
         let start = Instant::now();
         let graphs = &mut self.graphs;
         let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| graphs.transformer(tokens, rows, logits);
-        let stats = sampler::run(chains, &space, settings, &mut denoise, on_step)?;
+        let stats = match tiled {
+            Some((tiling, max_batch)) => {
+                sampler::run_tiled(chains, tiling, &space, settings, max_batch, &mut denoise, on_step)?
+            }
+            None => sampler::run(chains, &space, settings, &mut denoise, on_step)?,
+        };
         let total = start.elapsed();
         let after = self.graphs.transformer_stats;
         let in_graph = after.time - before.time;
@@ -602,19 +620,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepReport),
         timings: &mut Timings,
     ) -> Result<RunStats> {
-        let space = self.token_space();
-        let before = self.graphs.transformer_stats;
-        let start = Instant::now();
-        let graphs = &mut self.graphs;
-        let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| graphs.transformer(tokens, rows, logits);
-        let stats = sampler::run_tiled(chains, tiling, &space, settings, max_batch, &mut denoise, on_step)?;
-        let total = start.elapsed();
-        let after = self.graphs.transformer_stats;
-        let in_graph = after.time - before.time;
-        timings.transformer += in_graph;
-        timings.transformer_calls += after.calls - before.calls;
-        timings.sampler += total.saturating_sub(in_graph);
-        Ok(stats)
+        self.run_with(chains, settings, Some((tiling, max_batch)), on_step, timings)
     }
 
     /// Encodes an image of any size that is a whole number of tokens and at least the bundle's

@@ -345,15 +345,7 @@ pub fn run(
             input.extend_from_slice(&chains[c].tokens);
         }
         denoise(&input, rows.len(), &mut logits)?;
-        if logits.len() != rows.len() * l * k {
-            return Err(Error::Tokens(format!(
-                "denoiser returned {} logits for {} rows, expected {} ({} x {l} x {k})",
-                logits.len(),
-                rows.len(),
-                rows.len() * l * k,
-                rows.len()
-            )));
-        }
+        check_logits(&logits, rows.len(), l, k)?;
         let mut revealed = 0;
         for (r, &c) in rows.iter().enumerate() {
             let row_logits = &logits[r * l * k..(r + 1) * l * k];
@@ -609,14 +601,7 @@ pub fn run_tiled(
                 tiling.cut(&chains[c].tokens, w, &mut input);
             }
             denoise(&input, chunk.len(), &mut part)?;
-            if part.len() != chunk.len() * l * k {
-                return Err(Error::Tokens(format!(
-                    "denoiser returned {} logits for {} rows, expected {}",
-                    part.len(),
-                    chunk.len(),
-                    chunk.len() * l * k
-                )));
-            }
+            check_logits(&part, chunk.len(), l, k)?;
             logits.extend_from_slice(&part);
             stats.calls += 1;
         }
@@ -659,6 +644,18 @@ pub fn run_tiled(
         });
     }
     Ok(stats)
+}
+
+/// The denoiser must return `(rows, L, K)` logits.
+fn check_logits(logits: &[f32], rows: usize, l: usize, k: usize) -> Result<()> {
+    if logits.len() == rows * l * k {
+        return Ok(());
+    }
+    Err(Error::Tokens(format!(
+        "denoiser returned {} logits for {rows} rows, expected {} ({rows} x {l} x {k})",
+        logits.len(),
+        rows * l * k,
+    )))
 }
 
 /// softmax(x) at temperature 1 into `out`, in f64 with `libm` (NaN logits get probability 0).
