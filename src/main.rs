@@ -673,9 +673,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
             )
         }
     };
-    let kind = out_kind(&a.out)?;
     eprintln!("seed {seed}");
-    if let OutKind::Dir = kind {
+    if dir_output {
         return generate_dir(
             &mut p,
             &a,
@@ -725,26 +724,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     write_frames(&a.frames, &made)?;
     let pixels = made.pixels;
-    let trained = p.grid();
-    let metadata = |p: &Pipeline, index: u64, n: usize| {
-        let mut meta = p.generate_metadata(seed, &settings, index, n, Some(columns));
-        if let Some(t) = &tiling {
-            absorb::record_tiling(&mut meta, t, trained, decode);
-        }
-        meta
-    };
-    match kind {
-        OutKind::File => {
-            let img = if count == 1 {
-                pixels[0].clone()
-            } else {
-                image::grid(&pixels, columns)
-            };
-            image::write_png(&a.out, &img, Some(&metadata(&p, first, count)))?;
-            eprintln!("wrote {}", a.out.display());
-        }
-        OutKind::Dir => unreachable!("directory outputs are written by generate_dir, above"),
+    // A directory output returned above: this is one PNG (a grid when count > 1).
+    let mut meta = p.generate_metadata(seed, &settings, first, count, Some(columns));
+    if let Some(t) = &tiling {
+        absorb::record_tiling(&mut meta, t, p.grid(), decode);
     }
+    let img = if count == 1 {
+        pixels[0].clone()
+    } else {
+        image::grid(&pixels, columns)
+    };
+    image::write_png(&a.out, &img, Some(&meta))?;
+    eprintln!("wrote {}", a.out.display());
     log_timings(&p, &timings, sampled, count);
     Ok(())
 }
