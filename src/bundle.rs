@@ -179,29 +179,7 @@ impl Bundle {
     /// [`Bundle::load`], with the transformer replaced by the named precision variant (`int8`,
     /// `fp16`) from `graphs.transformer.variants`.
     pub fn load_variant(dir: &Path, variant: Option<&str>) -> Result<Bundle> {
-        let path = dir.join(MANIFEST_FILE);
-        let bytes = fs::read(&path).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "no {MANIFEST_FILE} here: is {} a bundle directory (models/<name>/)?",
-                    dir.display()
-                )
-            } else {
-                e.to_string()
-            };
-            Error::Manifest {
-                path: path.clone(),
-                message: hint,
-            }
-        })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
-            path: path.clone(),
-            message: format!("not a valid bundle manifest: {e}"),
-        })?;
-        validate(&manifest).map_err(|message| Error::Manifest {
-            path: path.clone(),
-            message,
-        })?;
+        let (manifest, bytes) = read_manifest(dir)?;
         let mut manifest = manifest;
         let mut manifest_sha256 = sha256_hex(&bytes);
         if let Some(name) = variant {
@@ -297,6 +275,35 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Checks every number against the others. Returns a message naming the field.
+/// Reads and validates `DIR/model.json` without touching the graph files (no hashing: cheap even
+/// for a paper-size bundle). Returns the manifest and the file's bytes.
+pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = fs::read(&path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "no {MANIFEST_FILE} here: is {} a bundle directory (models/<name>/)?",
+                dir.display()
+            )
+        } else {
+            e.to_string()
+        };
+        Error::Manifest {
+            path: path.clone(),
+            message: hint,
+        }
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
+        path: path.clone(),
+        message: format!("not a valid bundle manifest: {e}"),
+    })?;
+    validate(&manifest).map_err(|message| Error::Manifest {
+        path: path.clone(),
+        message,
+    })?;
+    Ok((manifest, bytes))
+}
+
 fn validate(m: &Manifest) -> Result<(), String> {
     if m.format != FORMAT {
         return Err(format!(

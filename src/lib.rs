@@ -138,11 +138,32 @@ pub fn tiling_for(
         window,
         stride
             .or(defaults.window_stride)
-            .unwrap_or([window[0].div_ceil(2), window[1].div_ceil(2)]),
+            .unwrap_or_else(|| Tiling::default_stride(window)),
         margin
             .or(defaults.window_margin)
-            .unwrap_or([window[0] / 8, window[1] / 8]),
+            .unwrap_or_else(|| Tiling::default_margin(window)),
     )
+}
+
+/// Checks that `image` can be encoded tile by tile by a bundle of image `spec` and token `grid`:
+/// its channels, at least the bundle's size, a whole number of tokens.
+pub fn check_tileable(image: &Tensor, spec: &bundle::ImageSpec, grid: [usize; 2]) -> Result<()> {
+    let f = [spec.height / grid[0], spec.width / grid[1]];
+    if image.channels != spec.channels
+        || image.height < spec.height
+        || image.width < spec.width
+        || image.height % f[0] != 0
+        || image.width % f[1] != 0
+    {
+        return Err(Error::param(
+            "image",
+            format!(
+                "image is {}x{} with {} channel(s): must have {} channel(s), be at least {}x{} and a multiple of {}x{} pixels (one token)",
+                image.width, image.height, image.channels, spec.channels, spec.width, spec.height, f[1], f[0]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// How a generate or outpaint request is carried out beyond its sampling settings.
@@ -630,17 +651,7 @@ impl Pipeline {
         let s = self.bundle.manifest().image.clone();
         let g = self.grid();
         let f = [s.height / g[0], s.width / g[1]];
-        if image.channels != s.channels
-            || image.height < s.height
-            || image.width < s.width
-            || image.height % f[0] != 0
-            || image.width % f[1] != 0
-        {
-            return Err(Error::param("image", format!(
-                "image is {}x{} with {} channel(s): must have {} channel(s), be at least {}x{} and a multiple of {}x{} pixels (one token)",
-                image.width, image.height, image.channels, s.channels, s.width, s.height, f[1], f[0]
-            )));
-        }
+        check_tileable(image, &s, g)?;
         if (image.height, image.width) == (s.height, s.width) {
             return Ok((self.encode(image)?, g));
         }
@@ -734,13 +745,14 @@ impl Pipeline {
 
     /// Outpaints: encodes `image` (any size of whole tokens, at least the bundle's), surrounds it
     /// by `extend` pixels `[left, right, up, down]` of masked tokens and fills them under stream
-    /// (`seed`, 0) with windows `stride`/`margin` (bundle defaults when `None`). The image's
-    /// tokens never change. Returns the result and its tiling.
+    /// (`seed`, 0) with the windows of `plan.tiling`. The image's tokens never change; with
+    /// `keep_input` its own pixels replace the decoder's output where it was.
     #[allow(clippy::too_many_arguments)]
     pub fn outpaint(
         &mut self,
         image: &Tensor,
         extend: [usize; 4],
+        keep_input: bool,
         seed: u64,
         settings: &Settings,
         plan: &Plan<'_>,
@@ -776,7 +788,18 @@ impl Pipeline {
             }
         };
         let filled = self.fill_tiled(tokens, tiling, seed, settings, plan.max_batch, &mut record, timings)?;
-        self.finish(vec![filled], grid, snapshots, plan, timings)
+        let mut made = self.finish(vec![filled], grid, snapshots, plan, timings)?;
+        if keep_input {
+            let f = self.token_pixels();
+            let range = self.bundle.manifest().image.range;
+            image::paste(
+                &mut made.pixels[0],
+                &image::to_pixels(image, range),
+                at[1] * f[1],
+                at[0] * f[0],
+            );
+        }
+        Ok(made)
     }
 
     fn finish(

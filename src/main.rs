@@ -964,13 +964,11 @@ fn outpaint(a: OutpaintArgs) -> Result<()> {
         image::AnimationFormat::from_path(path, "frames")?;
     }
     // The manifest first: the grid (and TensorRT's decoder profile) depends on the image size.
-    let bundle = absorb::Bundle::load_variant(&model_dir(&a.common), a.common.variant.as_deref())?;
-    let spec = bundle.manifest().image.clone();
-    let t = &bundle.manifest().tokens;
-    let token_px = [spec.height / t.height, spec.width / t.width];
-    drop(bundle);
+    let (manifest, _) = absorb::bundle::read_manifest(&model_dir(&a.common))?;
+    let spec = manifest.image.clone();
+    let token_px = [spec.height / manifest.tokens.height, spec.width / manifest.tokens.width];
     let input = image::load_image_any(&a.image, &spec)?;
-    let (grid, at) = absorb::outpaint_grid(
+    let (grid, _) = absorb::outpaint_grid(
         [input.height, input.width],
         token_px,
         a.extend,
@@ -995,6 +993,7 @@ fn outpaint(a: OutpaintArgs) -> Result<()> {
     let made = p.outpaint(
         &input,
         a.extend,
+        !a.decode_all,
         seed,
         &settings,
         &plan,
@@ -1004,15 +1003,7 @@ fn outpaint(a: OutpaintArgs) -> Result<()> {
     bar.finish_and_clear();
     let sampled = start.elapsed();
     write_frames(&a.frames, &made)?;
-    let mut pixels = made.pixels.into_iter().next().context("outpainting made no image")?;
-    if !a.decode_all {
-        image::paste(
-            &mut pixels,
-            &image::to_pixels(&input, spec.range),
-            at[1] * token_px[1],
-            at[0] * token_px[0],
-        );
-    }
+    let pixels = made.pixels.into_iter().next().context("outpainting made no image")?;
     let mut meta = p.metadata("outpaint");
     absorb::record_settings(&mut meta, &settings);
     absorb::record_tiling(&mut meta, &tiling, p.grid(), a.windows.decode);

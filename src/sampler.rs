@@ -475,9 +475,22 @@ impl Tiling {
 
     /// The default: stride half a window (rounded up), margin an eighth of a window.
     pub fn with_defaults(grid: [usize; 2], window: [usize; 2]) -> Result<Tiling> {
-        let margin = [window[0] / 8, window[1] / 8];
-        let stride = [window[0].div_ceil(2), window[1].div_ceil(2)];
-        Tiling::new(grid, window, stride, margin)
+        Tiling::new(
+            grid,
+            window,
+            Tiling::default_stride(window),
+            Tiling::default_margin(window),
+        )
+    }
+
+    /// Half a `window` (rounded up) per axis.
+    pub fn default_stride(window: [usize; 2]) -> [usize; 2] {
+        [window[0].div_ceil(2), window[1].div_ceil(2)]
+    }
+
+    /// An eighth of a `window` per axis.
+    pub fn default_margin(window: [usize; 2]) -> [usize; 2] {
+        [window[0] / 8, window[1] / 8]
     }
 
     /// The big grid `[H, W]`.
@@ -568,24 +581,29 @@ pub fn run_tiled(
     let mut input: Vec<i64> = Vec::new();
     let mut part: Vec<f32> = Vec::new();
     let mut logits: Vec<f32> = Vec::new();
-    let needed = |chain: &Chain, t: u32| -> Vec<u32> {
-        if maskgit {
-            chain.masked.clone()
-        } else {
-            chain.pending_at(t).iter().map(|&(_, p)| p).collect()
-        }
-    };
+    // Per chain, the positions sampled in this step (reused buffers).
+    let mut needed: Vec<Vec<u32>> = vec![Vec::new(); chains.len()];
+    let mut windows: Vec<usize> = Vec::new();
     for t in (1..=settings.steps as u32).rev() {
         row_of.iter_mut().for_each(|r| *r = None);
         selected.clear();
         for (c, chain) in chains.iter().enumerate() {
-            let mut windows: Vec<usize> = needed(chain, t)
-                .iter()
-                .flat_map(|&p| tiling.voters(p as usize).iter().map(|&w| w as usize))
-                .collect();
+            let positions = &mut needed[c];
+            positions.clear();
+            if maskgit {
+                positions.extend_from_slice(&chain.masked);
+            } else {
+                positions.extend(chain.pending_at(t).iter().map(|&(_, p)| p));
+            }
+            windows.clear();
+            windows.extend(
+                positions
+                    .iter()
+                    .flat_map(|&p| tiling.voters(p as usize).iter().map(|&w| w as usize)),
+            );
             windows.sort_unstable();
             windows.dedup();
-            selected.extend(windows.into_iter().map(|w| (c, w)));
+            selected.extend(windows.iter().map(|&w| (c, w)));
         }
         if selected.is_empty() {
             stats.skipped_steps += 1;
@@ -607,11 +625,11 @@ pub fn run_tiled(
         }
         let mut revealed = 0;
         for (c, chain) in chains.iter_mut().enumerate() {
-            let positions = needed(chain, t);
+            let positions = &needed[c];
             if positions.is_empty() {
                 continue;
             }
-            for &p in &positions {
+            for &p in positions {
                 let p = p as usize;
                 let (r, col) = (p / tiling.grid[1], p % tiling.grid[1]);
                 acc.iter_mut().for_each(|a| *a = 0.0);

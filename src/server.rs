@@ -525,18 +525,8 @@ async fn outpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
     let e = &req.extend;
     let extend = [e.left, e.right, e.up, e.down];
     let token_px = [s.image.height / s.grid[0], s.image.width / s.grid[1]];
-    let (iw, ih) = (image.width, image.height);
-    if ih < s.image.height || iw < s.image.width || ih % token_px[0] != 0 || iw % token_px[1] != 0 {
-        return Err(Error::param(
-            "image",
-            format!(
-                "image is {iw}x{ih}: must be at least {}x{} and a multiple of {}x{} pixels (one token)",
-                s.image.width, s.image.height, token_px[1], token_px[0]
-            ),
-        )
-        .into());
-    }
-    let (grid, _) = crate::outpaint_grid([ih, iw], token_px, extend, s.limits.max_grid)?;
+    crate::check_tileable(&image, &s.image, s.grid)?;
+    let (grid, _) = crate::outpaint_grid([image.height, image.width], token_px, extend, s.limits.max_grid)?;
     let tiling = s.tiling(grid, req.stride, req.window_margin)?;
     let settings = s.settings_for(grid, req.steps, req.temperature, req.temperature_end, req.sampler)?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
@@ -1195,18 +1185,16 @@ fn run_canvas(p: &mut Pipeline, job: &CanvasJob, max_batch: usize, timings: &mut
             extend,
             decode_all,
         } => {
-            let mut made = p.outpaint(input, *extend, job.seed, &job.settings, &plan, &mut |_| {}, timings)?;
-            if !decode_all {
-                let range = p.bundle().manifest().image.range;
-                let f = p.token_pixels();
-                let (_, at) = crate::outpaint_grid([input.height, input.width], f, *extend, usize::MAX)?;
-                image::paste(
-                    &mut made.pixels[0],
-                    &image::to_pixels(input, range),
-                    at[1] * f[1],
-                    at[0] * f[0],
-                );
-            }
+            let made = p.outpaint(
+                input,
+                *extend,
+                !decode_all,
+                job.seed,
+                &job.settings,
+                &plan,
+                &mut |_| {},
+                timings,
+            )?;
             let mut meta = p.metadata("outpaint");
             crate::record_settings(&mut meta, &job.settings);
             if let Some(t) = &job.tiling {
