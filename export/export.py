@@ -11,6 +11,7 @@ and numbers below are that contract. This file does not train (train.py) or samp
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -74,11 +75,30 @@ class ExportError(Exception):
 
 
 def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
-    """Official-name hparams dict -> configs; rejects unknown, missing and inconsistent keys."""
-    unknown = sorted(set(hp) - set(HPARAM_KEYS) - {"norm_groups"})
-    if unknown:
-        raise ExportError(f"hparams: unknown keys {unknown}; "
-                          f"known: {list(HPARAM_KEYS)} and norm_groups")
+    """Official-name hparams dict -> configs; rejects missing and inconsistent keys.
+
+    A full dump of the official hyperparameters is accepted: only the architecture keys are read,
+    `sampler` must be "absorbing", and the training-only rest (learning rate, batch size, EMA,
+    logging, ...) is listed in one log line. An ignored key one letter away from an architecture
+    key is refused as a likely typo.
+    """
+    sampler = hp.get("sampler", "absorbing")
+    if sampler != "absorbing":
+        raise ExportError(f"hparams: sampler {sampler!r} is not supported: only the absorbing "
+                          f"sampler's bidirectional transformer exports (sampler \"absorbing\")")
+    quantizer = hp.get("quantizer", "nearest")
+    if quantizer != "nearest":
+        raise ExportError(f"hparams: quantizer {quantizer!r} is not supported: the encoder graph "
+                          f"holds the nearest-code quantizer (quantizer \"nearest\")")
+    known = set(HPARAM_KEYS) | {"norm_groups"}
+    ignored = sorted(set(hp) - known - {"sampler", "quantizer"})
+    for k in ignored:
+        close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
+        if close:
+            raise ExportError(f"hparams: unknown key {k!r}; did you mean {close[0]!r}?")
+    if ignored:
+        print(f"hparams: ignoring {len(ignored)} keys inference does not use: "
+              f"{', '.join(ignored)}", file=sys.stderr)
     missing = [k for k in HPARAM_KEYS if k not in hp]
     if missing:
         raise ExportError(f"hparams: missing keys {missing}")

@@ -31,9 +31,11 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agreement;
 pub mod batch;
 pub mod bench;
 pub mod bundle;
+pub mod cpu;
 pub mod error;
 pub mod eval;
 pub mod graphs;
@@ -235,6 +237,24 @@ pub fn outpaint_grid(
     Ok((grid, [up / token_px[0], left / token_px[1]]))
 }
 
+/// Logs a warning when the bundle records that `variant` falls below its agreement bar on CPUs
+/// with this one's int8 kernel (see [`cpu::VariantRecord`]).
+fn warn_if_variant_falls_short(bundle: &Bundle, variant: &str) {
+    let kernel = cpu::detect().int8_kernel;
+    match cpu::VariantRecord::from_provenance(&bundle.manifest().provenance, variant) {
+        Some(record) => match record.warning(variant, kernel) {
+            Some(w) => log::warn!("{w}"),
+            None if !record.by_cpu.iter().any(|(k, _)| k == kernel.name()) => log::info!(
+                "the {variant} transformer was not measured on CPUs like this one (int8 kernel {}): \
+                 `absorb check-variant --variant {variant}` measures it",
+                kernel.name()
+            ),
+            None => {}
+        },
+        None => log::info!("the bundle records no per-CPU agreement for its {variant} transformer"),
+    }
+}
+
 /// A loaded bundle with its three sessions: the object every command works through.
 pub struct Pipeline {
     bundle: Bundle,
@@ -277,6 +297,9 @@ impl Pipeline {
             graphs.provider(),
             load_time
         );
+        if let (Some(variant), Provider::Cpu) = (bundle.variant(), graphs.provider()) {
+            warn_if_variant_falls_short(&bundle, variant);
+        }
         Ok(Pipeline {
             bundle,
             graphs,

@@ -43,6 +43,9 @@ enum Command {
     Bench(BenchArgs),
     /// Measure sample quality with the bundle's eval classifier, per sampler and step count.
     Eval(EvalArgs),
+    /// Measure a precision variant (--variant int8) against the fp32 transformer on this CPU:
+    /// argmax agreement on the bundle's probe rows; exits 1 if below the bundle's bar.
+    CheckVariant(CheckVariantArgs),
     /// Build the provider's engines ahead of time (TensorRT: minutes on a Jetson) by running every
     /// graph at batch 1 and at --max-batch; later runs load them from the cache.
     Warmup(WarmupArgs),
@@ -342,6 +345,16 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct CheckVariantArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Measure on this many of the probe's rows, evenly spaced over its masking rates (default:
+    /// all; fewer for slow machines and emulators).
+    #[arg(long, value_name = "N")]
+    rows: Option<usize>,
+}
+
+#[derive(Args)]
 struct WarmupArgs {
     #[command(flatten)]
     common: Common,
@@ -434,6 +447,7 @@ fn main() -> ExitCode {
         Command::Warmup(a) => a.common.verbose.max(1),
         Command::Bench(a) => a.common.verbose,
         Command::Eval(a) => a.common.verbose,
+        Command::CheckVariant(a) => a.common.verbose,
         // A service logs its requests and lifecycle by default (to stderr, i.e. journald).
         Command::Serve(a) => a.common.verbose.max(1),
     };
@@ -468,6 +482,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Warmup(a) => warmup(a),
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
+        Command::CheckVariant(a) => check_variant(a),
         Command::Serve(a) => serve(a),
     }
 }
@@ -1102,9 +1117,40 @@ fn info(a: InfoArgs) -> Result<()> {
             "providers_in_library": rt.available_providers(),
             "provider_in_use": p.provider(),
         },
+        "cpu": absorb::cpu::detect(),
         "absorb": absorb::VERSION,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn check_variant(a: CheckVariantArgs) -> Result<()> {
+    if a.common.variant.is_none() {
+        bail!(absorb::Error::param(
+            "variant",
+            "name the variant to measure, e.g. --variant int8"
+        ));
+    }
+    if a.rows == Some(0) {
+        bail!(absorb::Error::param("rows", "0 rows: use 1 or more"));
+    }
+    let mut variant = load(&a.common)?;
+    let mut fp32 = load(&Common {
+        variant: None,
+        ..a.common
+    })?;
+    let report = absorb::agreement::measure(&mut fp32, &mut variant, a.rows)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.holds() {
+        bail!(
+            "the {} transformer agrees with fp32 on {:.2}% of the probe's masked positions on this CPU \
+             (int8 kernel {}), below the bundle's bar of {:.2}%: use the fp32 transformer here",
+            report.variant,
+            report.argmax_agreement * 100.0,
+            report.cpu.int8_kernel.name(),
+            report.bar.unwrap_or(0.0) * 100.0
+        );
+    }
     Ok(())
 }
 

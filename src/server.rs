@@ -885,6 +885,7 @@ impl Shared {
                 "version": rt.library().version,
                 "threads": rt.threads(),
             },
+            "cpu": crate::cpu::detect(),
             "absorb": crate::VERSION,
         });
         Shared {

@@ -653,3 +653,221 @@ fn outpainting_keeps_the_input_pixels_and_bad_windows_are_rejected_with_exit_cod
     run(op("right=9000"), &["extend", "per side"]);
     assert!(!d.path().join("x.png").exists(), "nothing written on error");
 }
+
+/// A writable copy of the bundle with its eval/ directory (the variant probe lives there).
+fn bundle_copy_with_eval(dir: &Path) -> PathBuf {
+    let out = bundle_copy(dir);
+    fs::create_dir_all(out.join("eval")).unwrap();
+    let probe = absorb::agreement::PROBE_FILE;
+    fs::copy(common::model_dir().join(probe), out.join(probe)).unwrap();
+    out
+}
+
+fn stdout_json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stderr(o)))
+}
+
+#[test]
+fn the_int8_variant_holds_the_bundles_bar_on_this_cpu() {
+    let d = tmp();
+    let m = model_arg();
+    let o = absorb(d.path(), &["check-variant", "-m", &m, "--variant", "int8"]);
+    assert!(o.status.success(), "check-variant failed: {}", stderr(&o));
+    let r = stdout_json(&o);
+    let kernel = absorb::cpu::detect().int8_kernel.name();
+    assert_eq!(r["cpu"]["int8_kernel"], kernel);
+    assert_eq!(r["rows"], 128);
+    assert!(r["positions"].as_u64().unwrap() > 4000, "{r}");
+    let (agreement, bar) = (r["argmax_agreement"].as_f64().unwrap(), r["bar"].as_f64().unwrap());
+    assert!(agreement >= bar && bar >= 0.95, "{r}");
+    // What the exporter recorded for this CPU class, if it ran on one, is what runs here.
+    if let Some(recorded) = r["recorded_here"].as_f64() {
+        assert!((recorded - agreement).abs() < 0.005, "{r}");
+    }
+    let o = absorb(d.path(), &["info", "-m", &m]);
+    assert_eq!(stdout_json(&o)["cpu"]["int8_kernel"], kernel);
+}
+
+#[test]
+fn a_variant_recorded_below_its_bar_on_this_cpu_warns_and_fails_its_check() {
+    let d = tmp();
+    let b = bundle_copy_with_eval(d.path());
+    let bs = b.to_string_lossy().into_owned();
+    let kernel = absorb::cpu::detect().int8_kernel.name();
+    let other = if kernel == "avx512_vnni" { "amx" } else { "avx512_vnni" };
+    edit_manifest(&b, |j| {
+        let v = &mut j["provenance"]["metrics"]["variants"]["int8"];
+        v["agreement_by_cpu"] = serde_json::json!({kernel: 0.8, other: 0.99});
+    });
+    let o = absorb(d.path(), &["generate", "-m", &bs, "--variant", "int8", "-o", "x.png"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("80.0% of tokens") && err.contains("below the bundle's bar of 95.0%"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("CPUs with {other} (0.990), which this one lacks")),
+        "{err}"
+    );
+    // the fp32 transformer says nothing
+    let o = absorb(d.path(), &["generate", "-m", &bs, "-o", "y.png"]);
+    assert!(!stderr(&o).contains("bar"), "{}", stderr(&o));
+    // a bar this variant cannot meet: the check exits 1 and says so
+    edit_manifest(&b, |j| {
+        j["provenance"]["metrics"]["variants"]["int8"]["bar"] = 0.9999.into()
+    });
+    fails(
+        d.path(),
+        &["check-variant", "-m", &bs, "--variant", "int8"],
+        1,
+        &["below the bundle's bar of 99.99%", kernel],
+    );
+    fails(
+        d.path(),
+        &["check-variant", "-m", &bs],
+        2,
+        &["invalid variant", "--variant int8"],
+    );
+    fs::remove_file(b.join(absorb::agreement::PROBE_FILE)).unwrap();
+    fails(
+        d.path(),
+        &["check-variant", "-m", &bs, "--variant", "int8"],
+        1,
+        &["variant-probe.json"],
+    );
+}
+
+/// The exact bytes of every kind of output for fixed seeds (tests/golden/): generate, a grid of
+/// several, other samplers and schedules, inpaint, outpaint, a wider grid, a preview, a sharded
+/// directory and the int8 variant. A change to any of them is a change to the determinism
+/// contract.
+#[test]
+fn golden_bytes_of_every_kind_of_output() {
+    let d = tmp();
+    let p = d.path();
+    let m = model_arg();
+    let digit = common::heldout()[0].0.to_string_lossy().into_owned();
+    let runs: &[(&str, &[&str])] = &[
+        ("generate", &["generate", "--seed", "7", "-o", "generate.png"]),
+        ("grid", &["generate", "--seed", "7", "--count", "4", "-o", "grid.png"]),
+        (
+            "maskgit",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--steps",
+                "16",
+                "--sampler",
+                "maskgit",
+                "-t",
+                "1.2:0.6",
+                "-o",
+                "maskgit.png",
+            ],
+        ),
+        (
+            "even",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--steps",
+                "8",
+                "--sampler",
+                "even",
+                "-o",
+                "even.png",
+            ],
+        ),
+        (
+            "inpaint",
+            &[
+                "inpaint",
+                "--image",
+                &digit,
+                "--rect",
+                "8,8,16,16",
+                "--seed",
+                "5",
+                "-o",
+                "inpaint.png",
+            ],
+        ),
+        (
+            "inpaint-all",
+            &[
+                "inpaint",
+                "--image",
+                &digit,
+                "--rect",
+                "0,0,16,32",
+                "--seed",
+                "5",
+                "--decode-all",
+                "-o",
+                "inpaint-all.png",
+            ],
+        ),
+        (
+            "outpaint",
+            &[
+                "outpaint",
+                "--image",
+                &digit,
+                "--extend",
+                "right=16,down=8",
+                "--seed",
+                "2",
+                "-o",
+                "outpaint.png",
+            ],
+        ),
+        (
+            "wide",
+            &["generate", "--seed", "11", "--grid", "8x16", "-o", "wide.png"],
+        ),
+        (
+            "preview",
+            &[
+                "generate",
+                "--seed",
+                "4",
+                "--count",
+                "2",
+                "--steps",
+                "8",
+                "--frames",
+                "preview.gif",
+                "-o",
+                "preview.png",
+            ],
+        ),
+        (
+            "shard",
+            &[
+                "generate", "--seed", "9", "--count", "6", "--shard", "1/2", "-o", "shard/",
+            ],
+        ),
+        (
+            "int8",
+            &["generate", "--seed", "7", "--variant", "int8", "-o", "int8.png"],
+        ),
+    ];
+    for (_, args) in runs {
+        let mut args = args.to_vec();
+        args.extend(["-m", &m]);
+        ok(p, &args);
+    }
+    let mut got = std::collections::BTreeMap::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+    files.extend(fs::read_dir(p.join("shard")).unwrap().map(|e| e.unwrap().path()));
+    files.retain(|f| f.extension().is_some_and(|e| e == "png" || e == "gif"));
+    for f in files {
+        let name = f.strip_prefix(p).unwrap().to_string_lossy().into_owned();
+        got.insert(name, common::sha256(&fs::read(&f).unwrap()));
+    }
+    assert_eq!(got.len(), runs.len() + 1 + 2, "{got:?}"); // + the preview's gif, 3 shard PNGs
+    common::check_golden("cli", &got);
+}

@@ -1084,3 +1084,65 @@ fn larger_grids_outpainting_and_previews_answer_with_the_cli_bytes() {
         1.0
     );
 }
+
+/// The exact bytes the service answers for fixed seeds (tests/golden/server-*.json): the
+/// `golden_bytes_of_every_kind_of_output` cases of tests/cli.rs, as HTTP requests.
+#[test]
+fn golden_bytes_of_every_kind_of_answer() {
+    let s = Server::start(&[], &[]);
+    let digit = B64.encode(std::fs::read(&common::heldout()[0].0).unwrap());
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("generate", "/v1/generate", r#"{"seed": 7}"#.into()),
+        ("grid", "/v1/generate", r#"{"seed": 7, "count": 4}"#.into()),
+        (
+            "maskgit",
+            "/v1/generate",
+            r#"{"seed": 3, "steps": 16, "sampler": "maskgit", "temperature": 1.2, "temperature_end": 0.6}"#.into(),
+        ),
+        (
+            "even",
+            "/v1/generate",
+            r#"{"seed": 3, "steps": 8, "sampler": "even"}"#.into(),
+        ),
+        (
+            "inpaint",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{digit}", "rect": [8, 8, 16, 16], "seed": 5}}"#),
+        ),
+        (
+            "inpaint-all",
+            "/v1/inpaint",
+            format!(r#"{{"image": "{digit}", "rect": [0, 0, 16, 32], "seed": 5, "decode_all": true}}"#),
+        ),
+        (
+            "outpaint",
+            "/v1/outpaint",
+            format!(r#"{{"image": "{digit}", "extend": {{"right": 16, "down": 8}}, "seed": 2}}"#),
+        ),
+        ("wide", "/v1/generate", r#"{"seed": 11, "grid": [8, 16]}"#.into()),
+        (
+            "preview",
+            "/v1/generate",
+            r#"{"seed": 4, "count": 2, "steps": 8, "frames": "gif"}"#.into(),
+        ),
+    ];
+    let mut got = std::collections::BTreeMap::new();
+    for (name, route, body) in &cases {
+        let r = s.post(route, body);
+        assert_eq!(r.status, 200, "{name}: {}", String::from_utf8_lossy(&r.body));
+        if r.header("content-type") == Some("image/png") {
+            got.insert(name.to_string(), common::sha256(&r.body));
+            continue;
+        }
+        let j = r.json();
+        for (i, img) in j["images"].as_array().unwrap().iter().enumerate() {
+            let png = B64.decode(img.as_str().unwrap()).unwrap();
+            got.insert(format!("{name}/{i}"), common::sha256(&png));
+        }
+        if let Some(frames) = j["frames"].as_str() {
+            got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
+        }
+    }
+    assert_eq!(got.len(), 7 + 4 + 3, "{got:?}"); // single PNGs, the grid's 4, the preview's 2 + frames
+    common::check_golden("server", &got);
+}

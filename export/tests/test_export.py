@@ -126,7 +126,7 @@ def test_hparams_round_trip():
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"colour": 3}, "colour"),
+    ({"n_channel": 3}, "did you mean .n_channels."),
     ({"latent_shape": [1, 4, 4]}, "latent_shape"),
     ({"block_size": 32}, "block_size"),
     ({"norm_groups": 3}, "norm_groups"),
@@ -317,3 +317,36 @@ def test_cli_rejects_mixed_sources(tmp_path):
     r = run_cli("--random-init", "--vqgan", tmp_path / "x.th", "--preset", "churches",
                 "--out", tmp_path)
     assert r.returncode == 2 and "--random-init" in r.stderr
+
+
+# --- a full dump of the official hyperparameters ---------------------------------------------
+
+FULL_DUMP = Path(__file__).with_name("digits_full_hparams.json")
+
+
+def test_a_full_official_dump_reads_the_architecture_and_lists_the_rest(capsys):
+    hp = json.loads(FULL_DUMP.read_text())
+    assert config_from_hparams(hp) == config_from_hparams(json.loads(DIGITS_SHAPE.read_text()))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ignoring 44 keys" in err and "ema_beta" in err, err
+    assert "sampler" not in err.split(":", 2)[-1].split(", ")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"sampler": "autoregressive"}, "only the absorbing sampler"),
+    ({"quantizer": "gumbel"}, "nearest-code quantizer"),
+    ({"bert_n_emd": 128}, "did you mean 'bert_n_emb'"),
+])
+def test_a_dump_for_another_model_or_with_a_typo_is_refused(change, words):
+    with pytest.raises(ExportError, match=words):
+        config_from_hparams({**json.loads(FULL_DUMP.read_text()), **change})
+
+
+def test_cli_exports_a_full_official_dump_that_passes_its_parity_check(tmp_path):
+    out = tmp_path / "bundle"
+    r = run_cli("--random-init", "--hparams", FULL_DUMP, "--out", out, "--steps", 16)
+    assert r.returncode == 0, r.stderr
+    assert "ignoring 44 keys inference does not use" in r.stderr
+    m = json.loads((out / "model.json").read_text())
+    assert m["provenance"]["hparams"] == json.loads(DIGITS_SHAPE.read_text())
+    assert set(m["provenance"]["metrics"]["parity"]) == {"encoder", "decoder", "transformer"}

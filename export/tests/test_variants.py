@@ -2,9 +2,12 @@
 
     python -m pytest -q export/tests/test_variants.py
 
-Measured when written (digits_shape.json, random init, seed 0; 16 partially masked rows): int8
-argmax agreement 0.977, mean KL 1.2e-5; fp16 0.998, 7e-9. Random-init logits are nearly flat
-(std ~0.22 over 64 codes), so argmax is a harsher test here than on a trained model.
+Measured when written on an AVX2 CPU without VNNI (digits_shape.json, random init, seed 0; 128
+sampled, partially masked rows): int8 (QUInt8 weights) argmax agreement 0.972; the former QInt8
+weights gave 0.902 there (0.99 on AVX-512 VNNI), a shuffled weight matrix ~0.3. Random-init logits
+are nearly flat (std ~0.22 over 64 codes), so argmax is a harsher test here than on a trained
+model. The bound is the exporter's own bar (variants.BAR), which the format meets on every CPU:
+its integer sums are exact on all of ONNX Runtime's kernels.
 """
 
 import hashlib
@@ -18,6 +21,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
+
+from export import variants
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_SHAPE = Path(__file__).with_name("digits_shape.json")
@@ -75,20 +81,66 @@ def test_variants_keep_the_io_contract_and_opset(bundle):
         assert opset["ai.onnx"] == 17, (name, opset)
 
 
+def agreement(bundle: Path, variant: Path, seed: int, rows: int = 128) -> float:
+    """Argmax agreement of `variant` with the bundle's fp32 transformer on fresh sampled rows."""
+    m = manifest(bundle)
+    fp32 = variants.session(bundle / "transformer.onnx", 1)
+    x, masked = variants.probe_inputs(fp32, m["tokens"], m["sampling"]["temperature"], rows, seed)
+    want = variants.logits_of(fp32, x)
+    got = variants.logits_of(variants.session(variant, 1), x)
+    assert got.shape == want.shape and got.dtype == np.float32
+    return float((want.argmax(-1) == got.argmax(-1))[masked].mean())
+
+
 def test_variants_agree_with_fp32(bundle):
     m = manifest(bundle)["provenance"]["metrics"]["variants"]
-    assert m["int8"]["argmax_agreement"] >= 0.90, m["int8"]
-    assert m["fp16"]["argmax_agreement"] >= 0.99, m["fp16"]
+    kernel = variants.int8_kernel()
+    for name in ("int8", "fp16"):
+        assert m[name]["bar"] == variants.BAR[name]
+        assert m[name]["argmax_agreement"] >= variants.BAR[name], m[name]
+        assert m[name]["measured_on"] == kernel
+        assert m[name]["agreement_by_cpu"] == {kernel: round(m[name]["argmax_agreement"], 4)}
     assert m["fp16"]["max_abs_logit_diff"] < 1e-2 and m["int8"]["mean_kl"] < 1e-3
-    # and independently of the recorded numbers: a fresh batch, batch size 3
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 64, (3, 64))
-    x[rng.random((3, 64)) < 0.5] = 64
-    fp32, int8 = (ort.InferenceSession(str(bundle / f), providers=["CPUExecutionProvider"])
-                  .run(None, {"tokens": x})[0]
-                  for f in ("transformer.onnx", "transformer.int8.onnx"))
-    assert int8.shape == fp32.shape == (3, 64, 64) and int8.dtype == np.float32
-    assert (int8.argmax(-1) == fp32.argmax(-1)).mean() >= 0.90
+    # and independently of the recorded numbers: other sampled rows, another seed
+    assert agreement(bundle, bundle / "transformer.int8.onnx", seed=1) >= variants.BAR["int8"]
+    probe = json.loads((bundle / variants.PROBE_FILE).read_text())
+    assert len(probe["rows"]) == variants.ROWS and len(probe["rows"][0]) == 64
+
+
+def shuffle_a_weight(src: Path, dst: Path):
+    """A genuinely broken int8 variant: the last quantized weight matrix (the last block's MLP
+    output), its rows permuted."""
+    variants.make_int8(src, dst)
+    model = onnx.load(dst)
+    init = [t for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert init, [t.name for t in model.graph.initializer]
+    init = init[-1:]
+    w = numpy_helper.to_array(init[0])
+    init[0].CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(w), init[0].name))
+    onnx.save(model, dst)
+
+
+def test_a_broken_variant_fails_the_bound_and_is_not_written(bundle, fresh, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.onnx"
+    shuffle_a_weight(bundle / "transformer.onnx", broken)
+    assert agreement(bundle, broken, seed=1) < variants.BAR["int8"]
+    b = fresh()
+    monkeypatch.setitem(variants.VARIANTS, "int8", ("transformer.int8.onnx", shuffle_a_weight, "x"))
+    with pytest.raises(variants.ExportError, match="below the bar 0.95; not written"):
+        variants.write_variants(b, ["int8"])
+    assert not (b / "transformer.int8.onnx").exists() and not list(b.glob("*.tmp"))
+    assert "variants" not in manifest(b)["graphs"]["transformer"]
+
+
+def test_the_shipped_digits_int8_variant_holds_its_bar_on_this_cpu():
+    digits = ROOT / "models" / "digits"
+    m = manifest(digits)["provenance"]["metrics"]["variants"]["int8"]
+    probe = np.array(json.loads((digits / variants.PROBE_FILE).read_text())["rows"])
+    masked = probe == manifest(digits)["tokens"]["mask_id"]
+    want = variants.logits_of(variants.session(digits / "transformer.onnx", 1), probe)
+    got = variants.logits_of(variants.session(digits / "transformer.int8.onnx", 1), probe)
+    assert (want.argmax(-1) == got.argmax(-1))[masked].mean() >= m["bar"]
 
 
 def test_only_one_variant_keeps_the_other_and_the_fp32_entries(bundle, fresh):

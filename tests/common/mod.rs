@@ -124,3 +124,47 @@ pub fn model_arg() -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// sha256 of bytes, lowercase hex.
+pub fn sha256(bytes: &[u8]) -> String {
+    absorb::bundle::sha256_hex(bytes)
+}
+
+/// Compares `got` (case -> sha256 of the bytes made) with `tests/golden/SUITE-KEY.json`, where
+/// KEY is this machine's `{arch}-{int8 kernel}`: PNG bytes are promised only for the same build,
+/// provider and CPU family (ONNX Runtime's float kernels differ in the last bits between AVX2,
+/// AVX-512 and NEON, and a decoder value near a rounding boundary moves). No file for this CPU
+/// family: the hashes are written under target/ to be committed, and nothing is compared.
+/// `ABSORB_GOLDEN_WRITE=1` rewrites the committed file (only for a change that is meant to
+/// alter bytes: say so in the changelog).
+pub fn check_golden(suite: &str, got: &std::collections::BTreeMap<String, String>) {
+    let cpu = absorb::cpu::detect();
+    let key = format!("{}-{}", cpu.arch, cpu.int8_kernel.name());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("tests/golden").join(format!("{suite}-{key}.json"));
+    let text = serde_json::to_string_pretty(got).unwrap() + "\n";
+    if std::env::var_os("ABSORB_GOLDEN_WRITE").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        eprintln!("wrote {}", path.display());
+        return;
+    }
+    let Ok(want) = std::fs::read_to_string(&path) else {
+        let out = root.join("target").join(format!("golden-{suite}-{key}.json"));
+        std::fs::write(&out, text).unwrap();
+        eprintln!(
+            "no golden hashes for CPU family {key}: wrote {}; commit it as {}",
+            out.display(),
+            path.display()
+        );
+        return;
+    };
+    let want: std::collections::BTreeMap<String, String> = serde_json::from_str(&want).unwrap();
+    let differ: Vec<&String> = want.keys().filter(|k| got.get(*k) != want.get(*k)).collect();
+    assert!(
+        differ.is_empty() && want.len() == got.len(),
+        "{}: bytes changed for {differ:?} (cases made: {:?})",
+        path.display(),
+        got.keys().collect::<Vec<_>>()
+    );
+}
