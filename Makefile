@@ -171,7 +171,7 @@ PAPER_COUNT  ?= 2
 $(PAPER_BUNDLE)/model.json: | venv
 	$(PY) -m export official --random-init --seed 0 --preset churches --out $(PAPER_BUNDLE)
 $(PAPER_BUNDLE)/transformer.int8.onnx: | $(PAPER_BUNDLE)/model.json
-	$(PY) -m export variants --bundle $(PAPER_BUNDLE) --only int8
+	$(PY) -m export variants --bundle $(PAPER_BUNDLE) --only int8 --rows 16 --bar 0.85
 PAPER_REPS   ?= 2
 PAPER_THREADS ?= 1
 bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
