@@ -90,7 +90,7 @@ pub fn measure(fp32: &mut Pipeline, variant: &mut Pipeline, rows: Option<usize>)
         .variant()
         .ok_or_else(|| Error::param("variant", "name the variant to measure, e.g. --variant int8"))?
         .to_string();
-    let space = fp32.token_space();
+    let space = crate::job::token_space(fp32.bundle());
     let all = read_probe(fp32.bundle().dir(), space.len, space.mask_id)?;
     let n = rows.unwrap_or(all.len()).clamp(1, all.len());
     // Row i of the probe is masked at rate (i + 0.5) / len: every k-th keeps the spread.

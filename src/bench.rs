@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::job::{self, Job, Start};
 use crate::sampler::Settings;
-use crate::{Pipeline, Timings};
+use crate::{DecodeMode, Pipeline, Progress, Timings};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -82,20 +83,31 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
 }
 
+/// Images `0..count` of `seed` on the bundle's grid with `settings`.
+fn job(settings: &Settings, seed: u64, count: usize, max_batch: usize) -> Job {
+    Job {
+        start: Start::Masked,
+        images: (0..count as u64).map(|i| (seed, i)).collect(),
+        settings: *settings,
+        tiling: None,
+        decode: DecodeMode::default(),
+        frames: false,
+        columns: 1,
+        max_batch,
+    }
+}
+
 /// Runs the benchmark on `p` (`load` = how long loading took).
 pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchReport> {
     let settings = &b.settings;
     let start = Instant::now();
-    p.generate_pixels(b.seed, 0..1, settings, 1, &mut |_| {}, &mut Timings::default())?;
+    let quiet = &mut |_: &crate::sampler::StepReport| {};
+    p.run(&job(settings, b.seed, 1, 1), &mut Progress::steps(quiet))?;
     let first_image = start.elapsed();
     // Warm-up at the timed batch size, untimed.
-    p.generate_pixels(
-        b.seed,
-        0..b.count as u64,
-        settings,
-        b.max_batch,
-        &mut |_| {},
-        &mut Timings::default(),
+    p.run(
+        &job(settings, b.seed, b.count, b.max_batch),
+        &mut Progress::steps(quiet),
     )?;
 
     let mut t = Timings::default();
@@ -104,15 +116,12 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     for r in 0..b.runs {
         let before = p.transformer_rows();
         let run_start = Instant::now();
-        p.generate_pixels(
-            b.seed + 1 + r as u64,
-            0..b.count as u64,
-            settings,
-            b.max_batch,
-            &mut |_| {},
-            &mut t,
+        let made = p.run(
+            &job(settings, b.seed + 1 + r as u64, b.count, b.max_batch),
+            &mut Progress::steps(quiet),
         )?;
         total += run_start.elapsed();
+        t.add(&made.timings);
         rows += p.transformer_rows() - before;
     }
     let runs = b.runs.max(1) as f64;
@@ -121,7 +130,7 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     let batches = b.count.div_ceil(b.max_batch) as f64;
 
     // The same forward in isolation: a fully masked batch of the mean size, median of 9.
-    let space = p.token_space();
+    let space = job::token_space(p.bundle());
     let n = (rows_per_call.round() as usize).max(1);
     let tokens = vec![space.mask_id; n * space.len];
     let mut logits = Vec::new();

@@ -134,6 +134,10 @@ pub enum Error {
         message: String,
     },
 
+    /// The caller stopped the run (a client that went away); nobody reads this error.
+    #[error("cancelled: the client went away")]
+    Cancelled,
+
     /// A file could not be read or written.
     #[error("{}: {source}", .path.display())]
     Io {

@@ -66,6 +66,9 @@ impl fmt::Display for Provider {
     }
 }
 
+/// Images fed to the transformer together at most, by default (TensorRT profiles cover it).
+pub const DEFAULT_MAX_BATCH: usize = 16;
+
 /// How to set up ONNX Runtime for this process.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
@@ -99,13 +102,13 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// Defaults for `provider`: fp32, default cache, profiles up to [`crate::DEFAULT_MAX_BATCH`], device 0.
+    /// Defaults for `provider`: fp32, default cache, profiles up to [`DEFAULT_MAX_BATCH`], device 0.
     pub fn new(provider: Provider) -> ProviderConfig {
         ProviderConfig {
             provider,
             fp16: false,
             cache_dir: None,
-            max_batch: crate::DEFAULT_MAX_BATCH,
+            max_batch: DEFAULT_MAX_BATCH,
             device_id: 0,
             variant: None,
             max_grid: None,

@@ -4,8 +4,36 @@
 mod common;
 
 use absorb::image::{self, Tensor};
-use absorb::Timings;
+use absorb::job::{self, Canvas, Job, Sampling, Start};
+use absorb::{Made, Pipeline, Progress};
 use common::{judge, pipeline, quality, DIGITS};
+
+fn run(p: &mut Pipeline, job: &Job) -> absorb::Result<Made> {
+    p.run(job, &mut Progress::steps(&mut |_| {}))
+}
+
+fn sampling(steps: Option<usize>, temperature: Option<f32>) -> Sampling {
+    Sampling {
+        steps,
+        temperature,
+        ..Sampling::default()
+    }
+}
+
+/// A generate job of images `indices` under `seed` on `canvas`, `batch` images per call.
+fn generate_job(
+    p: &Pipeline,
+    seed: u64,
+    indices: std::ops::Range<u64>,
+    sampling: &Sampling,
+    canvas: &Canvas,
+    batch: usize,
+) -> Job {
+    let count = (indices.end - indices.start) as usize;
+    let mut job = Job::generate(p.bundle(), seed, indices.start, count, sampling, canvas, None).unwrap();
+    job.max_batch = batch;
+    job
+}
 
 fn generate(
     seed: u64,
@@ -15,22 +43,37 @@ fn generate(
     batch: usize,
 ) -> Vec<Vec<i64>> {
     let mut p = pipeline();
-    let s = p.settings(steps, temperature).unwrap();
-    p.generate(seed, indices, &s, batch, &mut |_| {}, &mut Timings::default())
-        .unwrap()
+    let job = generate_job(
+        &p,
+        seed,
+        indices,
+        &sampling(steps, temperature),
+        &Canvas::default(),
+        batch,
+    );
+    run(&mut p, &job).unwrap().tokens
 }
 
+/// Decoded images of the bundle's size, as tensors.
 fn decode(tokens: &[Vec<i64>]) -> Vec<Tensor> {
     let mut p = pipeline();
-    let grid = p.grid();
-    p.decode(tokens, grid, 64, &mut Timings::default()).unwrap()
+    let grid = job::trained_grid(p.bundle());
+    let mut job = Job::decode(p.bundle(), grid, tokens.to_vec()).unwrap();
+    job.max_batch = 64;
+    let made = run(&mut p, &job).unwrap();
+    tensors(&p, &made)
+}
+
+fn tensors(p: &Pipeline, made: &Made) -> Vec<Tensor> {
+    let spec = &p.bundle().manifest().image;
+    made.pixels.iter().map(|px| image::to_tensor(px, spec)).collect()
 }
 
 #[test]
 fn generated_grids_and_images_have_the_bundle_shapes() {
     let tokens = generate(1, 0..3, None, None, 16);
     let p = pipeline();
-    let space = p.token_space();
+    let space = job::token_space(p.bundle());
     let spec = p.bundle().manifest().image.clone();
     drop(p);
     assert_eq!(tokens.len(), 3);
@@ -82,8 +125,8 @@ fn inpainting_keeps_every_known_token_and_fills_the_masked_ones() {
     let spec = p.bundle().manifest().image.clone();
     let (path, _) = &common::heldout()[3];
     let img = image::load_image(path, &spec).unwrap();
-    let original = p.encode(&img).unwrap();
-    let [h, w] = p.grid();
+    let original = p.encode(&img).unwrap().0;
+    let [h, w] = job::trained_grid(p.bundle());
     // Regenerate the right half of the image.
     let mask = image::rect_mask(
         [spec.width / 2, 0, spec.width / 2, spec.height],
@@ -93,15 +136,14 @@ fn inpainting_keeps_every_known_token_and_fills_the_masked_ones() {
     .unwrap();
     let token_mask = image::pool_mask(&mask, [h, w]);
     assert_eq!(token_mask.iter().filter(|&&m| m).count(), h * w / 2);
-    let s = p.settings(None, None).unwrap();
+    let k = job::token_space(p.bundle()).codebook_size as i64;
     let mut different = 0;
     for seed in 0..4 {
-        let out = p
-            .inpaint(&img, &token_mask, seed, &s, &mut |_| {}, &mut Timings::default())
-            .unwrap();
+        let job = Job::inpaint(p.bundle(), img.clone(), mask.clone(), seed, &Sampling::default(), true).unwrap();
+        let out = run(&mut p, &job).unwrap().tokens.remove(0);
         for i in 0..h * w {
             if token_mask[i] {
-                assert!((0..p.token_space().codebook_size as i64).contains(&out[i]));
+                assert!((0..k).contains(&out[i]));
                 different += (out[i] != original[i]) as usize;
             } else {
                 assert_eq!(out[i], original[i], "known token {i} changed (seed {seed})");
@@ -113,14 +155,15 @@ fn inpainting_keeps_every_known_token_and_fills_the_masked_ones() {
 
 #[test]
 fn an_empty_mask_is_an_error_naming_the_mask() {
-    let mut p = pipeline();
+    let p = pipeline();
     let spec = p.bundle().manifest().image.clone();
     let img = image::load_image(&common::heldout()[0].0, &spec).unwrap();
-    let s = p.settings(None, None).unwrap();
-    let l = p.token_space().len;
-    let e = p
-        .inpaint(&img, &vec![false; l], 0, &s, &mut |_| {}, &mut Timings::default())
-        .unwrap_err();
+    let empty = image::Mask {
+        height: spec.height,
+        width: spec.width,
+        data: vec![false; spec.height * spec.width],
+    };
+    let e = Job::inpaint(p.bundle(), img, empty, 0, &Sampling::default(), true).unwrap_err();
     assert!(e.to_string().starts_with("invalid mask"), "{e}");
     assert!(e.is_input_error());
 }
@@ -140,9 +183,9 @@ fn psnr(a: &Tensor, b: &Tensor) -> f64 {
 fn encode_decode_round_trip_keeps_the_recorded_psnr() {
     let mut p = pipeline();
     let real = common::heldout_tensors(&p);
-    let grids: Vec<Vec<i64>> = real.iter().map(|t| p.encode(t).unwrap()).collect();
-    let grid = p.grid();
-    let rec = p.decode(&grids, grid, 64, &mut Timings::default()).unwrap();
+    let grids: Vec<Vec<i64>> = real.iter().map(|t| p.encode(t).unwrap().0).collect();
+    drop(p);
+    let rec = decode(&grids);
     let mean = real.iter().zip(&rec).map(|(a, b)| psnr(b, a)).sum::<f64>() / real.len() as f64;
     let recorded = quality()["heldout_png_psnr_db"].as_f64().expect("heldout_png_psnr_db");
     eprintln!("round-trip PSNR {mean:.2} dB (recorded {recorded:.2})");
@@ -218,10 +261,12 @@ fn every_sampler_meets_the_bar_at_its_documented_steps_and_fails_at_temperature_
     for (kind, steps) in [(SamplerKind::Even, 64), (SamplerKind::Maskgit, 16)] {
         let run = |temperature: Option<f32>| {
             let mut p = pipeline();
-            let s = p.settings(Some(steps), temperature).unwrap().with_sampler(kind);
-            let t = p
-                .generate(0, 0..256, &s, 64, &mut |_| {}, &mut Timings::default())
-                .unwrap();
+            let s = Sampling {
+                sampler: Some(kind),
+                ..sampling(Some(steps), temperature)
+            };
+            let job = generate_job(&p, 0, 0..256, &s, &Canvas::default(), 64);
+            let t = run(&mut p, &job).unwrap().tokens;
             drop(p);
             let images = decode(&t);
             let (conf, hist) = judge(&pipeline(), &images);
@@ -266,15 +311,17 @@ fn a_two_grid_wide_image_has_a_digit_in_each_half_and_overlapping_windows_do_not
     let real_conf = real_confidence();
     let wide = |stride: Option<[usize; 2]>, margin: Option<[usize; 2]>| {
         let mut p = pipeline();
-        let tiling = p.tiling([8, 16], stride, margin).unwrap();
-        let s = p.settings_for([8, 16], None, None).unwrap();
-        let mut t = Timings::default();
+        let canvas = Canvas {
+            grid: Some([8, 16]),
+            stride,
+            window_margin: margin,
+            ..Canvas::default()
+        };
         let rows = p.transformer_rows();
-        let tokens = p
-            .generate_tiled(5, 0..128, &tiling, &s, 16, &mut |_| {}, &mut t)
-            .unwrap();
+        let job = generate_job(&p, 5, 0..128, &Sampling::default(), &canvas, 16);
+        let made = run(&mut p, &job).unwrap();
         let rows = (p.transformer_rows() - rows) as f64 / 128.0;
-        let images = p.decode_tiled(&tokens, &tiling, 64, &mut t).unwrap();
+        let images = tensors(&p, &made);
         drop(p);
         let (conf, hist) = judge(&pipeline(), &halves(&images));
         eprintln!("stride {stride:?} margin {margin:?}: halves {conf:.3} {hist:?}, {rows:.1} windows per image");
@@ -297,8 +344,8 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
     let mut p = pipeline();
     let spec = p.bundle().manifest().image.clone();
     let img = image::load_image(&common::heldout()[7].0, &spec).unwrap();
-    let known = p.encode(&img).unwrap();
-    let mask_id = p.token_space().mask_id;
+    let known = p.encode(&img).unwrap().0;
+    let mask_id = job::token_space(p.bundle()).mask_id;
     // Outpaint 4 tokens right and 4 down: a 12x12 grid with the image's tokens top-left.
     let grid = [12, 12];
     let mut tokens = vec![mask_id; 144];
@@ -306,15 +353,23 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
         tokens[r * 12..r * 12 + 8].copy_from_slice(&known[r * 8..r * 8 + 8]);
     }
     for (stride, margin) in [(None, None), (Some([4, 4]), Some([1, 1])), (Some([2, 2]), Some([0, 0]))] {
-        let tiling = p.tiling(grid, stride, margin).unwrap();
-        let s = p.settings_for(grid, None, None).unwrap();
-        let mut t = Timings::default();
-        let out = p
-            .fill_tiled(tokens.clone(), &tiling, 3, &s, 16, &mut |_| {}, &mut t)
-            .unwrap();
-        let again = p
-            .fill_tiled(tokens.clone(), &tiling, 3, &s, 4, &mut |_| {}, &mut t)
-            .unwrap();
+        let canvas = Canvas {
+            grid: Some(grid),
+            stride,
+            window_margin: margin,
+            ..Canvas::default()
+        };
+        // Known tokens to fill around: outpainting's start, given as tokens.
+        let mut fill = |seed: u64, batch: usize| {
+            let job = Job {
+                start: Start::Tokens(vec![tokens.clone()]),
+                images: vec![(seed, 0)],
+                ..generate_job(&p, seed, 0..1, &Sampling::default(), &canvas, batch)
+            };
+            run(&mut p, &job).unwrap().tokens.remove(0)
+        };
+        let out = fill(3, 16);
+        let again = fill(3, 4);
         assert_eq!(out, again, "same seed, other batch size: same tokens");
         for i in 0..144 {
             if tokens[i] == mask_id {
@@ -323,17 +378,21 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
                 assert_eq!(out[i], tokens[i], "known token {i} changed (stride {stride:?})");
             }
         }
-        let other = p
-            .fill_tiled(tokens.clone(), &tiling, 4, &s, 16, &mut |_| {}, &mut t)
-            .unwrap();
+        let other = fill(4, 16);
         assert_ne!(out, other, "another seed fills differently");
     }
     // Generation on a larger grid: image i is the same alone and in a batch.
-    let tiling = p.tiling([8, 20], None, None).unwrap();
-    let s = p.settings_for([8, 20], Some(40), None).unwrap();
-    let mut t = Timings::default();
-    let batch = p.generate_tiled(9, 0..4, &tiling, &s, 16, &mut |_| {}, &mut t).unwrap();
-    let alone = p.generate_tiled(9, 2..3, &tiling, &s, 1, &mut |_| {}, &mut t).unwrap();
+    let canvas = Canvas {
+        grid: Some([8, 20]),
+        ..Canvas::default()
+    };
+    let s = sampling(Some(40), None);
+    let (jb, ja) = (
+        generate_job(&p, 9, 0..4, &s, &canvas, 16),
+        generate_job(&p, 9, 2..3, &s, &canvas, 1),
+    );
+    let batch = run(&mut p, &jb).unwrap().tokens;
+    let alone = run(&mut p, &ja).unwrap().tokens;
     assert_eq!(alone[0], batch[2]);
 }
 
@@ -355,9 +414,9 @@ fn an_image_larger_than_the_bundle_encodes_tile_by_tile() {
         width: 64,
         data,
     };
-    let (tokens, grid) = p.encode_any(&wide).unwrap();
+    let (tokens, grid) = p.encode(&wide).unwrap();
     assert_eq!(grid, [8, 16]);
-    let (ta, tb) = (p.encode(&a).unwrap(), p.encode(&b).unwrap());
+    let (ta, tb) = (p.encode(&a).unwrap().0, p.encode(&b).unwrap().0);
     for r in 0..8 {
         assert_eq!(&tokens[r * 16..r * 16 + 8], &ta[r * 8..r * 8 + 8]);
         assert_eq!(&tokens[r * 16 + 8..r * 16 + 16], &tb[r * 8..r * 8 + 8]);
@@ -368,6 +427,6 @@ fn an_image_larger_than_the_bundle_encodes_tile_by_tile() {
         width: 62,
         data: vec![0.0; 32 * 62],
     };
-    let e = p.encode_any(&odd).unwrap_err().to_string();
+    let e = p.encode(&odd).unwrap_err().to_string();
     assert!(e.contains("multiple of 4x4"), "{e}");
 }

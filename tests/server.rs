@@ -1146,3 +1146,58 @@ fn golden_bytes_of_every_kind_of_answer() {
     assert_eq!(got.len(), 7 + 4 + 3, "{got:?}"); // single PNGs, the grid's 4, the preview's 2 + frames
     common::check_golden("server", &got);
 }
+
+/// `/metrics` read by a real Prometheus text parser: every family typed and documented, the
+/// request counter labelled by route and status, the latency histogram with its buckets.
+#[test]
+fn metrics_parse_as_prometheus_text_with_types_help_and_labels() {
+    use prometheus_parse::{Scrape, Value};
+    let s = Server::start(&[], &[]);
+    assert_eq!(s.post("/v1/generate", r#"{"seed": 1}"#).status, 200);
+    assert_eq!(s.post("/v1/generate", r#"{"count": 0}"#).status, 400);
+    let r = s.get("/metrics");
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(r.body).unwrap();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let find = |name: &str, route: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|x| x.metric == name && route.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name} {route:?} in\n{text}"))
+    };
+    let ok = scrape
+        .samples
+        .iter()
+        .find(|x| {
+            x.metric == "absorb_requests_total"
+                && x.labels.get("route") == Some("/v1/generate")
+                && x.labels.get("status") == Some("200")
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(matches!(ok.value, Value::Counter(n) if n == 1.0), "{:?}", ok.value);
+    let bad = find("absorb_requests_total", Some(("status", "400")));
+    assert!(matches!(bad.value, Value::Counter(n) if n == 1.0), "{:?}", bad.value);
+    let latency = find("absorb_request_duration_seconds", Some(("route", "/v1/generate")));
+    let Value::Histogram(buckets) = &latency.value else {
+        panic!("{:?}", latency.value)
+    };
+    assert_eq!(buckets.len(), 15, "14 bounds and +Inf");
+    assert_eq!(buckets.last().unwrap().count, 2.0);
+    assert!(matches!(find("absorb_queue_capacity", None).value, Value::Gauge(n) if n == 8.0));
+    assert!(matches!(find("absorb_images_total", None).value, Value::Counter(n) if n == 1.0));
+    for family in [
+        "absorb_requests_total",
+        "absorb_request_duration_seconds",
+        "absorb_queue_depth",
+        "absorb_requests_in_flight",
+        "absorb_jobs_skipped_total",
+        "absorb_transformer_calls_total",
+        "absorb_steps_per_second",
+    ] {
+        assert!(scrape.docs.contains_key(family), "no HELP for {family}:\n{text}");
+    }
+}

@@ -1,0 +1,413 @@
+//! The command line's flags: one struct per command, and the groups several commands share
+//! (`Common`, `SamplingArgs`, `WindowArgs`, `FrameArgs`), each defined once. Parsing only: the
+//! values become a [`absorb::Job`] in the command's own file.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use absorb::sampler::SamplerKind;
+use absorb::{Canvas, DecodeMode, Provider, Sampling};
+
+/// Options every command shares.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Bundle directory (model.json + graphs). Default: the bundled models/digits.
+    #[arg(long, short = 'm', value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// ONNX Runtime library to load (default: ORT_DYLIB_PATH, next to the binary, the repo's .ort/,
+    /// an installed Python onnxruntime, the system loader).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Execution provider; an explicit GPU provider that cannot run is an error, `auto` falls back.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub provider: Provider,
+    /// Intra-op threads (default: all cores). Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    pub fp16: bool,
+    /// TensorRT: engine and timing cache root (default: $XDG_CACHE_HOME/absorb/tensorrt); each
+    /// bundle, ONNX Runtime version, GPU and precision gets its own subdirectory.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// CUDA device index.
+    #[arg(long, default_value_t = 0)]
+    pub device: i32,
+    /// Transformer precision variant from the bundle: int8 (CPUs) or fp16 (GPUs).
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+    /// More log output (-v: phase timings, -vv: debug).
+    #[arg(long, short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Sampling options shared by generate and inpaint.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Seed; printed and recorded in the PNG. Default: a fresh random seed.
+    #[arg(long, short = 's')]
+    pub seed: Option<u64>,
+    /// Reverse steps S, 1..=tokens (default: the bundle's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Softmax temperature, > 0 (default: the bundle's); `START:END` for a linear schedule over
+    /// the steps, e.g. 1.2:0.6.
+    #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
+    pub temperature: Option<(f32, Option<f32>)>,
+    /// Reveal rule: absorbing (the paper's 1/t rule), even (exact counts per step), maskgit
+    /// (most confident first, cosine schedule).
+    #[arg(long, value_enum, default_value_t = SamplerKind::Absorbing)]
+    pub sampler: SamplerKind,
+}
+
+impl SamplingArgs {
+    /// The flags as the library takes them (absent = the bundle's defaults).
+    pub fn sampling(&self) -> Sampling {
+        let (temperature, temperature_end) = self.temperature.map_or((None, None), |(a, b)| (Some(a), b));
+        Sampling {
+            steps: self.steps,
+            temperature,
+            temperature_end,
+            sampler: Some(self.sampler),
+        }
+    }
+}
+
+pub fn parse_temperature(s: &str) -> Result<(f32, Option<f32>), String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<f32>()
+            .map_err(|_| format!("\"{s}\" is not a number or START:END"))
+    };
+    match s.split_once(':') {
+        Some((a, b)) => Ok((num(a)?, Some(num(b)?))),
+        None => Ok((num(s)?, None)),
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Number of images.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: usize,
+    /// Index of the first image (each index has its own random stream under the seed).
+    #[arg(long, default_value_t = 0)]
+    pub first_index: u64,
+    /// Output: a .png file (a grid when count > 1) or a directory (existing or ending in /) for
+    /// one PNG per image; a rerun into a directory keeps the complete images and makes the rest
+    /// (README "Scale out").
+    #[arg(long, short = 'o', default_value = "absorb.png")]
+    pub out: PathBuf,
+    /// Grid columns when writing several images into one PNG (default: near square).
+    #[arg(long)]
+    pub columns: Option<usize>,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
+    /// temperature from its metadata).
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "count", "first_index", "columns"])]
+    pub from: Option<PathBuf>,
+    /// Also write the generated token grids as JSON (one entry per image, with its index).
+    #[arg(long, value_name = "JSON")]
+    pub tokens_out: Option<PathBuf>,
+    /// Token grid ROWSxCOLS larger than the bundle's, e.g. 8x16 for two digits side by side:
+    /// windows of the trained grid slide over it.
+    #[arg(long, value_name = "ROWSxCOLS", value_parser = parse_pair, conflicts_with = "size")]
+    pub grid: Option<[usize; 2]>,
+    /// Image size WIDTHxHEIGHT in pixels instead of --grid (a whole number of tokens).
+    #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_pair)]
+    pub size: Option<[usize; 2]>,
+    #[command(flatten)]
+    pub windows: WindowArgs,
+    #[command(flatten)]
+    pub frames: FrameArgs,
+    /// Make only shard I of M (0 <= I < M) into the --out directory: indices
+    /// first + floor(count*I/M) up to first + floor(count*(I+1)/M). Needs --seed. README "Scale out".
+    #[arg(long, value_name = "I/M", value_parser = parse_shard, conflicts_with = "shards")]
+    pub shard: Option<absorb::batch::Shard>,
+    /// Shard count M when the shard index comes from JOB_COMPLETION_INDEX (a Kubernetes Indexed
+    /// Job); default: ABSORB_SHARDS.
+    #[arg(long, value_name = "M")]
+    pub shards: Option<u64>,
+}
+
+pub fn parse_shard(s: &str) -> Result<absorb::batch::Shard, String> {
+    absorb::batch::Shard::parse(s).map_err(|e| e.to_string().trim_start_matches("invalid shard: ").to_string())
+}
+
+/// How windows cover a grid larger than the bundle's.
+#[derive(Args, Clone)]
+pub struct WindowArgs {
+    /// Window stride in tokens, N or ROWSxCOLS (default: half a window).
+    #[arg(long, value_name = "N", value_parser = parse_pair)]
+    pub stride: Option<[usize; 2]>,
+    /// Tokens along a window's inner edges it does not vote for, N or ROWSxCOLS (default: an
+    /// eighth of a window; 0 = the paper's rule, every covering window votes).
+    #[arg(long, value_name = "N", value_parser = parse_pair)]
+    pub window_margin: Option<[usize; 2]>,
+    /// How a larger grid is decoded: tiles (window by window, overlaps blended) or whole (in one
+    /// piece, as the paper does).
+    #[arg(long, value_enum, default_value_t = DecodeMode::Tiles)]
+    pub decode: DecodeMode,
+}
+
+impl WindowArgs {
+    /// The canvas of a `grid` (absent = the bundle's) with these windows.
+    pub fn canvas(&self, grid: Option<[usize; 2]>) -> Canvas {
+        Canvas {
+            grid,
+            stride: self.stride,
+            window_margin: self.window_margin,
+            decode: self.decode,
+        }
+    }
+}
+
+/// Preview of the reverse process.
+#[derive(Args, Clone)]
+pub struct FrameArgs {
+    /// Also write the reverse process as an animation (.gif, or .png/.apng for APNG): one frame
+    /// per step that revealed something, masked tokens shown as grey tiles.
+    #[arg(long, value_name = "FILE")]
+    pub frames: Option<PathBuf>,
+    /// Milliseconds per frame (the last one stays 1.5 s).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub frame_ms: u16,
+}
+
+#[derive(Args)]
+pub struct OutpaintArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The image to extend: at least the bundle's size, a whole number of tokens.
+    #[arg(long, short = 'i')]
+    pub image: PathBuf,
+    /// Pixels to add per side, e.g. right=32,down=16 (sides: left, right, up, down; multiples of
+    /// the token size).
+    #[arg(long, value_parser = parse_extend)]
+    pub extend: [usize; 4],
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "outpainted.png")]
+    pub out: PathBuf,
+    /// Images per transformer call (windows of one step).
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// Write the decoder's output everywhere instead of keeping the input's own pixels.
+    #[arg(long)]
+    pub decode_all: bool,
+    #[command(flatten)]
+    pub windows: WindowArgs,
+    #[command(flatten)]
+    pub frames: FrameArgs,
+}
+
+#[derive(Args)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The image to edit (the bundle's size).
+    #[arg(long, short = 'i')]
+    pub image: PathBuf,
+    /// Mask image of the same size: white = regenerate, black = keep.
+    #[arg(long, required_unless_present = "rect", conflicts_with = "rect")]
+    pub mask: Option<PathBuf>,
+    /// Rectangle to regenerate instead of a mask: x,y,w,h in pixels.
+    #[arg(long, value_parser = parse_rect)]
+    pub rect: Option<[usize; 4]>,
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "inpainted.png")]
+    pub out: PathBuf,
+    /// Write the decoder's output everywhere instead of keeping the input's pixels outside the mask.
+    #[arg(long)]
+    pub decode_all: bool,
+}
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The image to encode (the bundle's size).
+    #[arg(long, short = 'i')]
+    pub image: PathBuf,
+    /// Output JSON file (default: stdout).
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Token grid JSON as written by `absorb encode`.
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// Output PNG.
+    #[arg(long, short = 'o', default_value = "decoded.png")]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Reverse steps (default: the bundle's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Temperature (default: the bundle's).
+    #[arg(long, short = 't')]
+    pub temperature: Option<f32>,
+    /// Images per timed run.
+    #[arg(long, short = 'n', default_value_t = 16)]
+    pub count: usize,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file (`-` for stdout instead of the table).
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Samplers to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "absorbing")]
+    pub samplers: Vec<SamplerKind>,
+    /// Step counts to compare, comma-separated (default: the bundle's).
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<usize>,
+    /// Temperature or START:END schedule (default: the bundle's).
+    #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
+    pub temperature: Option<(f32, Option<f32>)>,
+    /// Images per row of the table.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub count: usize,
+    /// Seed (the same images indices for every row).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CheckVariantArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Measure on this many of the probe's rows, evenly spaced over its masking rates (default:
+    /// all; fewer for slow machines and emulators).
+    #[arg(long, value_name = "N")]
+    pub rows: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct WarmupArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Largest batch to build engines for (use the same value when generating or serving).
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// A PNG written by absorb: print its generation metadata instead.
+    pub png: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Address to listen on; port 0 picks a free one (printed as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Jobs that may wait for the worker; one more is answered 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_queue)]
+    pub max_queue: usize,
+    /// Images per transformer call.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_batch)]
+    pub max_batch: usize,
+    /// Images per generate request.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_count)]
+    pub max_count: usize,
+    /// Reverse steps per request (default: up to the bundle's token count).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<usize>,
+    /// Request body limit in bytes (base64 images included).
+    #[arg(long, value_name = "BYTES", default_value_t = absorb::server::Limits::default().max_body_bytes)]
+    pub max_body: usize,
+    /// Milliseconds before a request still waiting or running is answered 503.
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().timeout_ms)]
+    pub timeout_ms: u64,
+    /// Largest token grid side a request may ask for (`grid`, outpainting).
+    #[arg(long, value_name = "TOKENS", default_value_t = absorb::server::Limits::default().max_grid)]
+    pub max_grid: usize,
+}
+
+/// `N` (both axes) or `AxB`.
+pub fn parse_pair(s: &str) -> Result<[usize; 2], String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("\"{s}\" is not N or AxB (integers)"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((a, b)) => Ok([num(a)?, num(b)?]),
+        None => num(s).map(|n| [n, n]),
+    }
+}
+
+/// `left=A,right=B,up=C,down=D` (any subset) -> `[left, right, up, down]` in pixels.
+pub fn parse_extend(s: &str) -> Result<[usize; 4], String> {
+    let mut out = [0usize; 4];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (side, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("\"{part}\" is not SIDE=PIXELS (sides: left, right, up, down)"))?;
+        let i = ["left", "right", "up", "down"]
+            .iter()
+            .position(|&k| k == side.trim())
+            .ok_or_else(|| format!("\"{side}\" is not a side: use left, right, up or down"))?;
+        out[i] = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("\"{n}\" is not a number of pixels"))?;
+    }
+    if out == [0; 4] {
+        return Err("nothing to extend: give e.g. right=32".into());
+    }
+    Ok(out)
+}
+
+pub fn parse_rect(s: &str) -> Result<[usize; 4], String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let nums: Result<Vec<usize>, _> = parts.iter().map(|p| p.trim().parse::<usize>()).collect();
+    match nums {
+        Ok(v) if v.len() == 4 => Ok([v[0], v[1], v[2], v[3]]),
+        _ => Err(format!("\"{s}\" is not x,y,w,h (four non-negative integers)")),
+    }
+}

@@ -1,0 +1,96 @@
+//! `absorb inpaint` and `absorb outpaint`: an image and where to regenerate or extend it,
+//! made into a job; the image's known tokens never change.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use absorb::image;
+use absorb::sampler::StepReport;
+use absorb::{job, Job, Progress};
+
+use super::args::{InpaintArgs, OutpaintArgs};
+use super::{load, load_grid, log_timings, model_dir, progress, seed_or_fresh, write_frames};
+
+pub fn inpaint(a: InpaintArgs) -> Result<()> {
+    let mut p = load(&a.common)?;
+    let spec = p.bundle().manifest().image.clone();
+    let input = image::load_image(&a.image, &spec)?;
+    let mask = match (&a.mask, a.rect) {
+        (Some(path), _) => image::load_mask(path, spec.width, spec.height)?,
+        (None, Some(rect)) => image::rect_mask(rect, spec.width, spec.height)?,
+        (None, None) => bail!(absorb::Error::param("mask", "give --mask FILE or --rect x,y,w,h")),
+    };
+    let seed = seed_or_fresh(a.sampling.seed);
+    let job = Job::inpaint(p.bundle(), input, mask, seed, &a.sampling.sampling(), !a.decode_all)?;
+    eprintln!("seed {seed}");
+    let masked = job.masked_tokens(p.bundle());
+    let bar = progress(masked as u64);
+    let start = Instant::now();
+    let made = p.run(
+        &job,
+        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
+    )?;
+    bar.finish_and_clear();
+    let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
+    image::write_png(&a.out, &made.pixels[0], Some(&meta))?;
+    let total = made.grid[0] * made.grid[1];
+    eprintln!("regenerated {masked} of {total} tokens; wrote {}", a.out.display());
+    log_timings(&p, &made.timings, start.elapsed(), 1);
+    Ok(())
+}
+
+pub fn outpaint(a: OutpaintArgs) -> Result<()> {
+    if let Some(path) = &a.frames.frames {
+        image::AnimationFormat::from_path(path, "frames")?;
+    }
+    // The manifest first: the grid (and TensorRT's decoder profile) depends on the image size.
+    let (manifest, _) = absorb::bundle::read_manifest(&model_dir(&a.common))?;
+    let spec = manifest.image.clone();
+    let token_px = [spec.height / manifest.tokens.height, spec.width / manifest.tokens.width];
+    let input = image::load_image_any(&a.image, &spec)?;
+    let (grid, _) = job::outpaint_grid(
+        [input.height, input.width],
+        token_px,
+        a.extend,
+        absorb::sampler::MAX_GRID_SIDE,
+    )?;
+    let mut p = load_grid(&a.common, a.max_batch, Some(grid))?;
+    let seed = seed_or_fresh(a.sampling.seed);
+    let (width, height) = (input.width, input.height);
+    let canvas = a.windows.canvas(Some(grid));
+    let mut job = Job::outpaint(
+        p.bundle(),
+        input,
+        a.extend,
+        seed,
+        &a.sampling.sampling(),
+        &canvas,
+        !a.decode_all,
+        None,
+    )?;
+    job.max_batch = a.max_batch;
+    job.frames = a.frames.frames.is_some();
+    eprintln!("seed {seed}");
+    let masked = job.masked_tokens(p.bundle());
+    let bar = progress(masked as u64);
+    let start = Instant::now();
+    let made = p.run(
+        &job,
+        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
+    )?;
+    bar.finish_and_clear();
+    write_frames(&a.frames, &made)?;
+    let pixels = made.pixels.first().context("outpainting made no image")?;
+    let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
+    image::write_png(&a.out, pixels, Some(&meta))?;
+    let windows = job.tiling.as_ref().map_or(1, |t| t.windows());
+    eprintln!(
+        "extended {width}x{height} to {}x{} ({masked} new tokens, {windows} windows); wrote {}",
+        pixels.width,
+        pixels.height,
+        a.out.display()
+    );
+    log_timings(&p, &made.timings, start.elapsed(), 1);
+    Ok(())
+}

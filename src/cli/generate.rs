@@ -1,0 +1,211 @@
+//! `absorb generate`: images from all-masked grids into one PNG (a sheet when there are
+//! several) or, for a directory, one PNG per image, sharded and resumable (`absorb::batch`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use absorb::image::{self, Metadata};
+use absorb::sampler::StepReport;
+use absorb::{job, Bundle, Job, Pipeline, Progress};
+
+use super::args::GenerateArgs;
+use super::{load_grid, log_timings, progress, seed_or_fresh, write_atomic, write_frames};
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    if let Some(path) = &a.frames.frames {
+        image::AnimationFormat::from_path(path, "frames")?;
+    }
+    let dir_output = is_dir_output(&a.out)?;
+    let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    let seeded = a.sampling.seed.is_some() || a.from.is_some();
+    let shard = absorb::batch::resolve_shard(a.shard, a.shards, dir_output, seeded, &env)?;
+    let max_grid = a.grid.or(a.size.map(|[w, h]| [h, w]));
+    let mut p = load_grid(&a.common, a.max_batch, max_grid)?;
+    let provider = p.provider().to_string();
+    let mut job = match &a.from {
+        Some(png) => Job::from_metadata(p.bundle(), &provider, png, &image::read_metadata(png)?)?,
+        None => {
+            if a.count == 0 {
+                bail!(absorb::Error::param("count", "0 images requested: use 1 or more"));
+            }
+            let grid = requested_grid(p.bundle(), a.grid, a.size)?;
+            let seed = seed_or_fresh(a.sampling.seed);
+            let canvas = a.windows.canvas(grid);
+            let mut job = Job::generate(
+                p.bundle(),
+                seed,
+                a.first_index,
+                a.count,
+                &a.sampling.sampling(),
+                &canvas,
+                None,
+            )?;
+            job.columns = a.columns.unwrap_or(job.columns);
+            job
+        }
+    };
+    job.max_batch = a.max_batch;
+    job.frames = a.frames.frames.is_some();
+    eprintln!("seed {}", job.seed());
+    if dir_output {
+        return generate_dir(&mut p, &a, &job, shard);
+    }
+    let bar = progress(job.masked_tokens(p.bundle()) as u64);
+    let start = Instant::now();
+    let made = p.run(
+        &job,
+        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
+    )?;
+    bar.finish_and_clear();
+    let sampled = start.elapsed();
+    let count = job.images.len();
+    if let Some(path) = &a.tokens_out {
+        write_tokens(p.bundle(), path, job.seed(), job.images[0].1, made.grid, &made.tokens)?;
+    }
+    write_frames(&a.frames, &made)?;
+    let meta = job.metadata(p.bundle(), &provider, 0, count);
+    let img = if count == 1 {
+        made.pixels[0].clone()
+    } else {
+        image::grid(&made.pixels, job.columns)
+    };
+    image::write_png(&a.out, &img, Some(&meta))?;
+    eprintln!("wrote {}", a.out.display());
+    log_timings(&p, &made.timings, sampled, count);
+    Ok(())
+}
+
+/// A directory (existing, or a path ending in `/`) or a `.png` file.
+fn is_dir_output(out: &Path) -> Result<bool> {
+    let s = out.to_string_lossy();
+    if out.is_dir() || s.ends_with('/') {
+        Ok(true)
+    } else if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        Ok(false)
+    } else {
+        Err(absorb::Error::param(
+            "out",
+            format!("{s} must end in .png or name a directory (end it with /)"),
+        )
+        .into())
+    }
+}
+
+/// The token grid a request asks for: `--grid`, `--size` in pixels, or `None` for the bundle's.
+fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize; 2]>) -> Result<Option<[usize; 2]>> {
+    let Some([w, h]) = size else {
+        return Ok(grid);
+    };
+    let f = job::token_pixels(bundle);
+    if h % f[0] != 0 || w % f[1] != 0 || h == 0 || w == 0 {
+        bail!(absorb::Error::param(
+            "size",
+            format!(
+                "{w}x{h} is not a whole number of tokens: width and height must be multiples of {}x{} pixels",
+                f[1], f[0]
+            )
+        ));
+    }
+    Ok(Some([h / f[0], w / f[1]]))
+}
+
+/// `generate --out DIR/`: one shard (or all) of the job, resumable, with a manifest
+/// (`absorb::batch`); each PNG holds one image, made as the job's own would be.
+fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<absorb::batch::Shard>) -> Result<()> {
+    if job.frames {
+        // A resumed run samples only the images it lacks: a preview of those would be partial.
+        bail!(absorb::Error::param(
+            "frames",
+            "previews go with a .png output, not a directory: make the preview in a run of its own"
+        ));
+    }
+    let (seed, first, count) = (job.seed(), job.images[0].1, job.images.len() as u64);
+    let shard = shard.unwrap_or(absorb::batch::Shard::WHOLE);
+    let indices = shard.indices(first, count);
+    if shard != absorb::batch::Shard::WHOLE {
+        eprintln!(
+            "shard {shard}: images {}..{} of {first}..{}",
+            indices.start,
+            indices.end,
+            first + count
+        );
+    }
+    let grid = job.grid(p.bundle());
+    let f = job::token_pixels(p.bundle());
+    let mut image = p.bundle().manifest().image.clone();
+    (image.height, image.width) = (f[0] * grid[0], f[1] * grid[1]);
+    let req = absorb::batch::Request {
+        dir: &a.out,
+        seed,
+        first,
+        count,
+        shard,
+        chunk: job.max_batch,
+        image: &image,
+        make_kept: a.tokens_out.is_some(),
+    };
+    // What every PNG of the job carries but for its index.
+    let template = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
+    let metadata = |index: u64| Metadata {
+        index: Some(index),
+        ..template.clone()
+    };
+    let bar = progress((indices.end - indices.start) * (grid[0] * grid[1]) as u64);
+    let mut timings = absorb::Timings::default();
+    let mut tokens = Vec::new();
+    let mut make = |indices: &[u64]| -> absorb::Result<Vec<image::Pixels>> {
+        // Each image is the same whatever else is made with it.
+        let part = Job {
+            images: indices.iter().map(|&i| (seed, i)).collect(),
+            ..job.clone()
+        };
+        let made = p.run(
+            &part,
+            &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
+        )?;
+        timings.add(&made.timings);
+        if a.tokens_out.is_some() {
+            tokens.extend(made.tokens);
+        }
+        Ok(made.pixels)
+    };
+    let mut summary = absorb::batch::Summary::default();
+    let start = Instant::now();
+    let result = absorb::batch::run(&req, &metadata, &mut make, &mut summary);
+    bar.finish_and_clear();
+    eprintln!("{}: {summary}", a.out.display());
+    result.with_context(|| format!("writing shard {shard} into {}", a.out.display()))?;
+    if let Some(path) = &a.tokens_out {
+        write_tokens(p.bundle(), path, seed, indices.start, grid, &tokens)?;
+    }
+    log_timings(
+        p,
+        &timings,
+        start.elapsed(),
+        summary.made + summary.regenerated + summary.foreign,
+    );
+    Ok(())
+}
+
+/// `--tokens-out`: the token grids of images `first..` as JSON.
+fn write_tokens(
+    bundle: &Bundle,
+    path: &Path,
+    seed: u64,
+    first: u64,
+    grid: [usize; 2],
+    tokens: &[Vec<i64>],
+) -> Result<()> {
+    let images: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"index": first + i as u64, "tokens": t.chunks(grid[1]).collect::<Vec<_>>()}))
+        .collect();
+    let json = serde_json::json!({
+        "bundle": bundle.manifest().name, "bundle_sha256": bundle.sha256(), "seed": seed,
+        "height": grid[0], "width": grid[1], "images": images,
+    });
+    write_atomic(path, serde_json::to_string(&json)?.as_bytes())
+}

@@ -1,0 +1,27 @@
+//! `absorb serve`: the flags become the service's options (`absorb::server`).
+
+use anyhow::{Context, Result};
+
+use super::args::ServeArgs;
+use super::{model_dir, provider_config, runtime_options};
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let dir = model_dir(&a.common);
+    let options = absorb::server::ServeOptions {
+        model: dir.clone(),
+        runtime: runtime_options(&a.common),
+        // The same provider settings as every command; TensorRT profiles cover the service's batches.
+        provider: provider_config(&a.common, a.max_batch, Some([a.max_grid, a.max_grid])),
+        listen: a.listen,
+        limits: absorb::server::Limits {
+            max_queue: a.max_queue,
+            max_batch: a.max_batch,
+            max_count: a.max_count,
+            max_steps: a.max_steps,
+            max_body_bytes: a.max_body,
+            timeout_ms: a.timeout_ms,
+            max_grid: a.max_grid,
+        },
+    };
+    absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))
+}

@@ -1,0 +1,218 @@
+//! The commands that inspect and measure rather than make images: `info`, `check-variant`,
+//! `warmup`, `bench`, `eval`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use absorb::image;
+use absorb::{Job, Progress, Sampling};
+
+use super::args::{BenchArgs, CheckVariantArgs, Common, EvalArgs, InfoArgs, WarmupArgs};
+use super::{load, load_grid, write_atomic};
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    if let Some(png) = &a.png {
+        let m = image::read_metadata(png)?;
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let p = load(&a.common)?;
+    let rt = p.runtime();
+    let m = p.bundle().manifest();
+    let report = serde_json::json!({
+        "bundle": {
+            "dir": p.bundle().dir(),
+            "name": m.name,
+            "sha256": p.bundle().sha256(),
+            "image": m.image,
+            "tokens": m.tokens,
+            "sampling": m.sampling,
+            "provenance": m.provenance,
+        },
+        "onnxruntime": {
+            "library": rt.library(),
+            "threads": rt.threads(),
+            "providers_in_library": rt.available_providers(),
+            "provider_in_use": p.provider(),
+        },
+        "cpu": absorb::cpu::detect(),
+        "absorb": absorb::VERSION,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+pub fn check_variant(a: CheckVariantArgs) -> Result<()> {
+    if a.common.variant.is_none() {
+        bail!(absorb::Error::param(
+            "variant",
+            "name the variant to measure, e.g. --variant int8"
+        ));
+    }
+    if a.rows == Some(0) {
+        bail!(absorb::Error::param("rows", "0 rows: use 1 or more"));
+    }
+    let mut variant = load(&a.common)?;
+    let mut fp32 = load(&Common {
+        variant: None,
+        ..a.common
+    })?;
+    let report = absorb::agreement::measure(&mut fp32, &mut variant, a.rows)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.holds() {
+        bail!(
+            "the {} transformer agrees with fp32 on {:.2}% of the probe's masked positions on this CPU \
+             (int8 kernel {}), below the bundle's bar of {:.2}%: use the fp32 transformer here",
+            report.variant,
+            report.argmax_agreement * 100.0,
+            report.cpu.int8_kernel.name(),
+            report.bar.unwrap_or(0.0) * 100.0
+        );
+    }
+    Ok(())
+}
+
+pub fn warmup(a: WarmupArgs) -> Result<()> {
+    let start = Instant::now();
+    // A heartbeat, so a long engine build is never mistaken for a hang.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let heartbeat = std::thread::spawn(move || {
+        while done_rx.recv_timeout(std::time::Duration::from_secs(15)).is_err() {
+            log::info!(
+                "warming up: {:.0?} so far (TensorRT engine builds can take minutes)",
+                start.elapsed()
+            );
+        }
+    });
+    let result = (|| -> Result<()> {
+        let mut p = load_grid(&a.common, a.max_batch, None)?;
+        log::info!("sessions built on {} in {:.1?}", p.provider(), start.elapsed());
+        let sampling = Sampling {
+            steps: Some(1),
+            ..Sampling::default()
+        };
+        for batch in [1, a.max_batch] {
+            let t = Instant::now();
+            let mut job = Job::generate(p.bundle(), 0, 0, batch, &sampling, &Default::default(), None)?;
+            job.max_batch = batch;
+            let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
+            let spec = p.bundle().manifest().image.clone();
+            p.encode(&image::to_tensor(&made.pixels[0], &spec))?;
+            log::info!(
+                "batch {batch}: transformer, decoder and encoder ran in {:.1?}",
+                t.elapsed()
+            );
+        }
+        eprintln!(
+            "warm: {} on {} in {:.1?}",
+            p.bundle().manifest().name,
+            p.provider(),
+            start.elapsed()
+        );
+        Ok(())
+    })();
+    let _ = done_tx.send(());
+    let _ = heartbeat.join();
+    result
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.count == 0 || a.runs == 0 {
+        bail!(absorb::Error::param("count", "--count and --runs must be 1 or more"));
+    }
+    let start = Instant::now();
+    let mut p = load_grid(&a.common, a.max_batch, None)?;
+    let load = start.elapsed();
+    let sampling = Sampling {
+        steps: a.steps,
+        temperature: a.temperature,
+        ..Sampling::default()
+    };
+    let settings = sampling.settings(p.bundle(), absorb::job::token_space(p.bundle()).len)?;
+    let b = absorb::bench::BenchSettings {
+        settings,
+        count: a.count,
+        max_batch: a.max_batch,
+        runs: a.runs,
+        seed: a.seed,
+    };
+    let report = absorb::bench::run(&mut p, &b, load)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match a.json.as_deref() {
+        Some(path) if path == Path::new("-") => println!("{json}"),
+        Some(path) => {
+            write_atomic(path, json.as_bytes())?;
+            print!("{}", report.table());
+        }
+        None => print!("{}", report.table()),
+    }
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    if a.count == 0 {
+        bail!(absorb::Error::param("count", "0 images requested: use 1 or more"));
+    }
+    let mut p = load_grid(&a.common, a.max_batch, None)?;
+    let mut judge = absorb::eval::Judge::for_bundle(&p)?;
+    let real = judge.judge(&absorb::eval::heldout_images(&p)?)?;
+    let steps = if a.steps.is_empty() {
+        vec![p.bundle().manifest().sampling.steps]
+    } else {
+        a.steps.clone()
+    };
+    let (t0, t1) = a.temperature.map_or((None, None), |(x, y)| (Some(x), y));
+    println!(
+        "real held-out images: mean confidence {:.3} over {} images\n",
+        real.mean_confidence, real.count
+    );
+    println!(
+        "| sampler | steps | transformer calls per batch | mean confidence | vs real | classes | max class share | bar |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for &kind in &a.samplers {
+        for &s in &steps {
+            let sampling = Sampling {
+                steps: Some(s),
+                temperature: t0,
+                temperature_end: t1,
+                sampler: Some(kind),
+            };
+            let mut job = Job::generate(p.bundle(), a.seed, 0, a.count, &sampling, &Default::default(), None)?;
+            job.max_batch = a.max_batch;
+            let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
+            let (settings, timings) = (job.settings, made.timings);
+            let spec = p.bundle().manifest().image.clone();
+            let tensors: Vec<_> = made.pixels.iter().map(|px| image::to_tensor(px, &spec)).collect();
+            let v = judge.judge(&tensors)?;
+            let ratio = v.mean_confidence / real.mean_confidence;
+            let meets = ratio >= 0.85 && v.all_classes_present() && v.max_class_fraction() <= 0.25;
+            // Calls per batch of max_batch images (each call feeds the whole batch).
+            let calls = timings.transformer_calls as f64 * a.max_batch.min(a.count) as f64 / a.count as f64;
+            println!(
+                "| {} | {s} | {calls:.1} | {:.3} | {:.2} | {}/{} | {:.2} | {} |",
+                kind.name(),
+                v.mean_confidence,
+                ratio,
+                v.histogram.iter().filter(|&&h| h > 0).count(),
+                v.histogram.len(),
+                v.max_class_fraction(),
+                if meets { "meets" } else { "below" }
+            );
+            rows.push(serde_json::json!({
+                "sampler": kind.name(), "steps": s, "temperature": settings.temperature,
+                "temperature_end": settings.temperature_end, "count": v.count,
+                "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,
+                "meets_bar": meets,
+            }));
+        }
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({"real_mean_confidence": real.mean_confidence, "rows": rows});
+        write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
+}

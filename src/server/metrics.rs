@@ -1,0 +1,242 @@
+//! `/metrics`: a `prometheus-client` registry of typed metrics, encoded as the Prometheus text
+//! format 0.0.4, and the middleware that counts and times every request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::Shared;
+
+/// Upper bounds of the latency histogram, in seconds.
+const LATENCY_BUCKETS_S: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Routes are a fixed set of labels, so a scanner cannot blow up the series count.
+pub const ROUTES: [&str; 7] = [
+    "/v1/generate",
+    "/v1/inpaint",
+    "/v1/outpaint",
+    "/v1/model",
+    "/healthz",
+    "/metrics",
+    "other",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+type Latency = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_S)
+}
+
+/// The service's metrics. Counters and gauges are updated where things happen; the rates are
+/// computed when `/metrics` is read.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    latency: Latency,
+    /// Jobs waiting for the worker.
+    pub queue_depth: Gauge,
+    queue_capacity: Gauge,
+    /// Generate, inpaint and outpaint requests being handled.
+    pub in_flight: Gauge,
+    cancelled: Counter,
+    /// Jobs not run, or stopped between batches, because their client went away.
+    pub skipped: Counter,
+    /// Images made.
+    pub images: Counter,
+    /// Reverse steps run, summed over images.
+    pub steps: Counter,
+    /// Transformer graph runs.
+    pub transformer_calls: Counter,
+    busy_s: Counter<f64, AtomicU64>,
+    images_per_s: Gauge<f64, AtomicU64>,
+    steps_per_s: Gauge<f64, AtomicU64>,
+    /// Jobs answered (for Retry-After; not exported).
+    jobs: AtomicU64,
+}
+
+impl Metrics {
+    /// A registry holding every metric, with the queue's capacity.
+    pub fn new(max_queue: usize) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RouteStatus, Counter>::default();
+        let latency: Latency = Family::new_with_constructor(latency_histogram);
+        let m = Metrics {
+            requests: requests.clone(),
+            latency: latency.clone(),
+            queue_depth: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            in_flight: Gauge::default(),
+            cancelled: Counter::default(),
+            skipped: Counter::default(),
+            images: Counter::default(),
+            steps: Counter::default(),
+            transformer_calls: Counter::default(),
+            busy_s: Counter::default(),
+            images_per_s: Gauge::default(),
+            steps_per_s: Gauge::default(),
+            jobs: AtomicU64::new(0),
+            registry: Registry::default(),
+        };
+        m.queue_capacity.set(max_queue as i64);
+        // Help texts without a final period: the encoder adds one.
+        registry.register(
+            "absorb_requests",
+            "Requests answered, by route and HTTP status",
+            requests,
+        );
+        registry.register(
+            "absorb_request_duration_seconds",
+            "Time from request to response",
+            latency,
+        );
+        registry.register(
+            "absorb_queue_depth",
+            "Jobs waiting for the worker",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "absorb_queue_capacity",
+            "Jobs that may wait (--max-queue)",
+            m.queue_capacity.clone(),
+        );
+        registry.register(
+            "absorb_requests_in_flight",
+            "Generate, inpaint and outpaint requests being handled",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "absorb_requests_cancelled",
+            "Requests whose client went away before the answer",
+            m.cancelled.clone(),
+        );
+        registry.register(
+            "absorb_jobs_skipped",
+            "Jobs not run, or stopped between batches, because their client went away",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "absorb_images",
+            "Images generated, inpainted or outpainted",
+            m.images.clone(),
+        );
+        registry.register("absorb_steps", "Reverse steps run, summed over images", m.steps.clone());
+        registry.register("absorb_busy_seconds", "Time the worker spent on jobs", m.busy_s.clone());
+        registry.register(
+            "absorb_images_per_second",
+            "Images per busy second of the worker, since start",
+            m.images_per_s.clone(),
+        );
+        registry.register(
+            "absorb_steps_per_second",
+            "Reverse steps per busy second of the worker, since start",
+            m.steps_per_s.clone(),
+        );
+        registry.register(
+            "absorb_transformer_calls",
+            "Transformer graph runs",
+            m.transformer_calls.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+        self.requests.get_or_create(&RouteStatus { route, status }).inc();
+        self.latency
+            .get_or_create(&RouteLabel { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The worker finished `jobs` jobs in `busy`.
+    pub fn worked(&self, jobs: usize, busy: Duration) {
+        self.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+        self.busy_s.inc_by(busy.as_secs_f64());
+    }
+
+    /// Seconds a client should wait before retrying: the time the full queue takes to drain at
+    /// the measured job time, at least 1.
+    pub fn retry_after_s(&self) -> u64 {
+        let jobs = self.jobs.load(Ordering::Relaxed).max(1);
+        let per_job_s = self.busy_s.get() / jobs as f64;
+        (per_job_s * self.queue_capacity.get() as f64).ceil().clamp(1.0, 60.0) as u64
+    }
+
+    /// The Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        let busy = self.busy_s.get();
+        let per_busy_s = |n: u64| if busy > 0.0 { n as f64 / busy } else { 0.0 };
+        self.images_per_s.set(per_busy_s(self.images.get()));
+        self.steps_per_s.set(per_busy_s(self.steps.get()));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
+            log::error!("encoding /metrics failed: {e}");
+        }
+        out
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Counts a generate/inpaint request as in flight from arrival until its handler is done or
+/// dropped (a client that hangs up drops it), and records cancellations.
+struct InFlight<'a> {
+    metrics: &'a Metrics,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        if !self.done {
+            self.metrics.cancelled.inc();
+        }
+    }
+}
+
+/// Middleware: counts every request by route and status, times it, tracks in-flight work.
+pub async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let route = ROUTES
+        .iter()
+        .copied()
+        .find(|r| *r == req.uri().path())
+        .unwrap_or("other");
+    let start = Instant::now();
+    let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint");
+    let mut guard = work.then(|| {
+        s.metrics.in_flight.inc();
+        InFlight {
+            metrics: &s.metrics,
+            done: false,
+        }
+    });
+    let response = next.run(req).await;
+    if let Some(g) = guard.as_mut() {
+        g.done = true;
+    }
+    drop(guard);
+    s.metrics.record(route, response.status().as_u16(), start.elapsed());
+    response
+}

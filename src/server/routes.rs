@@ -1,0 +1,490 @@
+//! The HTTP routes: request bodies parsed and validated into [`Job`]s (the same builders as the
+//! CLI's flags), queued for the worker, and answered as a PNG or JSON; every error mapped to its
+//! status in one place ([`AppError`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use super::metrics::{self, track};
+use super::worker::{self, Answer, Refused, Shared, Work};
+use crate::error::{Error, Result};
+use crate::image::{self, AnimationFormat};
+use crate::job::{self, Canvas, Job, Sampling};
+use crate::sampler::{SamplerKind, Settings};
+use crate::DecodeMode;
+
+/// The routes over `shared`; tests may drive it without a socket.
+pub fn app(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/generate", post(generate))
+        .route("/v1/inpaint", post(inpaint))
+        .route("/v1/outpaint", post(outpaint))
+        .route("/v1/model", get(model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { AppError::NotFound })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(shared.clone(), track))
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// `POST /v1/generate`. An empty body means all defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    seed: Option<u64>,
+    count: Option<usize>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
+    grid: Option<[usize; 2]>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    /// Also return the reverse process as an animation (`gif` or `apng`).
+    frames: Option<AnimationFormat>,
+}
+
+/// `POST /v1/outpaint`: a base64 PNG and the pixels to add per side.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutpaintRequest {
+    image: String,
+    extend: Extend,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    frames: Option<AnimationFormat>,
+    #[serde(default)]
+    decode_all: bool,
+}
+
+/// Pixels to add on each side (the CLI's `--extend left=..,right=..,up=..,down=..`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Extend {
+    #[serde(default)]
+    left: usize,
+    #[serde(default)]
+    right: usize,
+    #[serde(default)]
+    up: usize,
+    #[serde(default)]
+    down: usize,
+}
+
+/// `POST /v1/inpaint`: base64 PNGs and either a mask or a rectangle.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InpaintRequest {
+    image: String,
+    mask: Option<String>,
+    rect: Option<[usize; 4]>,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    #[serde(default)]
+    decode_all: bool,
+}
+
+impl Shared {
+    /// The sampler fields of a request, within this service's step cap.
+    fn sampling(
+        &self,
+        steps: Option<usize>,
+        temperature: Option<f32>,
+        temperature_end: Option<f32>,
+        sampler: Option<SamplerKind>,
+    ) -> Result<Sampling> {
+        let want = steps.unwrap_or(self.bundle.manifest().sampling.steps);
+        if let Some(max) = self.limits.max_steps.filter(|&m| want > m) {
+            return Err(Error::param(
+                "steps",
+                format!("{want} is above this service's limit of {max}"),
+            ));
+        }
+        Ok(Sampling {
+            steps,
+            temperature,
+            temperature_end,
+            sampler,
+        })
+    }
+}
+
+async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let req: GenerateRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        GenerateRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let count = req.count.unwrap_or(1);
+    if count == 0 || count > s.limits.max_count {
+        return Err(Error::param(
+            "count",
+            format!("{count} images requested: must be 1..={}", s.limits.max_count),
+        )
+        .into());
+    }
+    let trained = job::trained_grid(&s.bundle);
+    let canvas = req.grid.is_some_and(|g| g != trained) || req.frames.is_some();
+    if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
+        return Err(Error::param(
+            "grid",
+            "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
+        )
+        .into());
+    }
+    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
+    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    let canvas_of = Canvas {
+        grid: req.grid,
+        stride: req.stride,
+        window_margin: req.window_margin,
+        decode: req.decode.unwrap_or_default(),
+    };
+    let mut job = Job::generate(
+        &s.bundle,
+        seed,
+        0,
+        count,
+        &sampling,
+        &canvas_of,
+        Some(s.limits.max_grid),
+    )?;
+    job.frames = req.frames.is_some();
+    answer(&s, job, req.frames, canvas).await
+}
+
+async fn inpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let req: InpaintRequest = parse_json(&bytes)?;
+    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
+    let spec = &s.bundle.manifest().image;
+    sampling.settings(&s.bundle, job::token_space(&s.bundle).len)?;
+    // PNGs this small decode in microseconds; the body limit keeps it that way.
+    let image = image::image_from_png(&base64_field(&req.image, "image")?, spec, "image")?;
+    let (w, h) = (spec.width, spec.height);
+    let mask = match (&req.mask, req.rect) {
+        (Some(m), None) => image::mask_from_png(&base64_field(m, "mask")?, w, h, "mask")?,
+        (None, Some(rect)) => image::rect_mask(rect, w, h)?,
+        _ => {
+            return Err(Error::param(
+                "mask",
+                "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
+            )
+            .into())
+        }
+    };
+    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    let job = Job::inpaint(&s.bundle, image, mask, seed, &sampling, !req.decode_all)?;
+    answer(&s, job, None, false).await
+}
+
+async fn outpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let req: OutpaintRequest = parse_json(&bytes)?;
+    let image = image::image_any_from_png(&base64_field(&req.image, "image")?, &s.bundle.manifest().image, "image")?;
+    let e = &req.extend;
+    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
+    let canvas = Canvas {
+        grid: None,
+        stride: req.stride,
+        window_margin: req.window_margin,
+        decode: req.decode.unwrap_or_default(),
+    };
+    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    let extend = [e.left, e.right, e.up, e.down];
+    let limit = Some(s.limits.max_grid);
+    let mut job = Job::outpaint(
+        &s.bundle,
+        image,
+        extend,
+        seed,
+        &sampling,
+        &canvas,
+        !req.decode_all,
+        limit,
+    )?;
+    job.frames = req.frames.is_some();
+    answer(&s, job, req.frames, true).await
+}
+
+/// Queues `job` and answers with its PNG, or JSON when there are several images or a preview
+/// (with the grid when `canvas`: a larger grid, an outpainting or a preview).
+async fn answer(s: &Shared, job: Job, frames: Option<AnimationFormat>, canvas: bool) -> Result<Response, AppError> {
+    let (reply, rx) = oneshot::channel();
+    let (seed, settings, grid) = (job.seed(), job.settings, job.grid(&s.bundle));
+    s.submit(Work { job, frames, reply }).map_err(|r| match r {
+        Refused::Busy { retry_after_s } => AppError::Busy { retry_after_s },
+        Refused::WorkerGone => AppError::WorkerGone,
+    })?;
+    let Answer {
+        mut pngs,
+        frames: animation,
+    } = wait(s, rx).await?;
+    if pngs.len() == 1 && animation.is_none() {
+        return Ok(png_response(pngs.remove(0), seed, &settings));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut json = serde_json::json!({
+        "seed": seed,
+        "steps": settings.steps,
+        "temperature": settings.temperature,
+        "temperature_end": settings.temperature_end,
+        "sampler": settings.sampler,
+    });
+    if canvas {
+        json["grid"] = serde_json::json!(grid);
+    }
+    json["images"] = pngs.iter().map(|p| b64.encode(p)).collect();
+    if let (Some(format), Some(bytes)) = (frames, animation) {
+        json["frames"] = serde_json::Value::String(b64.encode(bytes));
+        json["frames_format"] = serde_json::Value::String(format.name().into());
+    }
+    Ok(json_response(StatusCode::OK, &json))
+}
+
+/// Waits for a job's answer, at most the request timeout.
+async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answer, AppError> {
+    match tokio::time::timeout(worker::timeout(&s.limits), rx).await {
+        Ok(Ok(Ok(answer))) => Ok(answer),
+        Ok(Ok(Err(e))) => Err(AppError::from(e)),
+        Ok(Err(_)) => Err(AppError::WorkerGone),
+        Err(_) => Err(AppError::Timeout {
+            timeout_ms: s.limits.timeout_ms,
+        }),
+    }
+}
+
+async fn model(State(s): State<Arc<Shared>>) -> Response {
+    let mut info = s.model_info.clone();
+    info["limits"] = serde_json::to_value(&s.limits).unwrap_or_default();
+    json_response(StatusCode::OK, &info)
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
+    if !s.worker_alive.load(Ordering::Relaxed) {
+        return Err(AppError::WorkerGone);
+    }
+    let json = serde_json::json!({
+        "status": "ok",
+        "queue_depth": s.metrics.queue_depth.get(),
+    });
+    Ok(json_response(StatusCode::OK, &json))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE))],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Reads the whole body, refusing more than the limit (by `Content-Length` before reading).
+async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, AppError> {
+    let limit = s.limits.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(AppError::TooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if format!("{e:?}").contains("LengthLimitError") {
+            AppError::TooLarge { limit }
+        } else {
+            AppError::Input {
+                field: "body".into(),
+                message: format!("could not read the request body: {e}"),
+            }
+        }
+    })
+}
+
+/// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (field, message) = if inner.is_syntax() || inner.is_eof() {
+            ("body".to_string(), format!("malformed JSON: {inner}"))
+        } else if path == "." {
+            // Errors at the top level: unknown or missing fields, whose names serde puts in the message.
+            ("body".to_string(), format!("invalid request: {inner}"))
+        } else {
+            (path.clone(), format!("invalid {path}: {inner}"))
+        };
+        AppError::Input { field, message }
+    })
+}
+
+fn base64_field(text: &str, field: &'static str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| Error::param(field, format!("not valid base64 (standard alphabet, padded): {e}")))
+}
+
+fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
+    let mut r = (StatusCode::OK, png).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    h.insert("x-absorb-seed", HeaderValue::from(seed));
+    h.insert("x-absorb-steps", HeaderValue::from(settings.steps));
+    if let Ok(v) = HeaderValue::from_str(&settings.temperature.to_string()) {
+        h.insert("x-absorb-temperature", v);
+    }
+    if let Some(v) = settings
+        .temperature_end
+        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+    {
+        h.insert("x-absorb-temperature-end", v);
+    }
+    h.insert("x-absorb-sampler", HeaderValue::from_static(settings.sampler.name()));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut r = (status, value.to_string()).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: the one place that maps them to status codes
+
+/// Every way a request can fail, and its status.
+#[derive(Debug)]
+enum AppError {
+    /// The caller's input: 400 (413 for size), naming the field.
+    Input {
+        field: String,
+        message: String,
+    },
+    TooLarge {
+        limit: usize,
+    },
+    NotFound,
+    MethodNotAllowed,
+    /// The queue is full: 429.
+    Busy {
+        retry_after_s: u64,
+    },
+    /// Not answered in time: 503.
+    Timeout {
+        timeout_ms: u64,
+    },
+    /// The worker thread has died: 503 (systemd's watchdog restarts the service).
+    WorkerGone,
+    /// The model or the machine failed: a generic 500, the chain goes to the log.
+    Internal(Error),
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        if !e.is_input_error() {
+            return AppError::Internal(e);
+        }
+        let field = match &e {
+            Error::Param { name, .. } => name.to_string(),
+            Error::Image { path, .. } => path.display().to_string(),
+            Error::Tokens(_) => "mask".to_string(),
+            _ => "body".to_string(),
+        };
+        AppError::Input {
+            field,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, field, message, retry_after) = match self {
+            AppError::Input { field, message } => (StatusCode::BAD_REQUEST, Some(field), message, None),
+            AppError::TooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Some("body".into()),
+                format!("request body is larger than this service's limit of {limit} bytes"),
+                None,
+            ),
+            AppError::NotFound => (
+                StatusCode::NOT_FOUND,
+                None,
+                "no such route: see GET /v1/model, POST /v1/generate, POST /v1/inpaint, GET /healthz, GET /metrics"
+                    .into(),
+                None,
+            ),
+            AppError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                None,
+                "method not allowed on this route (generate and inpaint are POST, the rest GET)".into(),
+                None,
+            ),
+            AppError::Busy { retry_after_s } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                "the queue is full; retry after the number of seconds in Retry-After".into(),
+                Some(retry_after_s),
+            ),
+            AppError::Timeout { timeout_ms } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                format!("not answered within {timeout_ms} ms; the device is overloaded, retry later"),
+                Some(1),
+            ),
+            AppError::WorkerGone => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                "the sampling worker has stopped; the service is restarting".into(),
+                Some(5),
+            ),
+            AppError::Internal(e) => {
+                log::error!("request failed: {e:#}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    "internal error (details in the service log)".into(),
+                    None,
+                )
+            }
+        };
+        let mut json = serde_json::json!({ "error": message });
+        if let Some(f) = field {
+            json["field"] = f.into();
+        }
+        let mut r = json_response(status, &json);
+        if let Some(s) = retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}

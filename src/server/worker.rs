@@ -1,0 +1,364 @@
+//! The worker: the one thread that owns the [`Pipeline`] (its sessions need `&mut`), the
+//! bounded queue it takes jobs from, and the state the routes share with it.
+//!
+//! Jobs of one batch's worth of images from all-masked grids with equal settings are run
+//! together (one [`Job`] of several seeds: shared transformer calls); everything else runs
+//! alone. A job whose client has gone is skipped, and a running one stops between batches.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::metrics::Metrics;
+use super::{Limits, ServeOptions};
+use crate::bundle::Bundle;
+use crate::error::{Error, Result};
+use crate::image::{self, AnimationFormat};
+use crate::job::{Job, Start};
+use crate::{Pipeline, Progress};
+
+/// What a job's client gets: one PNG per image, then the animation when asked for.
+pub struct Answer {
+    /// PNG bytes per image, each with its own metadata.
+    pub pngs: Vec<Vec<u8>>,
+    /// The preview animation.
+    pub frames: Option<Vec<u8>>,
+}
+
+/// Where a job's answer (or its error) goes.
+pub type Reply = oneshot::Sender<Result<Answer>>;
+
+/// A job and how to answer it.
+pub struct Work {
+    /// What to make.
+    pub job: Job,
+    /// The preview's format when the job records frames.
+    pub frames: Option<AnimationFormat>,
+    /// Where the answer goes.
+    pub reply: Reply,
+}
+
+impl Work {
+    /// Runs with others of equal settings: images from all-masked grids of the bundle's size,
+    /// no preview.
+    fn batchable(&self) -> bool {
+        matches!(self.job.start, Start::Masked) && self.job.tiling.is_none() && !self.job.frames
+    }
+}
+
+enum Item {
+    Work(Box<Work>),
+    Stop,
+}
+
+struct Queued {
+    item: Item,
+    accepted: Instant,
+}
+
+/// State shared by the handlers and the worker.
+pub struct Shared {
+    queue: SyncSender<Queued>,
+    /// Request and queue limits.
+    pub limits: Limits,
+    /// The bundle (its manifest validates requests without the pipeline).
+    pub bundle: Bundle,
+    /// The provider the graphs run on, as recorded in PNG metadata.
+    pub provider: String,
+    /// `/v1/model`'s answer.
+    pub model_info: serde_json::Value,
+    /// False once the worker thread has ended.
+    pub worker_alive: AtomicBool,
+    /// True after SIGTERM.
+    pub shutting_down: AtomicBool,
+    /// `/metrics`.
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    fn new(p: &Pipeline, queue: SyncSender<Queued>, limits: Limits) -> Shared {
+        let rt = p.runtime();
+        let model_info = serde_json::json!({
+            "bundle": {
+                "dir": p.bundle().dir(),
+                "sha256": p.bundle().sha256(),
+                "manifest": p.bundle().manifest(),
+            },
+            "provider": p.provider(),
+            "onnxruntime": {
+                "library": rt.library(),
+                "version": rt.library().version,
+                "threads": rt.threads(),
+            },
+            "cpu": crate::cpu::detect(),
+            "absorb": crate::VERSION,
+        });
+        Shared {
+            queue,
+            metrics: Metrics::new(limits.max_queue),
+            limits,
+            bundle: p.bundle().clone(),
+            provider: p.provider().to_string(),
+            model_info,
+            worker_alive: AtomicBool::new(true),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `work`, or says why not: the queue is full (429) or the worker has gone (503).
+    pub fn submit(&self, work: Work) -> std::result::Result<(), Refused> {
+        self.metrics.queue_depth.inc();
+        match self.queue.try_send(Queued {
+            item: Item::Work(Box::new(work)),
+            accepted: Instant::now(),
+        }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.dec();
+                Err(match e {
+                    TrySendError::Full(_) => Refused::Busy {
+                        retry_after_s: self.metrics.retry_after_s(),
+                    },
+                    TrySendError::Disconnected(_) => Refused::WorkerGone,
+                })
+            }
+        }
+    }
+}
+
+/// Why [`Shared::submit`] did not queue a job.
+pub enum Refused {
+    /// The queue is full.
+    Busy {
+        /// Seconds to wait.
+        retry_after_s: u64,
+    },
+    /// The worker thread has ended.
+    WorkerGone,
+}
+
+/// A loaded, warmed-up pipeline on its worker thread, and the state the routes share.
+pub struct Service {
+    shared: Arc<Shared>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+impl Service {
+    /// Loads the bundle and warms it up on a new thread, which then serves the queue. Returns
+    /// once it is ready, or with the load error.
+    pub fn start(options: &ServeOptions) -> Result<Service> {
+        let (queue, jobs) = mpsc::sync_channel::<Queued>(options.limits.max_queue);
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<Shared>>>();
+        let options = options.clone();
+        let handle = std::thread::Builder::new()
+            .name("absorb-worker".into())
+            .spawn(move || {
+                let mut config = options.provider.clone();
+                if config.cache_dir.is_none() {
+                    // Several directories come colon-separated; the first is ours.
+                    config.cache_dir = std::env::var("CACHE_DIRECTORY")
+                        .ok()
+                        .and_then(|d| d.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from))
+                        .map(|d| d.join("tensorrt"));
+                }
+                let loaded = Pipeline::load_with(&options.model, &options.runtime, &config)
+                    .and_then(|mut p| warm_up(&mut p).map(|()| p));
+                let mut p = match loaded {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let shared = Arc::new(Shared::new(&p, queue, options.limits.clone()));
+                let _alive = AliveGuard(shared.clone());
+                let _ = ready_tx.send(Ok(shared.clone()));
+                work(&mut p, &jobs, &shared);
+            })
+            .map_err(|e| Error::io("<worker thread>", e))?;
+        match ready_rx.recv() {
+            Ok(Ok(shared)) => Ok(Service { shared, worker: handle }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::io(
+                "<worker thread>",
+                std::io::Error::other("the worker thread died while loading (see the log)"),
+            )),
+        }
+    }
+
+    /// The state the routes share.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Lets the worker finish the jobs already queued, then joins it. Call after the server has
+    /// stopped accepting (graceful shutdown has answered every accepted request by then).
+    pub fn stop(self) {
+        let _ = self.shared.queue.send(Queued {
+            item: Item::Stop,
+            accepted: Instant::now(),
+        });
+        let _ = self.worker.join();
+    }
+}
+
+/// Marks the worker dead when its thread ends, even by a panic: `/healthz` then fails and the
+/// watchdog stops, so systemd restarts the service.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.worker_alive.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One generation with the bundle's defaults before READY=1, so the first request does not pay
+/// for lazy initialisation (and a TensorRT engine build happens while systemd still waits).
+fn warm_up(p: &mut Pipeline) -> Result<()> {
+    let start = Instant::now();
+    let mut job = Job::generate(p.bundle(), 0, 0, 1, &Default::default(), &Default::default(), None)?;
+    job.max_batch = 1;
+    p.run(&job, &mut Progress::steps(&mut |_| {}))?;
+    log::info!("warm-up generation took {:.0?}", start.elapsed());
+    Ok(())
+}
+
+fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
+    let m = &shared.metrics;
+    let max_batch = shared.limits.max_batch;
+    // A job taken from the queue while gathering a batch that it could not join: it runs next,
+    // before anything newer, so the order stays first come, first served.
+    let mut held: Option<Queued> = None;
+    loop {
+        let Some(q) = held.take().or_else(|| jobs.recv().ok()) else {
+            break;
+        };
+        m.queue_depth.dec();
+        let Item::Work(first) = q.item else {
+            break;
+        };
+        if first.reply.is_closed() {
+            m.skipped.inc();
+            continue;
+        }
+        let start = Instant::now();
+        let waited = start.duration_since(q.accepted);
+        let mut batch = vec![*first];
+        if batch[0].batchable() && batch[0].job.images.len() <= max_batch {
+            held = gather(&mut batch, jobs, max_batch, m);
+        }
+        let answered = batch.len();
+        let images = run(p, batch, shared);
+        let busy = start.elapsed();
+        m.worked(answered, busy);
+        log::debug!("{answered} jobs: first waited {waited:.1?}, ran {busy:.1?}, {images} images");
+    }
+}
+
+/// Moves queued batchable jobs with the same settings into `batch` while all their images fit
+/// in one transformer batch. Returns the first job that cannot join, which must run next.
+fn gather(batch: &mut Vec<Work>, jobs: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
+    let settings = batch[0].job.settings;
+    let mut images: usize = batch[0].job.images.len();
+    while images < max_batch {
+        let q = jobs.try_recv().ok()?;
+        match q.item {
+            Item::Work(w)
+                if w.batchable() && w.job.settings == settings && images + w.job.images.len() <= max_batch =>
+            {
+                m.queue_depth.dec();
+                if w.reply.is_closed() {
+                    m.skipped.inc();
+                    continue;
+                }
+                images += w.job.images.len();
+                batch.push(*w);
+            }
+            item => {
+                return Some(Queued {
+                    item,
+                    accepted: q.accepted,
+                })
+            }
+        }
+    }
+    None
+}
+
+/// Runs `batch` (one job, or batchable jobs with equal settings merged into one) and answers
+/// each. Returns the images made.
+fn run(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
+    let m = &shared.metrics;
+    let mut job = batch[0].job.clone();
+    job.images = batch.iter().flat_map(|w| w.job.images.iter().copied()).collect();
+    job.max_batch = shared.limits.max_batch;
+    // A job alone stops between batches once its client has gone; merged ones run to the end.
+    let alone = batch.len() == 1;
+    let cancelled = || alone && batch[0].reply.is_closed();
+    let made = p.run(
+        &job,
+        &mut Progress {
+            on_step: &mut |_| {},
+            cancelled: &cancelled,
+        },
+    );
+    let made = made.and_then(|made| {
+        let pngs = made
+            .pixels
+            .iter()
+            .enumerate()
+            .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(&shared.bundle, &shared.provider, k, 1))))
+            .collect::<Result<Vec<_>>>()?;
+        let frames = match (&made.frames, batch[0].frames) {
+            (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
+            _ => None,
+        };
+        m.transformer_calls.inc_by(made.timings.transformer_calls as u64);
+        Ok((pngs, frames))
+    });
+    match made {
+        Ok((pngs, frames)) => {
+            let images = pngs.len();
+            m.images.inc_by(images as u64);
+            m.steps.inc_by((images * job.settings.steps) as u64);
+            let mut pngs = pngs.into_iter();
+            let mut frames = frames;
+            // Metrics first, so a client that reads /metrics after its answer sees its images. A
+            // client that has gone meanwhile just does not get it.
+            for w in batch {
+                let answer = Answer {
+                    pngs: pngs.by_ref().take(w.job.images.len()).collect(),
+                    frames: frames.take(),
+                };
+                let _ = w.reply.send(Ok(answer));
+            }
+            images
+        }
+        Err(Error::Cancelled) => {
+            m.skipped.inc();
+            0
+        }
+        Err(e) => {
+            // Error is not Clone: the first job gets the original, the others its text. Inputs
+            // were validated before queueing, so this is the model or the machine: a 500.
+            let text = format!("{e:#}");
+            let mut first = Some(e);
+            for w in batch {
+                let e = first
+                    .take()
+                    .unwrap_or_else(|| Error::io("<batch>", std::io::Error::other(text.clone())));
+                let _ = w.reply.send(Err(e));
+            }
+            0
+        }
+    }
+}
+
+/// How long a reply may take: see [`Limits::timeout_ms`].
+pub fn timeout(limits: &Limits) -> Duration {
+    Duration::from_millis(limits.timeout_ms)
+}
