@@ -1,7 +1,7 @@
 """ONNX bundle export: official checkpoint loading, the three graphs, parity check, model.json.
 
 A bundle is a directory with encoder.onnx, decoder.onnx, transformer.onnx and model.json (written
-last). Its layout is the contract with the Rust runtime (src/bundle.rs, src/graphs.rs); the names
+last). Its layout is the contract with the Rust runtime (src/bundle.rs, src/graphs/mod.rs); the names
 and numbers below are that contract. This file does not train (train.py) or sample (the runtime).
 
     python -m export official --vqgan vqgan_ema_2200000.th --prior absorbing_ema_2000000.th \\
@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from export.model import PRESETS, Autoencoder, PriorConfig, Transformer, VQConfig
 
-# Graph I/O names, mirrored as consts in src/graphs.rs.
+# Graph I/O names, mirrored as consts in src/graphs/mod.rs.
 ENCODER_INPUT = "image"
 ENCODER_OUTPUT = "tokens"
 DECODER_INPUT = "tokens"

@@ -3,7 +3,7 @@
 //! This file parses and validates the manifest (unknown fields rejected, every number checked
 //! against the others), resolves graph paths inside the bundle directory and verifies their
 //! sha256. It does not open the graphs: checking their inputs and outputs against the manifest
-//! is `graphs.rs`'s job, right after ONNX Runtime loads them.
+//! is `graphs/`'s job, right after ONNX Runtime loads them.
 
 use std::collections::BTreeMap;
 use std::fs;
