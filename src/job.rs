@@ -216,6 +216,23 @@ pub fn check_tileable(image: &Tensor, bundle: &Bundle) -> Result<()> {
     Ok(())
 }
 
+/// Checks that every token of `grids` (of size `grid`) is one of the `k` codes: what the decoder
+/// can decode.
+pub fn check_codes(grids: &[Vec<i64>], grid: [usize; 2], k: usize) -> Result<()> {
+    let k = k as i64;
+    for (i, g) in grids.iter().enumerate() {
+        if let Some(p) = g.iter().position(|&t| !(0..k).contains(&t)) {
+            return Err(Error::Tokens(format!(
+                "grid {i}: token {} at row {}, column {} is outside 0..{k}; only codes can be decoded",
+                g[p],
+                p / grid[1],
+                p % grid[1]
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Pixels added around an image by outpainting, `[left, right, up, down]`, checked to be whole
 /// tokens; returns the new token grid and where the image's tokens go in it (`[row, col]`).
 pub fn outpaint_grid(
@@ -353,17 +370,7 @@ impl Job {
     /// Decodes known token grids of size `grid` (`absorb decode`): the bundle's grid, or a
     /// larger one in one piece. Every token must be a code.
     pub fn decode(bundle: &Bundle, grid: [usize; 2], grids: Vec<Vec<i64>>) -> Result<Job> {
-        let k = bundle.manifest().tokens.codebook_size as i64;
-        for (i, g) in grids.iter().enumerate() {
-            if let Some(p) = g.iter().position(|&t| !(0..k).contains(&t)) {
-                return Err(Error::Tokens(format!(
-                    "grid {i}: token {} at row {}, column {} is outside 0..{k}; only codes can be decoded",
-                    g[p],
-                    p / grid[1],
-                    p % grid[1]
-                )));
-            }
-        }
+        check_codes(&grids, grid, bundle.manifest().tokens.codebook_size)?;
         let settings = Sampling::default().settings(bundle, token_space(bundle).len)?;
         let canvas = Canvas {
             grid: Some(grid),

@@ -401,7 +401,7 @@ impl Pipeline {
         max_batch: usize,
         timings: &mut Timings,
     ) -> Result<Vec<Tensor>> {
-        let k = self.bundle.manifest().tokens.codebook_size as i64;
+        let k = self.bundle.manifest().tokens.codebook_size;
         for (i, g) in grids.iter().enumerate() {
             if g.len() != grid[0] * grid[1] {
                 return Err(Error::Tokens(format!(
@@ -411,15 +411,8 @@ impl Pipeline {
                     grid[1]
                 )));
             }
-            if let Some(p) = g.iter().position(|&t| !(0..k).contains(&t)) {
-                return Err(Error::Tokens(format!(
-                    "grid {i}: token {} at row {}, column {} is outside 0..{k}; only codes can be decoded",
-                    g[p],
-                    p / grid[1],
-                    p % grid[1]
-                )));
-            }
         }
+        job::check_codes(grids, grid, k)?;
         let start = Instant::now();
         let channels = self.bundle.manifest().image.channels;
         let mut out = Vec::with_capacity(grids.len());

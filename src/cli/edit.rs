@@ -1,16 +1,13 @@
 //! `absorb inpaint` and `absorb outpaint`: an image and where to regenerate or extend it,
 //! made into a job; the image's known tokens never change.
 
-use std::time::Instant;
-
 use anyhow::{bail, Context, Result};
 
 use absorb::image;
-use absorb::sampler::StepReport;
-use absorb::{job, Job, Progress};
+use absorb::{job, Job};
 
 use super::args::{InpaintArgs, OutpaintArgs};
-use super::{load, load_grid, log_timings, model_dir, progress, seed_or_fresh, write_frames};
+use super::{load, load_grid, log_timings, model_dir, run_with_progress, seed_or_fresh, write_frames};
 
 pub fn inpaint(a: InpaintArgs) -> Result<()> {
     let mut p = load(&a.common)?;
@@ -25,18 +22,12 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
     let job = Job::inpaint(p.bundle(), input, mask, seed, &a.sampling.sampling(), !a.decode_all)?;
     eprintln!("seed {seed}");
     let masked = job.masked_tokens(p.bundle());
-    let bar = progress(masked as u64);
-    let start = Instant::now();
-    let made = p.run(
-        &job,
-        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
-    )?;
-    bar.finish_and_clear();
+    let (made, took) = run_with_progress(&mut p, &job)?;
     let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
     image::write_png(&a.out, &made.pixels[0], Some(&meta))?;
     let total = made.grid[0] * made.grid[1];
     eprintln!("regenerated {masked} of {total} tokens; wrote {}", a.out.display());
-    log_timings(&p, &made.timings, start.elapsed(), 1);
+    log_timings(&p, &made.timings, took, 1);
     Ok(())
 }
 
@@ -73,13 +64,7 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     job.frames = a.frames.frames.is_some();
     eprintln!("seed {seed}");
     let masked = job.masked_tokens(p.bundle());
-    let bar = progress(masked as u64);
-    let start = Instant::now();
-    let made = p.run(
-        &job,
-        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
-    )?;
-    bar.finish_and_clear();
+    let (made, took) = run_with_progress(&mut p, &job)?;
     write_frames(&a.frames, &made)?;
     let pixels = made.pixels.first().context("outpainting made no image")?;
     let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
@@ -91,6 +76,6 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
         pixels.height,
         a.out.display()
     );
-    log_timings(&p, &made.timings, start.elapsed(), 1);
+    log_timings(&p, &made.timings, took, 1);
     Ok(())
 }

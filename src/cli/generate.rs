@@ -11,7 +11,7 @@ use absorb::sampler::StepReport;
 use absorb::{job, Bundle, Job, Pipeline, Progress};
 
 use super::args::GenerateArgs;
-use super::{load_grid, log_timings, progress, seed_or_fresh, write_atomic, write_frames};
+use super::{load_grid, log_timings, progress, run_with_progress, seed_or_fresh, write_atomic, write_frames};
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.frames.frames {
@@ -52,14 +52,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if dir_output {
         return generate_dir(&mut p, &a, &job, shard);
     }
-    let bar = progress(job.masked_tokens(p.bundle()) as u64);
-    let start = Instant::now();
-    let made = p.run(
-        &job,
-        &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
-    )?;
-    bar.finish_and_clear();
-    let sampled = start.elapsed();
+    let (made, sampled) = run_with_progress(&mut p, &job)?;
     let count = job.images.len();
     if let Some(path) = &a.tokens_out {
         write_tokens(p.bundle(), path, job.seed(), job.images[0].1, made.grid, &made.tokens)?;

@@ -87,6 +87,19 @@ pub fn progress(total: u64) -> ProgressBar {
     bar
 }
 
+/// Runs `job` with a progress bar in tokens revealed (on a terminal); returns what it made and
+/// how long the run took.
+pub fn run_with_progress(p: &mut Pipeline, job: &absorb::Job) -> Result<(absorb::Made, Duration)> {
+    let bar = progress(job.masked_tokens(p.bundle()) as u64);
+    let start = std::time::Instant::now();
+    let made = p.run(
+        job,
+        &mut absorb::Progress::steps(&mut |r: &absorb::sampler::StepReport| bar.inc(r.revealed as u64)),
+    )?;
+    bar.finish_and_clear();
+    Ok((made, start.elapsed()))
+}
+
 /// `-v`: where the time of a run went.
 pub fn log_timings(p: &Pipeline, t: &Timings, sampled: Duration, count: usize) {
     log::info!(
