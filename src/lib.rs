@@ -6,6 +6,10 @@
 //! reveals positions over a few steps, draws each revealed token from the transformer's logits,
 //! and decodes the grid to pixels.
 //!
+//! Every request is a [`Job`] (what to make: generate, inpaint, outpaint, decode, larger grids,
+//! previews), built from a request's parameters and run by [`Pipeline::run`], which returns what
+//! it [`Made`]; `docs/design.md` follows one request through the files.
+//!
 //! The reverse process itself is pure and needs no model: [`sampler::run`] takes the denoiser
 //! as a closure. With a fake denoiser that always prefers code 3:
 //!
