@@ -245,7 +245,7 @@ pub struct Entry {
 
 impl Entry {
     /// The line for a file whose metadata `made` matched the request `expected` (see [`inspect`]).
-    /// `expected` comes from [`crate::Pipeline::generate_metadata`], which sets every field read here.
+    /// `expected` comes from [`crate::Job::metadata`], which sets every field read here.
     fn new(file: &str, bytes: &[u8], shard: Shard, expected: &Metadata, made: &Metadata) -> Entry {
         Entry {
             index: expected.index.unwrap_or_default(),
@@ -281,7 +281,7 @@ pub enum Found {
 }
 
 /// Checks the file at `path` against the metadata this request writes for it (`expected`, from
-/// [`crate::Pipeline::generate_metadata`]) and the image size.
+/// [`crate::Job::metadata`]) and the image size.
 pub fn inspect(path: &Path, expected: &Metadata, spec: &ImageSpec, shard: Shard) -> Result<Found> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
@@ -624,7 +624,7 @@ impl fmt::Display for Summary {
 /// Makes the images of `req.shard` that `req.dir` lacks, a chunk at a time, and lists every good
 /// one in the shard's manifest. `metadata(index)` is what image `index`'s PNG carries (its
 /// request, compared with what a file holds); `make(indices)` returns their pixels, in order
-/// (with [`crate::Pipeline`]: `generate_streams` and `tokens_to_pixels`). `summary` is filled as the run
+/// (with [`crate::Pipeline::run`] on a [`crate::Job`] of those images). `summary` is filled as the run
 /// goes, so a caller can report what was done before an error.
 pub fn run(
     req: &Request,
