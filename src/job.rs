@@ -481,7 +481,7 @@ impl Job {
     }
 
     /// The generate job that made `png` (its metadata `m`), checked against `bundle`: `--from`.
-    /// Returns the job and the PNG's image count.
+    /// The PNG's image count and sheet columns come along (`images`, `columns`).
     pub fn from_metadata(bundle: &Bundle, provider: &str, png: &Path, m: &Metadata) -> Result<Job> {
         let bad = |message: String| Error::Metadata {
             path: png.to_path_buf(),
