@@ -293,9 +293,19 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
             message: hint,
         }
     })?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
-        path: path.clone(),
-        message: format!("not a valid bundle manifest: {e}"),
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+        // The key at fault (`tokens.height`), then serde's own message with line and column.
+        let key = e.path().to_string();
+        let key = if key == "." {
+            String::new()
+        } else {
+            format!(" at {key}")
+        };
+        Error::Manifest {
+            path: path.clone(),
+            message: format!("not a valid bundle manifest{key}: {}", e.into_inner()),
+        }
     })?;
     validate(&manifest).map_err(|message| Error::Manifest {
         path: path.clone(),
@@ -303,6 +313,10 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
     })?;
     Ok((manifest, bytes))
 }
+
+/// Largest codebook a manifest may declare (the transformer's logits are `codebook_size` floats
+/// per position; 2^24 keeps every id exact in an f32 and far above any real VQGAN's).
+pub const MAX_CODEBOOK: usize = 1 << 24;
 
 fn validate(m: &Manifest) -> Result<(), String> {
     if m.format != FORMAT {
@@ -318,8 +332,12 @@ fn validate(m: &Manifest) -> Result<(), String> {
     if i.channels != 1 && i.channels != 3 {
         return Err(format!("image.channels is {}, expected 1 or 3", i.channels));
     }
-    if i.height == 0 || i.width == 0 {
-        return Err(format!("image size is {}x{}, must be positive", i.height, i.width));
+    let max = crate::limits::MAX_IMAGE_SIDE;
+    if i.height == 0 || i.width == 0 || i.height > max || i.width > max {
+        return Err(format!(
+            "image size is {}x{} (height x width), must be 1..={max} pixels per side",
+            i.height, i.width
+        ));
     }
     let [lo, hi] = i.range;
     if !(lo.is_finite() && hi.is_finite() && lo < hi) {
@@ -337,9 +355,9 @@ fn validate(m: &Manifest) -> Result<(), String> {
             i.height, i.width, t.height, t.width
         ));
     }
-    if t.codebook_size < 2 {
+    if !(2..=MAX_CODEBOOK).contains(&t.codebook_size) {
         return Err(format!(
-            "tokens.codebook_size is {}, must be at least 2",
+            "tokens.codebook_size is {}, must be 2..={MAX_CODEBOOK}",
             t.codebook_size
         ));
     }
@@ -366,7 +384,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
     }
     let margin = s.window_margin.unwrap_or([0, 0]);
     if let Some([mh, mw]) = s.window_margin {
-        if 2 * mh >= t.height || 2 * mw >= t.width {
+        if mh >= t.height.div_ceil(2) || mw >= t.width.div_ceil(2) {
             return Err(format!(
                 "sampling.window_margin is [{mh}, {mw}], each must be less than half the tokens grid {}x{}",
                 t.height, t.width
@@ -374,7 +392,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
         }
     }
     if let Some([sh, sw]) = s.window_stride {
-        if sh == 0 || sw == 0 || sh + 2 * margin[0] > t.height || sw + 2 * margin[1] > t.width {
+        if sh == 0 || sw == 0 || sh > t.height - 2 * margin[0] || sw > t.width - 2 * margin[1] {
             return Err(format!(
                 "sampling.window_stride is [{sh}, {sw}], must be 1..= the tokens grid {}x{} minus twice the margin",
                 t.height, t.width

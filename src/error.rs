@@ -134,6 +134,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A request's handling panicked (a bug): the service answers 500 and goes on.
+    #[error("internal error: a panic while {during} ({message}); details in the service log")]
+    Panicked {
+        /// What was running: "the worker ran requests [3, 4]", "a request handler ran", ...
+        during: String,
+        /// The panic's message.
+        message: String,
+    },
+
     /// The caller stopped the run (a client that went away); nobody reads this error.
     #[error("cancelled: the client went away")]
     Cancelled,
@@ -182,3 +191,12 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The text of a caught panic's payload (a `&str` or a `String`, as `panic!` makes them).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

@@ -42,23 +42,101 @@ pub struct Pixels {
     pub data: Vec<u8>,
 }
 
-/// Reads an image file and converts it to the bundle's tensor layout and range. The size must be
+/// What size an input image may have, checked from its header before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// Exactly `[width, height]` (the bundle's size, a mask matching its image).
+    Exactly([usize; 2]),
+    /// At most `[width, height]` (outpainting's input; never more than
+    /// [`crate::limits::MAX_IMAGE_SIDE`]).
+    AtMost([usize; 2]),
+}
+
+/// The PNG signature: the only format accepted as input (absorb writes PNGs; a GIF or JPEG
+/// is refused rather than half supported).
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+/// Decodes a PNG from `open()` (called twice: header, then pixels) within `bound`: the declared
+/// size is read from the header and refused before anything is allocated for the pixels, and the
+/// decoder runs under the `image` crate's allocation limits for exactly that size. `name` (a
+/// file path, or a request field) and `what` (`image`, `mask`) name it in errors.
+fn decode_bounded<R, F>(open: F, name: &Path, what: &str, bound: Bound) -> Result<::image::DynamicImage>
+where
+    R: std::io::BufRead + std::io::Seek,
+    F: Fn() -> Result<R>,
+{
+    let err = |message: String| Error::Image {
+        path: name.to_path_buf(),
+        message,
+    };
+    let mut head = [0u8; 8];
+    let read = std::io::Read::read_exact(&mut open()?, &mut head);
+    if read.is_err() || &head != PNG_SIGNATURE {
+        return Err(err(format!(
+            "not a PNG: only PNG {what}s are accepted (convert GIF or JPEG files first)"
+        )));
+    }
+    let reader = |limits: ::image::Limits| -> Result<::image::ImageReader<R>> {
+        let mut r = ::image::ImageReader::with_format(open()?, ::image::ImageFormat::Png);
+        r.limits(limits);
+        Ok(r)
+    };
+    let max_side = crate::limits::MAX_IMAGE_SIDE;
+    let mut header_only = ::image::Limits::default();
+    header_only.max_image_width = Some(u32::MAX);
+    header_only.max_image_height = Some(u32::MAX);
+    let (w, h) = reader(header_only)?
+        .into_dimensions()
+        .map_err(|e| err(format!("not a readable PNG: {e}")))?;
+    let (w, h) = (w as usize, h as usize);
+    match bound {
+        Bound::Exactly([ew, eh]) if (w, h) != (ew, eh) => {
+            return Err(err(format!(
+                "{what} is {w}x{h} (width x height), expected {ew}x{eh}; resize it first"
+            )))
+        }
+        Bound::AtMost([mw, mh]) if w > mw.min(max_side) || h > mh.min(max_side) => {
+            return Err(err(format!(
+                "{what} is {w}x{h} (width x height), above the limit of {}x{} pixels",
+                mw.min(max_side),
+                mh.min(max_side)
+            )))
+        }
+        _ => {}
+    }
+    if w > max_side || h > max_side {
+        return Err(err(format!(
+            "{what} is {w}x{h} (width x height), above the limit of {max_side} pixels per side"
+        )));
+    }
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(w as u32);
+    limits.max_image_height = Some(h as u32);
+    // 16-bit RGBA is the largest pixel a PNG decodes to; a little room for the decoder's rows.
+    limits.max_alloc = Some((w * h * 8 + (1 << 20)) as u64);
+    reader(limits)?
+        .decode()
+        .map_err(|e| err(format!("not a readable PNG: {e}")))
+}
+
+/// A file's bytes for [`decode_bounded`].
+fn file_reader(path: &Path) -> Result<std::io::BufReader<File>> {
+    File::open(path).map(std::io::BufReader::new).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: format!("cannot open: {e}"),
+    })
+}
+
+/// Reads a PNG file and converts it to the bundle's tensor layout and range. The size must be
 /// the bundle's; colour is converted to the bundle's channel count (RGB -> luma, gray -> RGB),
 /// alpha is dropped.
 pub fn load_image(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
-    let img = open(path)?;
-    if (img.width() as usize, img.height() as usize) != (spec.width, spec.height) {
-        return Err(Error::Image {
-            path: path.to_path_buf(),
-            message: format!(
-                "image is {}x{} (width x height), the model expects {}x{}; resize it first",
-                img.width(),
-                img.height(),
-                spec.width,
-                spec.height
-            ),
-        });
-    }
+    let img = decode_bounded(
+        || file_reader(path),
+        path,
+        "image",
+        Bound::Exactly([spec.width, spec.height]),
+    )?;
     Ok(bundle_tensor(&img, spec))
 }
 
@@ -78,82 +156,29 @@ fn bundle_tensor(img: &::image::DynamicImage, spec: &ImageSpec) -> Tensor {
     to_tensor(&pixels, spec)
 }
 
-/// Reads an image of any size (outpainting input) as a tensor with the bundle's channels and
-/// range; sides above 8192 pixels are refused.
-pub fn load_image_any(path: &Path, spec: &ImageSpec) -> Result<Tensor> {
-    let img = open(path)?;
-    if img.width() > MAX_PNG_SIDE || img.height() > MAX_PNG_SIDE {
-        return Err(Error::Image {
-            path: path.to_path_buf(),
-            message: format!(
-                "image is {}x{}: at most {MAX_PNG_SIDE} pixels per side",
-                img.width(),
-                img.height()
-            ),
-        });
-    }
+/// Reads a PNG file of any size up to `max` `[width, height]` (outpainting's input) as a tensor
+/// with the bundle's channels and range.
+pub fn load_image_any(path: &Path, spec: &ImageSpec, max: [usize; 2]) -> Result<Tensor> {
+    let img = decode_bounded(|| file_reader(path), path, "image", Bound::AtMost(max))?;
     Ok(bundle_tensor(&img, spec))
 }
 
-/// Largest PNG accepted from memory, per side, before its size is compared with the bundle's.
-/// Only the header is read before this check, so a decompression bomb costs nothing.
-const MAX_PNG_SIDE: u32 = 8192;
-
-/// Decodes a PNG held in memory (the service's request bodies), checking format and size from
-/// its header before decoding any pixel. `field` names where it came from in errors.
-/// `width`/`height` 0 = any size up to [`MAX_PNG_SIDE`].
-fn decode_png(bytes: &[u8], field: &str, width: usize, height: usize, what: &str) -> Result<::image::DynamicImage> {
-    let err = |message: String| Error::Image {
-        path: PathBuf::from(field),
-        message,
-    };
-    let reader = || ::image::ImageReader::with_format(std::io::Cursor::new(bytes), ::image::ImageFormat::Png);
-    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        return Err(err("not a PNG (only PNG images are accepted)".into()));
-    }
-    let (w, h) = reader()
-        .into_dimensions()
-        .map_err(|e| err(format!("not a readable PNG: {e}")))?;
-    if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE {
-        return Err(err(format!(
-            "{what} is {w}x{h} (width x height): at most {MAX_PNG_SIDE} pixels per side"
-        )));
-    }
-    if width > 0 && (w as usize, h as usize) != (width, height) {
-        return Err(err(format!(
-            "{what} is {w}x{h} (width x height), expected {width}x{height}; resize it first"
-        )));
-    }
-    reader().decode().map_err(|e| err(format!("not a readable PNG: {e}")))
+/// Bytes held in memory (the service's request bodies) for [`decode_bounded`].
+fn memory_reader<'a>(bytes: &'a [u8]) -> impl Fn() -> Result<std::io::Cursor<&'a [u8]>> + 'a {
+    move || Ok(std::io::Cursor::new(bytes))
 }
 
 /// Like [`load_image_any`], for a PNG held in memory; `field` names it in errors.
-pub fn image_any_from_png(bytes: &[u8], spec: &ImageSpec, field: &str) -> Result<Tensor> {
-    let img = decode_png(bytes, field, 0, 0, "image")?;
+pub fn image_any_from_png(bytes: &[u8], spec: &ImageSpec, field: &str, max: [usize; 2]) -> Result<Tensor> {
+    let img = decode_bounded(memory_reader(bytes), Path::new(field), "image", Bound::AtMost(max))?;
     Ok(bundle_tensor(&img, spec))
 }
 
 /// Like [`load_image`], for a PNG held in memory; `field` names it in errors (`image`).
 pub fn image_from_png(bytes: &[u8], spec: &ImageSpec, field: &str) -> Result<Tensor> {
-    let img = decode_png(bytes, field, spec.width, spec.height, "image")?;
+    let bound = Bound::Exactly([spec.width, spec.height]);
+    let img = decode_bounded(memory_reader(bytes), Path::new(field), "image", bound)?;
     Ok(bundle_tensor(&img, spec))
-}
-
-fn open(path: &Path) -> Result<::image::DynamicImage> {
-    let reader = ::image::ImageReader::open(path)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            message: format!("cannot open: {e}"),
-        })?
-        .with_guessed_format()
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            message: format!("cannot read: {e}"),
-        })?;
-    reader.decode().map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        message: format!("not a readable image (PNG expected): {e}"),
-    })
 }
 
 /// 8-bit pixels -> tensor in `spec.range` (0 -> low, 255 -> high).
@@ -211,20 +236,10 @@ pub struct Mask {
     pub data: Vec<bool>,
 }
 
-/// Reads a mask image: white (luma >= 128) marks pixels to regenerate, black keeps them. Its
+/// Reads a mask PNG: white (luma >= 128) marks pixels to regenerate, black keeps them. Its
 /// size must match the image's.
 pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask> {
-    let img = open(path)?;
-    if (img.width() as usize, img.height() as usize) != (width, height) {
-        return Err(Error::Image {
-            path: path.to_path_buf(),
-            message: format!(
-                "mask is {}x{}, the image is {width}x{height}; they must be the same size",
-                img.width(),
-                img.height()
-            ),
-        });
-    }
+    let img = decode_bounded(|| file_reader(path), path, "mask", Bound::Exactly([width, height]))?;
     Ok(white_mask(&img))
 }
 
@@ -240,14 +255,21 @@ fn white_mask(img: &::image::DynamicImage) -> Mask {
 
 /// Like [`load_mask`], for a PNG held in memory; `field` names it in errors (`mask`).
 pub fn mask_from_png(bytes: &[u8], width: usize, height: usize, field: &str) -> Result<Mask> {
-    let img = decode_png(bytes, field, width, height, "mask")?;
+    let img = decode_bounded(
+        memory_reader(bytes),
+        Path::new(field),
+        "mask",
+        Bound::Exactly([width, height]),
+    )?;
     Ok(white_mask(&img))
 }
 
 /// A rectangular mask `x,y,w,h` in pixels, clipped to nothing: it must lie inside the image.
 pub fn rect_mask(rect: [usize; 4], width: usize, height: usize) -> Result<Mask> {
     let [x, y, w, h] = rect;
-    if w == 0 || h == 0 || x + w > width || y + h > height {
+    // Checked sums: x + w must not wrap past the image.
+    let inside = |at: usize, len: usize, side: usize| at.checked_add(len).is_some_and(|end| end <= side);
+    if w == 0 || h == 0 || !inside(x, w, width) || !inside(y, h, height) {
         return Err(Error::param(
             "rect",
             format!("{x},{y},{w},{h} (x,y,w,h) must be non-empty and inside the {width}x{height} image"),

@@ -16,6 +16,7 @@ use std::path::Path;
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
 use crate::image::{self, Mask, Metadata, Pixels, Tensor};
+use crate::limits;
 use crate::sampler::{self, SamplerKind, Settings, Tiling, TokenSpace};
 use crate::{DecodeMode, Timings};
 
@@ -175,8 +176,12 @@ pub fn tiling(bundle: &Bundle, canvas: &Canvas, grid: [usize; 2], limit: Option<
             ),
         ));
     }
+    check_grid(bundle, grid, "grid")?;
     if grid == window {
         return Ok(None);
+    }
+    if canvas.decode == DecodeMode::Whole {
+        check_whole_decode(bundle, grid, "decode")?;
     }
     let d = &bundle.manifest().sampling;
     Tiling::new(
@@ -192,6 +197,72 @@ pub fn tiling(bundle: &Bundle, canvas: &Canvas, grid: [usize; 2], limit: Option<
             .unwrap_or_else(|| Tiling::default_margin(window)),
     )
     .map(Some)
+}
+
+/// Largest grid side in tokens for `bundle`: [`sampler::MAX_GRID_SIDE`] tokens and
+/// [`limits::MAX_IMAGE_SIDE`] pixels, whichever is smaller.
+pub fn max_grid_side(bundle: &Bundle) -> [usize; 2] {
+    let f = token_pixels(bundle);
+    [0, 1].map(|a| sampler::MAX_GRID_SIDE.min(limits::MAX_IMAGE_SIDE / f[a]))
+}
+
+/// Checks `grid` (`[rows, cols]` of tokens) against the limits, before any arithmetic on it;
+/// `name` is the flag or field it came from.
+pub fn check_grid(bundle: &Bundle, grid: [usize; 2], name: &'static str) -> Result<()> {
+    let max = max_grid_side(bundle);
+    if grid[0] > max[0] || grid[1] > max[1] {
+        let f = token_pixels(bundle);
+        return Err(Error::param(
+            name,
+            format!(
+                "{}x{} tokens (rows x columns) is above the limit of {}x{} tokens ({} pixels per side)",
+                grid[0],
+                grid[1],
+                max[0],
+                max[1],
+                (max[0] * f[0]).max(max[1] * f[1])
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `grid` can be decoded in one piece: at most [`limits::MAX_WHOLE_DECODE_SIDE`]
+/// pixels a side (the decoder's memory grows with the square of it).
+pub fn check_whole_decode(bundle: &Bundle, grid: [usize; 2], name: &'static str) -> Result<()> {
+    check_grid(bundle, grid, name)?;
+    let f = token_pixels(bundle);
+    let px = [grid[0] * f[0], grid[1] * f[1]];
+    let max = limits::MAX_WHOLE_DECODE_SIDE;
+    if px[0] > max || px[1] > max {
+        return Err(Error::param(
+            name,
+            format!(
+                "a {}x{} token grid decodes to {}x{} pixels (width x height) in one piece, above the limit of \
+                 {max} per side ({}x{} tokens): decode it in tiles",
+                grid[0],
+                grid[1],
+                px[1],
+                px[0],
+                max / f[0],
+                max / f[1]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a token file's grid `[height, width]` before anything is allocated for it: at least
+/// the bundle's grid, and decodable in one piece.
+pub fn check_decode_grid(bundle: &Bundle, grid: [usize; 2]) -> Result<()> {
+    let t = trained_grid(bundle);
+    if grid[0] < t[0] || grid[1] < t[1] {
+        return Err(Error::Tokens(format!(
+            "the grid is {}x{} (height x width), smaller than the bundle's {}x{}",
+            grid[0], grid[1], t[0], t[1]
+        )));
+    }
+    check_whole_decode(bundle, grid, "grid").map_err(|e| Error::Tokens(format!("the grid (height x width): {e}")))
 }
 
 /// Checks that `image` can be encoded tile by tile by `bundle`: its channels, at least the
@@ -242,6 +313,21 @@ pub fn outpaint_grid(
     max_side: usize,
 ) -> Result<([usize; 2], [usize; 2])> {
     let [left, right, up, down] = extend;
+    // Each side is bounded before the sums: up + down cannot wrap.
+    let max_px = [max_side * token_px[0], max_side * token_px[1]];
+    for (side, px, limit) in [
+        ("left", left, max_px[1]),
+        ("right", right, max_px[1]),
+        ("up", up, max_px[0]),
+        ("down", down, max_px[0]),
+    ] {
+        if px > limit {
+            return Err(Error::param(
+                "extend",
+                format!("{side}={px} is above the limit of {limit} pixels ({max_side} tokens)"),
+            ));
+        }
+    }
     for (side, px, unit) in [
         ("left", left, token_px[1]),
         ("right", right, token_px[1]),
@@ -290,11 +376,13 @@ impl Job {
         if count == 0 {
             return Err(Error::param("count", "0 images requested: use 1 or more"));
         }
+        limits::check_range("count", count, limits::MAX_IMAGES)?;
+        limits::check_indices("first-index", first, count)?;
         let grid = canvas.grid.unwrap_or(trained_grid(bundle));
         let tiling = tiling(bundle, canvas, grid, limit)?;
         Ok(Job {
             start: Start::Masked,
-            images: (first..first + count as u64).map(|i| (seed, i)).collect(),
+            images: (0..count as u64).map(|i| (seed, first + i)).collect(),
             settings: sampling.settings(bundle, grid[0] * grid[1])?,
             tiling,
             decode: canvas.decode,
@@ -370,6 +458,16 @@ impl Job {
     /// Decodes known token grids of size `grid` (`absorb decode`): the bundle's grid, or a
     /// larger one in one piece. Every token must be a code.
     pub fn decode(bundle: &Bundle, grid: [usize; 2], grids: Vec<Vec<i64>>) -> Result<Job> {
+        check_decode_grid(bundle, grid)?;
+        if let Some((i, g)) = grids.iter().enumerate().find(|(_, g)| g.len() != grid[0] * grid[1]) {
+            return Err(Error::Tokens(format!(
+                "grid {i} has {} tokens, a {}x{} grid has {}",
+                g.len(),
+                grid[0],
+                grid[1],
+                grid[0] * grid[1]
+            )));
+        }
         check_codes(&grids, grid, bundle.manifest().tokens.codebook_size)?;
         let settings = Sampling::default().settings(bundle, token_space(bundle).len)?;
         let canvas = Canvas {
@@ -383,6 +481,45 @@ impl Job {
             decode: DecodeMode::Whole,
             ..Job::one(0, settings, tiling(bundle, &canvas, grid, None)?)
         })
+    }
+
+    /// Sets the columns of a sheet of this job's images: 1..=images.
+    pub fn set_columns(&mut self, columns: usize) -> Result<()> {
+        self.columns = limits::check_range("columns", columns, self.images.len())?;
+        Ok(())
+    }
+
+    /// Checks that this job's images fit in one PNG: at most [`limits::MAX_SHEET_IMAGES`],
+    /// and a sheet at most [`limits::MAX_SHEET_SIDE`] pixels a side.
+    pub fn check_sheet(&self, bundle: &Bundle) -> Result<()> {
+        let n = self.images.len();
+        if n > limits::MAX_SHEET_IMAGES {
+            return Err(Error::param(
+                "count",
+                format!(
+                    "{n} images into one PNG is above the limit of {}: write them into a directory (-o DIR/)",
+                    limits::MAX_SHEET_IMAGES
+                ),
+            ));
+        }
+        let g = self.grid(bundle);
+        let f = token_pixels(bundle);
+        let (columns, rows) = (
+            self.columns.clamp(1, n.max(1)),
+            n.div_ceil(self.columns.clamp(1, n.max(1))),
+        );
+        let side = |k: usize, px: usize| k * (px + 2);
+        let (w, h) = (side(columns, g[1] * f[1]), side(rows, g[0] * f[0]));
+        if w > limits::MAX_SHEET_SIDE || h > limits::MAX_SHEET_SIDE {
+            return Err(Error::param(
+                "count",
+                format!(
+                    "a sheet of {n} images in {columns} columns would be {w}x{h} pixels, above the limit of {} per side",
+                    limits::MAX_SHEET_SIDE
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn one(seed: u64, settings: Settings, tiling: Option<Tiling>) -> Job {
@@ -533,10 +670,22 @@ impl Job {
             window_margin: m.window_margin,
             decode,
         };
-        let mut job = Job::generate(bundle, seed, index, count, &sampling, &canvas, None)?;
-        if let Some(c) = m.columns {
-            job.columns = c;
+        if count > limits::MAX_SHEET_IMAGES {
+            return Err(bad(format!(
+                "its metadata's count: {count} images is above the limit of {} in one PNG",
+                limits::MAX_SHEET_IMAGES
+            )));
         }
+        // Checked exactly as the flags are; errors name the PNG and the field.
+        let from_png = |e: Error| match e {
+            Error::Param { name, message } => bad(format!("its metadata's {name}: {message}")),
+            e => e,
+        };
+        let mut job = Job::generate(bundle, seed, index, count, &sampling, &canvas, None).map_err(from_png)?;
+        if let Some(c) = m.columns {
+            job.set_columns(c).map_err(from_png)?;
+        }
+        job.check_sheet(bundle).map_err(from_png)?;
         Ok(job)
     }
 }

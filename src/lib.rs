@@ -45,6 +45,7 @@ pub mod eval;
 pub mod graphs;
 pub mod image;
 pub mod job;
+pub mod limits;
 pub mod pipeline;
 pub mod sampler;
 pub mod server;

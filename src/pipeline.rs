@@ -174,6 +174,7 @@ impl Pipeline {
                     job.tiling.as_ref(),
                     job.max_batch,
                     &mut on_step,
+                    progress.cancelled,
                     &mut timings,
                 )?;
             }
@@ -346,6 +347,8 @@ impl Pipeline {
 
     /// Runs the sampler on `chains` (windowed over `tiling`, `max_batch` rows per call, when
     /// given) and adds the time inside and outside the transformer to `timings`.
+    // The run's state, passed through from `run`: bundling it in a struct would only rename it.
+    #[allow(clippy::too_many_arguments)]
     fn sample(
         &mut self,
         chains: &mut [Chain],
@@ -353,6 +356,7 @@ impl Pipeline {
         tiling: Option<&Tiling>,
         max_batch: usize,
         on_step: &mut dyn FnMut(&StepReport),
+        cancelled: &dyn Fn() -> bool,
         timings: &mut Timings,
     ) -> Result<()> {
         // The trained grid's space: windows of a larger grid are fed in the trained shape.
@@ -360,7 +364,13 @@ impl Pipeline {
         let before = self.graphs.transformer_stats;
         let start = Instant::now();
         let graphs = &mut self.graphs;
-        let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| graphs.transformer(tokens, rows, logits);
+        // A cancelled run stops before its next transformer call.
+        let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            graphs.transformer(tokens, rows, logits)
+        };
         match tiling {
             Some(t) => sampler::run_tiled(chains, t, &space, settings, max_batch, &mut denoise, on_step)?,
             None => sampler::run(chains, &space, settings, &mut denoise, on_step)?,

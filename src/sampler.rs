@@ -416,7 +416,9 @@ impl Tiling {
                     format!("{}x{}: at most {MAX_GRID_SIDE} tokens per side", grid[0], grid[1]),
                 ));
             }
-            if 2 * margin[a] >= window[a] {
+            // No arithmetic on the caller's numbers before they are bounded: 2 x margin could
+            // wrap. 2m >= w is m >= ceil(w / 2).
+            if margin[a] >= window[a].div_ceil(2) {
                 return Err(Error::param(
                     "window-margin",
                     format!(
@@ -425,8 +427,18 @@ impl Tiling {
                     ),
                 ));
             }
-            // One window spans this axis: its stride does not matter.
-            if grid[a] > window[a] && (stride[a] == 0 || stride[a] + 2 * margin[a] > window[a]) {
+            // Where one window spans this axis its stride is never used, but it is recorded in the
+            // PNG's metadata: it is still bounded by the window, so no absurd value is kept.
+            if stride[a] == 0 || stride[a] > window[a] {
+                return Err(Error::param(
+                    "stride",
+                    format!(
+                        "{} is out of range for the {axis}: must be 1..={}",
+                        stride[a], window[a]
+                    ),
+                ));
+            }
+            if grid[a] > window[a] && stride[a] > window[a] - 2 * margin[a] {
                 return Err(Error::param(
                     "stride",
                     format!(

@@ -149,11 +149,21 @@ impl Server {
         }
     }
 
+    /// Resident set now, in KiB.
     fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    /// The peak resident set since the service started, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    fn proc_status_kib(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
@@ -774,7 +784,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             format!(r#"{{"image": "{good}", "extend": {{"right": 4000}}}}"#),
             400,
             "extend",
-            "per side",
+            "above the limit of",
         ),
         (
             "POST",
@@ -1200,4 +1210,245 @@ fn metrics_parse_as_prometheus_text_with_types_help_and_labels() {
     ] {
         assert!(scrape.docs.contains_key(family), "no HELP for {family}:\n{text}");
     }
+}
+
+/// A 16-bit gray PNG of `side` x `side` zeros: small to send, `side`^2 x 2 bytes decoded.
+fn png16_bomb(side: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, side, side);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Sixteen);
+        enc.set_compression(png::Compression::High);
+        let mut header = enc.write_header().unwrap();
+        let mut w = header.stream_writer().unwrap();
+        let row = vec![0u8; side as usize * 2];
+        for _ in 0..side {
+            w.write_all(&row).unwrap();
+        }
+        w.finish().unwrap();
+    }
+    out
+}
+
+#[test]
+fn hostile_numbers_are_answered_4xx_naming_the_field_and_the_service_stays_healthy() {
+    let s = Server::start(&[], &[]);
+    let (side, _) = shape(&s);
+    let image = B64.encode(png(side, side, |x, y| ((x * y) % 256) as u8));
+    let u64max = "18446744073709551615";
+    let cases: Vec<(&str, String, &str)> = vec![
+        // The worker-killing sum of the issue: up + down wraps past usize::MAX.
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"up": 18446744073709551612, "down": 4}}}}"#),
+            "extend",
+        ),
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"right": {u64max}}}}}"#),
+            "extend",
+        ),
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"left": 4294967296}}}}"#),
+            "extend",
+        ),
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"right": 1e400}}}}"#),
+            "extend.right",
+        ),
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"right": 4}}, "stride": [{u64max}, 1]}}"#),
+            "stride",
+        ),
+        (
+            "/v1/outpaint",
+            format!(r#"{{"image": "{image}", "extend": {{"right": 4}}, "window_margin": [9223372036854775808, 0]}}"#),
+            "window-margin",
+        ),
+        (
+            "/v1/inpaint",
+            format!(r#"{{"image": "{image}", "rect": [{u64max}, 0, 4, 4]}}"#),
+            "rect",
+        ),
+        (
+            "/v1/inpaint",
+            format!(r#"{{"image": "{image}", "rect": [0, {u64max}, 4, 4]}}"#),
+            "rect",
+        ),
+        (
+            "/v1/inpaint",
+            format!(r#"{{"image": "{image}", "rect": [0, 0, {u64max}, {u64max}]}}"#),
+            "rect",
+        ),
+        (
+            "/v1/inpaint",
+            format!(r#"{{"image": "{image}", "rect": [4294967295, 0, 1, 1]}}"#),
+            "rect",
+        ),
+        (
+            "/v1/inpaint",
+            format!(r#"{{"image": "{image}", "rect": [0, 0, 4, 4], "steps": {u64max}}}"#),
+            "steps",
+        ),
+        ("/v1/generate", r#"{"count": 0}"#.into(), "count"),
+        ("/v1/generate", r#"{"count": 17}"#.into(), "count"),
+        ("/v1/generate", r#"{"count": 4294967295}"#.into(), "count"),
+        ("/v1/generate", format!(r#"{{"count": {u64max}}}"#), "count"),
+        ("/v1/generate", r#"{"count": 18446744073709551616}"#.into(), "count"),
+        ("/v1/generate", r#"{"steps": 0}"#.into(), "steps"),
+        ("/v1/generate", r#"{"steps": 65}"#.into(), "steps"),
+        ("/v1/generate", format!(r#"{{"steps": {u64max}}}"#), "steps"),
+        ("/v1/generate", r#"{"steps": 1e400}"#.into(), "steps"),
+        ("/v1/generate", r#"{"steps": -1}"#.into(), "steps"),
+        ("/v1/generate", r#"{"seed": -1}"#.into(), "seed"),
+        ("/v1/generate", r#"{"seed": 1e400}"#.into(), "seed"),
+        ("/v1/generate", r#"{"temperature": 1e39}"#.into(), "temperature"),
+        ("/v1/generate", format!(r#"{{"grid": [{u64max}, 8]}}"#), "grid"),
+        ("/v1/generate", r#"{"grid": [33, 8]}"#.into(), "grid"),
+        (
+            "/v1/generate",
+            r#"{"grid": [8, 16], "stride": [0, 0]}"#.into(),
+            "stride",
+        ),
+        (
+            "/v1/generate",
+            format!(r#"{{"grid": [8, 16], "window_margin": [{u64max}, 0]}}"#),
+            "window-margin",
+        ),
+        ("/v1/generate", r#"{"grid": [32, 32], "steps": 257}"#.into(), "steps"),
+    ];
+    for (route, body, field) in &cases {
+        let r = s.post(route, body);
+        let shown = &body[..body.len().min(160)];
+        assert_eq!(r.status, 400, "{route} {shown}: {}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert_eq!(j["field"], *field, "{route} {shown}: {j}");
+        assert_eq!(s.get("/healthz").status, 200, "after {route} {shown}");
+    }
+    // The edges that are legal still work.
+    for (route, body) in [
+        (
+            "/v1/generate",
+            format!(r#"{{"seed": {u64max}, "steps": 1, "count": 16}}"#),
+        ),
+        (
+            "/v1/inpaint",
+            format!(
+                r#"{{"image": "{image}", "rect": [{}, {}, 1, 1], "steps": 1}}"#,
+                side - 1,
+                side - 1
+            ),
+        ),
+    ] {
+        assert_eq!(s.post(route, &body).status, 200, "{route} {body:.80}");
+    }
+    assert_eq!(s.metric("absorb_panics_total"), 0.0);
+}
+
+#[test]
+fn a_panic_while_serving_is_answered_500_and_the_service_goes_on() {
+    let s = Server::start(&[], &[("ABSORB_TEST_PANIC", "worker:7,handler:8")]);
+    for seed in [7, 8] {
+        let r = s.post("/v1/generate", &format!(r#"{{"seed": {seed}}}"#));
+        assert_eq!(r.status, 500, "seed {seed}: {}", String::from_utf8_lossy(&r.body));
+        let e = r.json()["error"].as_str().unwrap().to_string();
+        assert!(e.contains("panicked") && e.contains("goes on"), "{e}");
+        let id = r.header("x-request-id").expect("a request id").to_string();
+        // The line is logged as the answer goes out: give it a moment to reach the pipe.
+        let line = format!("request {id} (/v1/generate) answered 500");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.log().contains(&line) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(s.log().contains(&line), "the log names request {id}:\n{}", s.log());
+        assert_eq!(s.get("/healthz").status, 200, "after the panic of seed {seed}");
+        let ok = s.post("/v1/generate", r#"{"seed": 1}"#);
+        assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+        assert_eq!(ok.header("content-type"), Some("image/png"));
+    }
+    assert_eq!(
+        s.metric("absorb_panics_total"),
+        2.0,
+        "the worker's and the handler's panics are counted"
+    );
+    assert!(s.log().contains("injected by ABSORB_TEST_PANIC (worker:7)"));
+}
+
+#[test]
+fn decompression_bombs_are_refused_from_their_header_while_healthz_stays_fast() {
+    let s = Server::start(&[], &[]);
+    let bomb = B64.encode(png16_bomb(8192));
+    assert!(
+        bomb.len() < 1 << 20,
+        "fits the default body limit: {} bytes",
+        bomb.len()
+    );
+    let before = s.rss_kib();
+    let body = format!(r#"{{"image": "{bomb}", "extend": {{"right": 4}}}}"#);
+    let inpaint = format!(r#"{{"image": "{bomb}", "rect": [0, 0, 4, 4]}}"#);
+    let (addr, a, b) = (s.addr.clone(), body.clone(), inpaint.clone());
+    let bombs: Vec<_> = [("/v1/outpaint", a), ("/v1/inpaint", b)]
+        .into_iter()
+        .map(|(route, body)| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|_| http(&addr, "POST", route, body.as_bytes()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut worst = Duration::ZERO;
+    for _ in 0..50 {
+        let t = Instant::now();
+        assert_eq!(s.get("/healthz").status, 200);
+        worst = worst.max(t.elapsed());
+    }
+    for r in bombs.into_iter().flat_map(|t| t.join().unwrap()) {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert_eq!(j["field"], "image");
+        assert!(j["error"].as_str().unwrap().contains("8192x8192"), "{j}");
+    }
+    let (peak, grew) = (s.peak_rss_kib(), s.rss_kib().saturating_sub(before));
+    eprintln!(
+        "bombs: RSS {before} -> {} KiB, peak {peak} KiB; slowest /healthz meanwhile {worst:?}",
+        s.rss_kib()
+    );
+    // Decoded, each bomb is 128 MiB of 16-bit samples (and 64 MiB more as 8-bit).
+    assert!(
+        peak < 150 * 1024,
+        "two bombs at a time peaked the service at {peak} KiB"
+    );
+    assert!(grew < 50 * 1024, "40 bombs grew RSS by {grew} KiB");
+}
+
+#[test]
+fn a_one_batch_job_whose_client_hangs_up_stops_between_transformer_calls() {
+    let s = Server::start(&["--max-batch", "16"], &[]);
+    // One image on the largest grid at many steps: one batch, hundreds of transformer calls.
+    let heavy = r#"{"seed": 1, "grid": [32, 32], "steps": 256}"#;
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let head = format!(
+        "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{heavy}",
+        heavy.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    while s.metric("absorb_transformer_calls_total") < 1.0 && s.metric("absorb_requests_in_flight") < 1.0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    c.shutdown(Shutdown::Both).unwrap();
+    let start = Instant::now();
+    while s.metric("absorb_jobs_skipped_total") < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the hung-up job ran on");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.metric("absorb_images_total"), 0.0, "the hung-up job made no image");
+    let r = s.post("/v1/generate", r#"{"seed": 2, "steps": 4}"#);
+    assert_eq!(r.status, 200);
 }

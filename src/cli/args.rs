@@ -23,7 +23,7 @@ pub struct Common {
     #[arg(long, value_enum, default_value_t = Provider::Cpu)]
     pub provider: Provider,
     /// Intra-op threads (default: all cores). Results do not depend on it.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
     /// TensorRT: build fp16 engines.
     #[arg(long)]
@@ -33,7 +33,7 @@ pub struct Common {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// CUDA device index.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = device, allow_hyphen_values = true)]
     pub device: i32,
     /// Transformer precision variant from the bundle: int8 (CPUs) or fp16 (GPUs).
     #[arg(long, value_name = "NAME")]
@@ -47,10 +47,10 @@ pub struct Common {
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Seed; printed and recorded in the PNG. Default: a fresh random seed.
-    #[arg(long, short = 's')]
+    #[arg(long, short = 's', value_parser = whole_u64, allow_hyphen_values = true)]
     pub seed: Option<u64>,
     /// Reverse steps S, 1..=tokens (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, value_parser = whole_usize, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Softmax temperature, > 0 (default: the bundle's); `START:END` for a linear schedule over
     /// the steps, e.g. 1.2:0.6.
@@ -94,10 +94,10 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Number of images.
-    #[arg(long, short = 'n', default_value_t = 1)]
+    #[arg(long, short = 'n', default_value_t = 1, value_parser = whole_usize, allow_hyphen_values = true)]
     pub count: usize,
     /// Index of the first image (each index has its own random stream under the seed).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_u64, allow_hyphen_values = true)]
     pub first_index: u64,
     /// Output: a .png file (a grid when count > 1) or a directory (existing or ending in /) for
     /// one PNG per image; a rerun into a directory keeps the complete images and makes the rest
@@ -105,10 +105,10 @@ pub struct GenerateArgs {
     #[arg(long, short = 'o', default_value = "absorb.png")]
     pub out: PathBuf,
     /// Grid columns when writing several images into one PNG (default: near square).
-    #[arg(long)]
+    #[arg(long, value_parser = whole_usize, allow_hyphen_values = true)]
     pub columns: Option<usize>,
     /// Images per transformer call.
-    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
     /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
     /// temperature from its metadata).
@@ -134,7 +134,7 @@ pub struct GenerateArgs {
     pub shard: Option<absorb::batch::Shard>,
     /// Shard count M when the shard index comes from JOB_COMPLETION_INDEX (a Kubernetes Indexed
     /// Job); default: ABSORB_SHARDS.
-    #[arg(long, value_name = "M")]
+    #[arg(long, value_name = "M", value_parser = whole_u64, allow_hyphen_values = true)]
     pub shards: Option<u64>,
 }
 
@@ -199,7 +199,7 @@ pub struct OutpaintArgs {
     #[arg(long, short = 'o', default_value = "outpainted.png")]
     pub out: PathBuf,
     /// Images per transformer call (windows of one step).
-    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
     /// Write the decoder's output everywhere instead of keeping the input's own pixels.
     #[arg(long)]
@@ -262,22 +262,22 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub common: Common,
     /// Reverse steps (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, value_parser = whole_usize, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Temperature (default: the bundle's).
     #[arg(long, short = 't')]
     pub temperature: Option<f32>,
     /// Images per timed run.
-    #[arg(long, short = 'n', default_value_t = 16)]
+    #[arg(long, short = 'n', default_value_t = 16, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,
     /// Images per transformer call.
-    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
     /// Timed runs after one warm-up run.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = whole_usize, allow_hyphen_values = true)]
     pub runs: usize,
     /// Seed of the first run.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_u64, allow_hyphen_values = true)]
     pub seed: u64,
     /// Also write the report as JSON to this file (`-` for stdout instead of the table).
     #[arg(long, value_name = "PATH")]
@@ -292,19 +292,19 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', default_value = "absorbing")]
     pub samplers: Vec<SamplerKind>,
     /// Step counts to compare, comma-separated (default: the bundle's).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = whole_usize, allow_hyphen_values = true)]
     pub steps: Vec<usize>,
     /// Temperature or START:END schedule (default: the bundle's).
     #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
     pub temperature: Option<(f32, Option<f32>)>,
     /// Images per row of the table.
-    #[arg(long, short = 'n', default_value_t = 256)]
+    #[arg(long, short = 'n', default_value_t = 256, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,
     /// Seed (the same images indices for every row).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_u64, allow_hyphen_values = true)]
     pub seed: u64,
     /// Images per transformer call.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
     /// Also write the rows as JSON to this file.
     #[arg(long, value_name = "PATH")]
@@ -317,7 +317,7 @@ pub struct CheckVariantArgs {
     pub common: Common,
     /// Measure on this many of the probe's rows, evenly spaced over its masking rates (default:
     /// all; fewer for slow machines and emulators).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole_usize, allow_hyphen_values = true)]
     pub rows: Option<usize>,
 }
 
@@ -326,7 +326,7 @@ pub struct WarmupArgs {
     #[command(flatten)]
     pub common: Common,
     /// Largest batch to build engines for (use the same value when generating or serving).
-    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
 }
 
@@ -346,25 +346,25 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
     /// Jobs that may wait for the worker; one more is answered 429 with Retry-After.
-    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_queue)]
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_queue, value_parser = queue, allow_hyphen_values = true)]
     pub max_queue: usize,
     /// Images per transformer call.
-    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_batch)]
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_batch, value_parser = batch, allow_hyphen_values = true)]
     pub max_batch: usize,
     /// Images per generate request.
-    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_count)]
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_count, value_parser = max_count, allow_hyphen_values = true)]
     pub max_count: usize,
-    /// Reverse steps per request (default: up to the bundle's token count).
-    #[arg(long, value_name = "N")]
-    pub max_steps: Option<usize>,
+    /// Reverse steps per request (also capped by the grid's token count).
+    #[arg(long, value_name = "N", default_value_t = absorb::server::DEFAULT_MAX_STEPS, value_parser = steps_cap, allow_hyphen_values = true)]
+    pub max_steps: usize,
     /// Request body limit in bytes (base64 images included).
-    #[arg(long, value_name = "BYTES", default_value_t = absorb::server::Limits::default().max_body_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = absorb::server::Limits::default().max_body_bytes, value_parser = body, allow_hyphen_values = true)]
     pub max_body: usize,
     /// Milliseconds before a request still waiting or running is answered 503.
-    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().timeout_ms)]
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().timeout_ms, value_parser = timeout_ms, allow_hyphen_values = true)]
     pub timeout_ms: u64,
     /// Largest token grid side a request may ask for (`grid`, outpainting).
-    #[arg(long, value_name = "TOKENS", default_value_t = absorb::server::Limits::default().max_grid)]
+    #[arg(long, value_name = "TOKENS", default_value_t = absorb::server::Limits::default().max_grid, value_parser = grid_side, allow_hyphen_values = true)]
     pub max_grid: usize,
 }
 
@@ -410,4 +410,81 @@ pub fn parse_rect(s: &str) -> Result<[usize; 4], String> {
         Ok(v) if v.len() == 4 => Ok([v[0], v[1], v[2], v[3]]),
         _ => Err(format!("\"{s}\" is not x,y,w,h (four non-negative integers)")),
     }
+}
+
+// Numeric flags: every one names its range when a value is refused (clap prefixes the flag), and
+// takes a leading `-` as a value so that `--seed -1` says what is wrong with -1.
+
+/// A whole number in `0..=T::MAX`.
+fn whole<T: std::str::FromStr + std::fmt::Display>(s: &str, max: T) -> Result<T, String> {
+    s.trim()
+        .parse::<T>()
+        .map_err(|_| format!("must be a whole number in 0..={max}"))
+}
+
+fn whole_u64(s: &str) -> Result<u64, String> {
+    whole(s, u64::MAX)
+}
+
+fn whole_usize(s: &str) -> Result<usize, String> {
+    whole(s, usize::MAX)
+}
+
+/// A whole number in `1..=max`.
+fn in_range(s: &str, max: usize) -> Result<usize, String> {
+    let v = whole_usize(s).map_err(|_| format!("must be a whole number in 1..={max}"))?;
+    if (1..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: must be 1..={max}"))
+    }
+}
+
+fn threads(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_THREADS)
+}
+
+fn batch(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_BATCH)
+}
+
+/// Images held in memory at once (`bench`, `eval`).
+fn images(s: &str) -> Result<usize, String> {
+    in_range(s, 65536)
+}
+
+fn queue(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_QUEUE)
+}
+
+fn max_count(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_SHEET_IMAGES)
+}
+
+fn body(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_BODY_BYTES)
+}
+
+fn steps_cap(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::sampler::MAX_GRID_SIDE * absorb::sampler::MAX_GRID_SIDE)
+}
+
+fn grid_side(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::sampler::MAX_GRID_SIDE)
+}
+
+/// At most a day.
+fn timeout_ms(s: &str) -> Result<u64, String> {
+    in_range(s, 86_400_000).map(|v| v as u64)
+}
+
+/// A CUDA device index, `0..=i32::MAX`.
+fn device(s: &str) -> Result<i32, String> {
+    whole(s, i32::MAX).and_then(|v| {
+        if v >= 0 {
+            Ok(v)
+        } else {
+            Err(format!("must be a whole number in 0..={}", i32::MAX))
+        }
+    })
 }

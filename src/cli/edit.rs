@@ -10,6 +10,7 @@ use super::args::{InpaintArgs, OutpaintArgs};
 use super::{load, load_grid, log_timings, model_dir, run_with_progress, seed_or_fresh, write_frames};
 
 pub fn inpaint(a: InpaintArgs) -> Result<()> {
+    super::check_out_dir(&a.out)?;
     let mut p = load(&a.common)?;
     let spec = p.bundle().manifest().image.clone();
     let input = image::load_image(&a.image, &spec)?;
@@ -32,6 +33,7 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
 }
 
 pub fn outpaint(a: OutpaintArgs) -> Result<()> {
+    super::check_out_dir(&a.out)?;
     if let Some(path) = &a.frames.frames {
         image::AnimationFormat::from_path(path, "frames")?;
     }
@@ -39,7 +41,8 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     let (manifest, _) = absorb::bundle::read_manifest(&model_dir(&a.common))?;
     let spec = manifest.image.clone();
     let token_px = [spec.height / manifest.tokens.height, spec.width / manifest.tokens.width];
-    let input = image::load_image_any(&a.image, &spec)?;
+    let side = absorb::sampler::MAX_GRID_SIDE;
+    let input = image::load_image_any(&a.image, &spec, [side * token_px[1], side * token_px[0]])?;
     let (grid, _) = job::outpaint_grid(
         [input.height, input.width],
         token_px,

@@ -16,6 +16,10 @@ use super::{load_grid, log_timings, progress, run_with_progress, seed_or_fresh, 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.frames.frames {
         image::AnimationFormat::from_path(path, "frames")?;
+        super::check_out_dir(path)?;
+    }
+    if let Some(path) = &a.tokens_out {
+        super::check_out_dir(path)?;
     }
     let dir_output = is_dir_output(&a.out)?;
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
@@ -42,7 +46,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                 &canvas,
                 None,
             )?;
-            job.columns = a.columns.unwrap_or(job.columns);
+            if let Some(c) = a.columns {
+                job.set_columns(c)?;
+            }
             job
         }
     };
@@ -52,6 +58,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if dir_output {
         return generate_dir(&mut p, &a, &job, shard);
     }
+    job.check_sheet(p.bundle())?;
     let (made, sampled) = run_with_progress(&mut p, &job)?;
     let count = job.images.len();
     if let Some(path) = &a.tokens_out {
@@ -76,6 +83,7 @@ fn is_dir_output(out: &Path) -> Result<bool> {
     if out.is_dir() || s.ends_with('/') {
         Ok(true)
     } else if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        super::check_out_dir(out)?;
         Ok(false)
     } else {
         Err(absorb::Error::param(
@@ -92,7 +100,25 @@ fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize
         return Ok(grid);
     };
     let f = job::token_pixels(bundle);
-    if h % f[0] != 0 || w % f[1] != 0 || h == 0 || w == 0 {
+    let max = job::max_grid_side(bundle);
+    let (max_w, max_h) = (max[1] * f[1], max[0] * f[0]);
+    if w > max_w || h > max_h {
+        bail!(absorb::Error::param(
+            "size",
+            format!("{w}x{h} (width x height) is above the limit of {max_w}x{max_h} pixels")
+        ));
+    }
+    let spec = &bundle.manifest().image;
+    if w < spec.width || h < spec.height {
+        bail!(absorb::Error::param(
+            "size",
+            format!(
+                "{w}x{h} (width x height) is smaller than the bundle's {}x{} images",
+                spec.width, spec.height
+            )
+        ));
+    }
+    if h % f[0] != 0 || w % f[1] != 0 {
         bail!(absorb::Error::param(
             "size",
             format!(

@@ -126,6 +126,23 @@ pub fn write_frames(args: &FrameArgs, made: &absorb::Made) -> Result<()> {
     Ok(())
 }
 
+/// Checks that the directory an output file goes into exists (a usage error otherwise, before
+/// any work is done).
+pub fn check_out_dir(out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if !dir.is_dir() {
+        return Err(absorb::Error::param(
+            "out",
+            format!("{}: the directory {} does not exist", out.display(), dir.display()),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(image::write_atomic(path, bytes)?)

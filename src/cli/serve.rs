@@ -17,7 +17,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             max_batch: a.max_batch,
             max_count: a.max_count,
-            max_steps: a.max_steps,
+            max_steps: Some(a.max_steps),
             max_body_bytes: a.max_body,
             timeout_ms: a.timeout_ms,
             max_grid: a.max_grid,

@@ -20,6 +20,9 @@ struct TokenFile {
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        super::check_out_dir(out)?;
+    }
     let mut p = load(&a.common)?;
     let spec = p.bundle().manifest().image.clone();
     let input = image::load_image(&a.image, &spec)?;
@@ -40,19 +43,34 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
 }
 
 pub fn decode(a: DecodeArgs) -> Result<()> {
+    super::check_out_dir(&a.out)?;
     let mut p = load(&a.common)?;
     let bad = |m: String| absorb::Error::Tokens(format!("{}: {m}", a.tokens.display()));
-    let text = std::fs::read_to_string(&a.tokens).map_err(|e| absorb::Error::Io {
-        path: a.tokens.clone(),
-        source: e,
+    // The file's size before reading it, its grid before anything is made for it.
+    let size = std::fs::metadata(&a.tokens)
+        .map_err(|e| bad(format!("cannot read the token file: {e}")))?
+        .len();
+    let max = absorb::limits::MAX_TOKEN_FILE_BYTES;
+    if size > max {
+        bail!(bad(format!(
+            "{size} bytes is above the limit of {max} bytes for a token file"
+        )));
+    }
+    let bytes = std::fs::read(&a.tokens).map_err(|e| bad(format!("cannot read the token file: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8 text: {e}")))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let file: TokenFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." {
+            String::new()
+        } else {
+            format!(" (at {at})")
+        };
+        bad(format!("not a token file from `absorb encode`{at}: {}", e.into_inner()))
     })?;
-    let file: TokenFile =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not a token file from `absorb encode`: {e}")))?;
-    if file.tokens.len() != file.height
-        || file.tokens.iter().any(|r| r.len() != file.width)
-        || file.height == 0
-        || file.width == 0
-    {
+    let grid = [file.height, file.width];
+    absorb::job::check_decode_grid(p.bundle(), grid).map_err(|e| bad(e.to_string()))?;
+    if file.tokens.len() != file.height || file.tokens.iter().any(|r| r.len() != file.width) {
         bail!(bad(format!(
             "tokens must be {} rows of {} ids",
             file.height, file.width

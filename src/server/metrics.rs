@@ -70,6 +70,8 @@ pub struct Metrics {
     pub steps: Counter,
     /// Transformer graph runs.
     pub transformer_calls: Counter,
+    /// Requests whose handling panicked (answered 500; the service goes on).
+    pub panics: Counter,
     busy_s: Counter<f64, AtomicU64>,
     images_per_s: Gauge<f64, AtomicU64>,
     steps_per_s: Gauge<f64, AtomicU64>,
@@ -94,6 +96,7 @@ impl Metrics {
             images: Counter::default(),
             steps: Counter::default(),
             transformer_calls: Counter::default(),
+            panics: Counter::default(),
             busy_s: Counter::default(),
             images_per_s: Gauge::default(),
             steps_per_s: Gauge::default(),
@@ -126,6 +129,11 @@ impl Metrics {
             "absorb_requests_in_flight",
             "Generate, inpaint and outpaint requests being handled",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "absorb_panics",
+            "Requests whose handling panicked: answered 500, the service goes on",
+            m.panics.clone(),
         );
         registry.register(
             "absorb_requests_cancelled",
@@ -217,7 +225,11 @@ impl Drop for InFlight<'_> {
 }
 
 /// Middleware: counts every request by route and status, times it, tracks in-flight work.
-pub async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// Gives every request an id (in its extensions, the `x-request-id` answer header and the log
+/// lines about it).
+pub async fn track(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+    let id = RequestId(s.next_request_id());
+    req.extensions_mut().insert(id);
     let route = ROUTES
         .iter()
         .copied()
@@ -237,6 +249,16 @@ pub async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Re
         g.done = true;
     }
     drop(guard);
-    s.metrics.record(route, response.status().as_u16(), start.elapsed());
+    let status = response.status().as_u16();
+    s.metrics.record(route, status, start.elapsed());
+    if status == 500 {
+        log::error!("request {} ({route}) answered 500", id.0);
+    }
+    let mut response = response;
+    response.headers_mut().insert("x-request-id", id.0.into());
     response
 }
+
+/// The id [`track`] gave a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub u64);

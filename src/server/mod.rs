@@ -51,7 +51,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Images per generate request.
     pub max_count: usize,
-    /// Reverse steps per request (never more than the bundle's token count).
+    /// Reverse steps per request (never more than the grid's token count); `None` = no cap
+    /// but that. Default [`DEFAULT_MAX_STEPS`].
     pub max_steps: Option<usize>,
     /// Request body size in bytes (base64 images included).
     pub max_body_bytes: usize,
@@ -67,13 +68,18 @@ impl Default for Limits {
             max_queue: 8,
             max_batch: crate::DEFAULT_MAX_BATCH,
             max_count: 16,
-            max_steps: None,
+            max_steps: Some(DEFAULT_MAX_STEPS),
             max_body_bytes: 1 << 20,
             timeout_ms: 60_000,
             max_grid: 32,
         }
     }
 }
+
+/// Default cap on the reverse steps of one request: one step is one transformer call per batch
+/// of windows, so a request at the largest default grid (32x32 tokens) and this many steps is the
+/// heaviest one a client can ask for without changing the service's flags.
+pub const DEFAULT_MAX_STEPS: usize = 256;
 
 /// What `absorb serve` needs: the bundle, how to run it, where to listen, the limits.
 #[derive(Debug, Clone)]
@@ -96,10 +102,15 @@ pub struct ServeOptions {
 /// and the function returns `Ok` once the worker has stopped.
 pub fn serve(options: ServeOptions) -> Result<()> {
     let limits = options.limits.clone();
-    if limits.max_queue == 0 || limits.max_batch == 0 || limits.max_count == 0 || limits.max_body_bytes == 0 {
+    if limits.max_queue == 0
+        || limits.max_batch == 0
+        || limits.max_count == 0
+        || limits.max_body_bytes == 0
+        || limits.max_steps == Some(0)
+    {
         return Err(Error::param(
             "max-queue",
-            "--max-queue, --max-batch, --max-count and --max-body must be 1 or more",
+            "--max-queue, --max-batch, --max-count, --max-steps and --max-body must be 1 or more",
         ));
     }
     let notify = systemd::Notifier::from_env();

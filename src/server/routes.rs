@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -15,8 +15,9 @@ use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
 use tokio::sync::oneshot;
+use tower_http::catch_panic::CatchPanicLayer;
 
-use super::metrics::{self, track};
+use super::metrics::{self, track, RequestId};
 use super::worker::{self, Answer, Refused, Shared, Work};
 use crate::error::{Error, Result};
 use crate::image::{self, AnimationFormat};
@@ -35,8 +36,28 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .layer(CatchPanicLayer::custom(HandlerPanicked(shared.metrics.panics.clone())))
         .layer(middleware::from_fn_with_state(shared.clone(), track))
         .with_state(shared)
+}
+
+/// A handler that panicked (a bug) answers 500 like any internal error and is counted in
+/// `absorb_panics_total`; the connection and the service go on. [`track`] logs it with the
+/// request's id.
+#[derive(Clone)]
+struct HandlerPanicked(prometheus_client::metrics::counter::Counter);
+
+impl tower_http::catch_panic::ResponseForPanic for HandlerPanicked {
+    type ResponseBody = axum::body::Body;
+
+    fn response_for_panic(&mut self, panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+        self.0.inc();
+        AppError::Internal(Error::Panicked {
+            during: "a request handler ran".into(),
+            message: crate::error::panic_message(panic.as_ref()),
+        })
+        .into_response()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +156,12 @@ impl Shared {
     }
 }
 
-async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+async fn generate(
+    State(s): State<Arc<Shared>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
     let bytes = read_body(&s, &headers, body).await?;
     let req: GenerateRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         GenerateRequest::default()
@@ -161,6 +187,9 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
     }
     let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    if s.test_panic.handler == Some(seed) {
+        panic!("injected by ABSORB_TEST_PANIC (handler:{seed})");
+    }
     let canvas_of = Canvas {
         grid: req.grid,
         stride: req.stride,
@@ -177,38 +206,59 @@ async fn generate(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         Some(s.limits.max_grid),
     )?;
     job.frames = req.frames.is_some();
-    answer(&s, job, req.frames, canvas).await
+    answer(&s, id, job, req.frames, canvas).await
 }
 
-async fn inpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+async fn inpaint(
+    State(s): State<Arc<Shared>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
     let bytes = read_body(&s, &headers, body).await?;
     let req: InpaintRequest = parse_json(&bytes)?;
     let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
-    let spec = &s.bundle.manifest().image;
+    let spec = s.bundle.manifest().image.clone();
     sampling.settings(&s.bundle, job::token_space(&s.bundle).len)?;
-    // PNGs this small decode in microseconds; the body limit keeps it that way.
-    let image = image::image_from_png(&base64_field(&req.image, "image")?, spec, "image")?;
     let (w, h) = (spec.width, spec.height);
-    let mask = match (&req.mask, req.rect) {
-        (Some(m), None) => image::mask_from_png(&base64_field(m, "mask")?, w, h, "mask")?,
-        (None, Some(rect)) => image::rect_mask(rect, w, h)?,
-        _ => {
-            return Err(Error::param(
-                "mask",
-                "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
-            )
-            .into())
-        }
-    };
+    let (image_png, mask_png) = (
+        base64_field(&req.image, "image")?,
+        req.mask.as_deref().map(|m| base64_field(m, "mask")).transpose()?,
+    );
+    let rect = req.rect;
+    let (image, mask) = decode_off_thread(&s, move || {
+        let image = image::image_from_png(&image_png, &spec, "image")?;
+        let mask = match (mask_png, rect) {
+            (Some(m), None) => image::mask_from_png(&m, w, h, "mask")?,
+            (None, Some(rect)) => image::rect_mask(rect, w, h)?,
+            _ => {
+                return Err(Error::param(
+                    "mask",
+                    "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
+                ))
+            }
+        };
+        Ok((image, mask))
+    })
+    .await?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
     let job = Job::inpaint(&s.bundle, image, mask, seed, &sampling, !req.decode_all)?;
-    answer(&s, job, None, false).await
+    answer(&s, id, job, None, false).await
 }
 
-async fn outpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Result<Response, AppError> {
+async fn outpaint(
+    State(s): State<Arc<Shared>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
     let bytes = read_body(&s, &headers, body).await?;
     let req: OutpaintRequest = parse_json(&bytes)?;
-    let image = image::image_any_from_png(&base64_field(&req.image, "image")?, &s.bundle.manifest().image, "image")?;
+    let f = job::token_pixels(&s.bundle);
+    let max = [s.limits.max_grid * f[1], s.limits.max_grid * f[0]];
+    let png = base64_field(&req.image, "image")?;
+    let spec = s.bundle.manifest().image.clone();
+    let image = decode_off_thread(&s, move || image::image_any_from_png(&png, &spec, "image", max)).await?;
     let e = &req.extend;
     let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
     let canvas = Canvas {
@@ -231,15 +281,44 @@ async fn outpaint(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         limit,
     )?;
     job.frames = req.frames.is_some();
-    answer(&s, job, req.frames, true).await
+    answer(&s, id, job, req.frames, true).await
+}
+
+/// Runs `decode` (request images: bounded by their declared size) on a blocking thread, at
+/// most [`Shared::decode_slots`] at once, so that the async threads stay free for `/healthz`
+/// and the other routes.
+async fn decode_off_thread<T: Send + 'static>(
+    s: &Shared,
+    decode: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, AppError> {
+    let _slot = s.decode_slots.acquire().await.map_err(|_| AppError::WorkerGone)?;
+    match tokio::task::spawn_blocking(decode).await {
+        Ok(r) => r.map_err(AppError::from),
+        Err(e) => Err(AppError::Internal(Error::Panicked {
+            during: "a request image was decoded".into(),
+            message: e.to_string(),
+        })),
+    }
 }
 
 /// Queues `job` and answers with its PNG, or JSON when there are several images or a preview
 /// (with the grid when `canvas`: a larger grid, an outpainting or a preview).
-async fn answer(s: &Shared, job: Job, frames: Option<AnimationFormat>, canvas: bool) -> Result<Response, AppError> {
+async fn answer(
+    s: &Shared,
+    id: RequestId,
+    job: Job,
+    frames: Option<AnimationFormat>,
+    canvas: bool,
+) -> Result<Response, AppError> {
     let (reply, rx) = oneshot::channel();
     let (seed, settings, grid) = (job.seed(), job.settings, job.grid(&s.bundle));
-    s.submit(Work { job, frames, reply }).map_err(|r| match r {
+    s.submit(Work {
+        id: id.0,
+        job,
+        frames,
+        reply,
+    })
+    .map_err(|r| match r {
         Refused::Busy { retry_after_s } => AppError::Busy { retry_after_s },
         Refused::WorkerGone => AppError::WorkerGone,
     })?;
@@ -334,7 +413,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AppErro
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let (field, message) = if inner.is_syntax() || inner.is_eof() {
+        // A number that does not fit (1e400, 2^64) is a syntax error to serde_json, raised while
+        // reading that field's value: it belongs to the field, not to the body.
+        let number = inner.is_syntax() && path != "." && {
+            let m = inner.to_string();
+            m.starts_with("number out of range") || m.starts_with("invalid number")
+        };
+        let (field, message) = if number {
+            (path.clone(), format!("invalid {path}: {inner}"))
+        } else if inner.is_syntax() || inner.is_eof() {
             ("body".to_string(), format!("malformed JSON: {inner}"))
         } else if path == "." {
             // Errors at the top level: unknown or missing fields, whose names serde puts in the message.
@@ -469,12 +556,14 @@ impl IntoResponse for AppError {
             ),
             AppError::Internal(e) => {
                 log::error!("request failed: {e:#}");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    None,
-                    "internal error (details in the service log)".into(),
-                    None,
-                )
+                let message = match &e {
+                    // A bug, not the machine: say so (the panic's own text is in the log).
+                    Error::Panicked { .. } => {
+                        "internal error: handling this request panicked; the service goes on (details in the service log)"
+                    }
+                    _ => "internal error (details in the service log)",
+                };
+                (StatusCode::INTERNAL_SERVER_ERROR, None, message.into(), None)
             }
         };
         let mut json = serde_json::json!({ "error": message });

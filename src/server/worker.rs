@@ -6,7 +6,7 @@
 //! alone. A job whose client has gone is skipped, and a running one stops between batches.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ pub type Reply = oneshot::Sender<Result<Answer>>;
 
 /// A job and how to answer it.
 pub struct Work {
+    /// The request's id (logs, `x-request-id`).
+    pub id: u64,
     /// What to make.
     pub job: Job,
     /// The preview's format when the job records frames.
@@ -77,6 +79,41 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// `/metrics`.
     pub metrics: Metrics,
+    /// Request ids handed out so far.
+    requests: AtomicU64,
+    /// Decoding of request images: at most this many at once, off the async threads.
+    pub decode_slots: tokio::sync::Semaphore,
+    /// Test-only fault injection (`ABSORB_TEST_PANIC`, see [`TestPanic`]).
+    pub test_panic: TestPanic,
+}
+
+/// Requests to fail on purpose, for the tests of panic handling: `ABSORB_TEST_PANIC=worker:S`
+/// makes the worker panic on a job of seed S, `handler:S` makes the generate handler panic on a
+/// request of seed S (both may be given, comma-separated). Unset in production: nothing panics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestPanic {
+    /// Seed whose job panics in the worker.
+    pub worker: Option<u64>,
+    /// Seed whose request panics in its handler.
+    pub handler: Option<u64>,
+}
+
+impl TestPanic {
+    fn from_env() -> TestPanic {
+        let mut t = TestPanic::default();
+        let Ok(spec) = std::env::var("ABSORB_TEST_PANIC") else {
+            return t;
+        };
+        for part in spec.split(',') {
+            match part.split_once(':').map(|(k, v)| (k.trim(), v.trim().parse::<u64>())) {
+                Some(("worker", Ok(seed))) => t.worker = Some(seed),
+                Some(("handler", Ok(seed))) => t.handler = Some(seed),
+                _ => log::warn!("ABSORB_TEST_PANIC: ignoring {part:?} (worker:SEED or handler:SEED)"),
+            }
+        }
+        log::warn!("fault injection on: {t:?}");
+        t
+    }
 }
 
 impl Shared {
@@ -106,7 +143,15 @@ impl Shared {
             model_info,
             worker_alive: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
+            test_panic: TestPanic::from_env(),
         }
+    }
+
+    /// A new request id.
+    pub fn next_request_id(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Queues `work`, or says why not: the queue is full (429) or the worker has gone (503).
@@ -129,6 +174,10 @@ impl Shared {
         }
     }
 }
+
+/// Request images decoded at once: each is bounded by its declared size, and two keep both
+/// cores busy without letting a burst of uploads hold more memory.
+const DECODE_SLOTS: usize = 2;
 
 /// Why [`Shared::submit`] did not queue a job.
 pub enum Refused {
@@ -290,36 +339,25 @@ fn gather(batch: &mut Vec<Work>, jobs: &Receiver<Queued>, max_batch: usize, m: &
 }
 
 /// Runs `batch` (one job, or batchable jobs with equal settings merged into one) and answers
-/// each. Returns the images made.
+/// each. Returns the images made. A panic while making them is caught: every job of the batch
+/// is answered with an error (500), logged with their request ids, and the worker goes on.
 fn run(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
     let m = &shared.metrics;
     let mut job = batch[0].job.clone();
     job.images = batch.iter().flat_map(|w| w.job.images.iter().copied()).collect();
     job.max_batch = shared.limits.max_batch;
-    // A job alone stops between batches once its client has gone; merged ones run to the end.
-    let alone = batch.len() == 1;
-    let cancelled = || alone && batch[0].reply.is_closed();
-    let made = p.run(
-        &job,
-        &mut Progress {
-            on_step: &mut |_| {},
-            cancelled: &cancelled,
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(p, &job, &batch, shared))).unwrap_or_else(
+        |panic| {
+            let what = crate::error::panic_message(panic.as_ref());
+            let ids: Vec<u64> = batch.iter().map(|w| w.id).collect();
+            log::error!("requests {ids:?}: the worker panicked ({what}); answering 500 and going on");
+            m.panics.inc();
+            Err(Error::Panicked {
+                during: format!("the worker ran requests {ids:?}"),
+                message: what,
+            })
         },
     );
-    let made = made.and_then(|made| {
-        let pngs = made
-            .pixels
-            .iter()
-            .enumerate()
-            .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(&shared.bundle, &shared.provider, k, 1))))
-            .collect::<Result<Vec<_>>>()?;
-        let frames = match (&made.frames, batch[0].frames) {
-            (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
-            _ => None,
-        };
-        m.transformer_calls.inc_by(made.timings.transformer_calls as u64);
-        Ok((pngs, frames))
-    });
     match made {
         Ok((pngs, frames)) => {
             let images = pngs.len();
@@ -356,6 +394,42 @@ fn run(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
             0
         }
     }
+}
+
+/// What [`make`] answers: one PNG per image, and the animation when one was asked for.
+type Pngs = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+/// PNG bytes of `job`'s images (`batch` merged into it) and its animation.
+fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<Pngs> {
+    if shared.test_panic.worker.is_some_and(|s| s == job.seed()) {
+        panic!("injected by ABSORB_TEST_PANIC (worker:{})", job.seed());
+    }
+    // A job alone stops between transformer calls once its client has gone; merged ones run to
+    // the end (the others still wait for their images).
+    let alone = batch.len() == 1;
+    let cancelled = || alone && batch[0].reply.is_closed();
+    let made = p.run(
+        job,
+        &mut Progress {
+            on_step: &mut |_| {},
+            cancelled: &cancelled,
+        },
+    )?;
+    let pngs = made
+        .pixels
+        .iter()
+        .enumerate()
+        .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(&shared.bundle, &shared.provider, k, 1))))
+        .collect::<Result<Vec<_>>>()?;
+    let frames = match (&made.frames, batch[0].frames) {
+        (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
+        _ => None,
+    };
+    shared
+        .metrics
+        .transformer_calls
+        .inc_by(made.timings.transformer_calls as u64);
+    Ok((pngs, frames))
 }
 
 /// How long a reply may take: see [`Limits::timeout_ms`].

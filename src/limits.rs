@@ -1,0 +1,105 @@
+//! Every cap on what a user's number may ask for, in one place. Each is checked where the number
+//! enters (a flag, a JSON field, a token file, a PNG's metadata, an image header), before any
+//! arithmetic or allocation it would drive, and an error names the flag or field, the value and
+//! the limit. The README's "Limits" table lists them with their defaults; the service has its own,
+//! smaller, per-request limits on top ([`crate::server::Limits`]).
+
+use crate::error::{Error, Result};
+
+/// Images in one PNG (a sheet): `generate --count` with a `.png` output, a PNG's `count`.
+pub const MAX_SHEET_IMAGES: usize = 1024;
+
+/// Images in one run into a directory (`generate --count N -o DIR/`).
+pub const MAX_IMAGES: usize = 1_000_000;
+
+/// Pixels per side of any image absorb reads or writes (inputs are refused from their header).
+pub const MAX_IMAGE_SIDE: usize = 8192;
+
+/// Pixels per side of a grid decoded in one piece (`--decode whole`, `absorb decode`): the
+/// decoder's activations grow with the square of it (measured on the digits bundle: 128 px
+/// 54 MB, 256 px 186 MB, 512 px 2.2 GB peak RSS).
+pub const MAX_WHOLE_DECODE_SIDE: usize = 256;
+
+/// Sheet width and height in pixels (a PNG of [`MAX_SHEET_IMAGES`] paper-size images fits).
+pub const MAX_SHEET_SIDE: usize = 16384;
+
+/// Intra-op threads (`--threads`).
+pub const MAX_THREADS: usize = 256;
+
+/// Images (or windows) per transformer call (`--max-batch`): the logits of one call are
+/// `batch x tokens x codebook` floats.
+pub const MAX_BATCH: usize = 256;
+
+/// Bytes of a token file (`absorb decode --tokens`), checked before it is read: the largest grid
+/// that can be decoded in one piece, pretty-printed, is well under 2 MiB.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 4 << 20;
+
+/// Jobs waiting in the service's queue (`serve --max-queue`).
+pub const MAX_QUEUE: usize = 4096;
+
+/// Request body of the service (`serve --max-body`).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// `value` if it is in `1..=max`, else an error naming `name` (the flag or field).
+pub fn check_range(name: &'static str, value: usize, max: usize) -> Result<usize> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::param(
+            name,
+            format!("{value} is out of range: must be 1..={max}"),
+        ))
+    }
+}
+
+/// `first + count` images must have indices that fit in a u64: the last index is
+/// `first + count - 1`.
+pub fn check_indices(name: &'static str, first: u64, count: usize) -> Result<()> {
+    let last = (count as u64).checked_sub(1).and_then(|c| first.checked_add(c));
+    if last.is_none() {
+        return Err(Error::param(
+            name,
+            format!(
+                "{first} with {count} images runs past the largest index {}: use at most {}",
+                u64::MAX,
+                u64::MAX - (count as u64).saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `a * b`, or an error naming `name` when it overflows or exceeds `max`.
+pub fn checked_product(name: &'static str, a: usize, b: usize, max: usize, what: &str) -> Result<usize> {
+    match a.checked_mul(b) {
+        Some(p) if p <= max => Ok(p),
+        _ => Err(Error::param(
+            name,
+            format!("{a} x {b} {what} is above the limit of {max}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_indices_are_checked_at_every_edge() {
+        assert!(check_range("count", 0, 4).is_err());
+        assert_eq!(check_range("count", 1, 4).unwrap(), 1);
+        assert_eq!(check_range("count", 4, 4).unwrap(), 4);
+        assert!(check_range("count", 5, 4).is_err());
+        assert!(check_range("count", usize::MAX, 4).is_err());
+        assert!(check_indices("first-index", u64::MAX, 1).is_ok());
+        assert!(check_indices("first-index", u64::MAX, 2).is_err());
+        assert!(check_indices("first-index", u64::MAX - 1, 2).is_ok());
+        assert!(check_indices("first-index", 0, usize::MAX).is_ok());
+        assert!(check_indices("first-index", 1, usize::MAX).is_ok());
+        let e = check_indices("first-index", u64::MAX, 3).unwrap_err().to_string();
+        assert!(e.contains("first-index") && e.contains("18446744073709551613"), "{e}");
+        assert!(checked_product("grid", usize::MAX, 2, usize::MAX, "tokens").is_err());
+        assert_eq!(checked_product("grid", 3, 4, 12, "tokens").unwrap(), 12);
+        assert!(checked_product("grid", 3, 4, 11, "tokens").is_err());
+    }
+}
