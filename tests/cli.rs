@@ -243,7 +243,7 @@ fn bad_parameters_are_rejected_with_exit_code_2() {
         d.path(),
         &["generate", "-m", &m, "--threads", "0"],
         2,
-        &["invalid threads"],
+        &["--threads", "0", "1..=256"],
     );
     fails(d.path(), &["generate", "--bogus"], 2, &["--bogus"]);
 }
@@ -262,13 +262,13 @@ fn bad_images_masks_and_token_files_are_rejected_with_exit_code_2() {
         p,
         &["inpaint", "-m", &m, "-i", "small.png", "--rect", "0,0,4,4"],
         2,
-        &["small.png", "20x20", "expects 32x32"],
+        &["small.png", "20x20", "expected 32x32"],
     );
     fails(
         p,
         &["encode", "-m", &m, "-i", "text.png"],
         2,
-        &["text.png", "not a readable image"],
+        &["text.png", "not a PNG"],
     );
     fails(
         p,
@@ -280,7 +280,7 @@ fn bad_images_masks_and_token_files_are_rejected_with_exit_code_2() {
         p,
         &["inpaint", "-m", &m, "-i", &digit, "--mask", "tiny-mask.png"],
         2,
-        &["tiny-mask.png", "same size"],
+        &["tiny-mask.png", "16x16", "expected 32x32"],
     );
     fails(
         p,
