@@ -296,12 +296,7 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
         // The key at fault (`tokens.height`), then serde's own message with line and column.
-        let key = e.path().to_string();
-        let key = if key == "." {
-            String::new()
-        } else {
-            format!(" at {key}")
-        };
+        let key = crate::error::json_key(e.path()).map_or(String::new(), |k| format!(" at {k}"));
         Error::Manifest {
             path: path.clone(),
             message: format!("not a valid bundle manifest{key}: {}", e.into_inner()),

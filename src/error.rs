@@ -200,3 +200,10 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
 }
+
+/// The JSON key a `serde_path_to_error` failure points at (`tokens.height`, `tokens[3]`), or
+/// `None` when it is the document itself.
+pub fn json_key(path: &serde_path_to_error::Path) -> Option<String> {
+    let key = path.to_string();
+    (key != ".").then_some(key)
+}

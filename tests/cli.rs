@@ -359,6 +359,12 @@ fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
     let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
     edit_manifest(&b, |j| j["tokens"]["extra"] = 1.into());
     fails(p, &gen, 1, &["model.json", "unknown field `extra`"]);
+    // A value of the wrong type names its key, not only a line and column.
+    edit_manifest(&b, |j| {
+        j["tokens"].as_object_mut().unwrap().remove("extra");
+        j["image"]["height"] = "32".into();
+    });
+    fails(p, &gen, 1, &["model.json", "at image.height", "invalid type"]);
 
     let b = bundle_copy(&p.join("3"));
     let bs = b.to_string_lossy().into_owned();

@@ -266,6 +266,12 @@ fn token_files_are_bounded_before_they_are_read_or_decoded() {
     decode(&token_file(d.path(), "small.json", "4", "4", 4, 4), 2, &["4x4", "8x8"]);
     decode(&token_file(d.path(), "rows.json", "8", "8", 7, 8), 2, &["8 rows of 8"]);
     decode(&token_file(d.path(), "ok.json", "8", "8", 8, 8), 0, &[]);
+    // A value of the wrong type names its key.
+    decode(
+        &token_file(d.path(), "str.json", "\"8\"", "8", 8, 8),
+        2,
+        &["str.json", "(at height)"],
+    );
     // A file over the byte limit is refused before reading it (a sparse file: costs no disk).
     let sparse = d.path().join("sparse.json");
     fs::File::create(&sparse).unwrap().set_len(200 << 20).unwrap();

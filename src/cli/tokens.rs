@@ -60,12 +60,7 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     let text = String::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8 text: {e}")))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     let file: TokenFile = serde_path_to_error::deserialize(de).map_err(|e| {
-        let at = e.path().to_string();
-        let at = if at == "." {
-            String::new()
-        } else {
-            format!(" (at {at})")
-        };
+        let at = absorb::error::json_key(e.path()).map_or(String::new(), |k| format!(" (at {k})"));
         bad(format!("not a token file from `absorb encode`{at}: {}", e.into_inner()))
     })?;
     let grid = [file.height, file.width];
