@@ -168,9 +168,16 @@ def check_deployment(name, d, image):
                 raise Invalid(f"{name}: {kind} must GET /healthz")
             if probe_port(c, probe) != int(port):
                 raise Invalid(f"{name}: {kind} asks port {probe_port(c, probe)}, absorb listens on {port}")
-        timeout_s = int(arg_after(args, "--timeout-ms") or 60000) / 1000
-        if pod.get("terminationGracePeriodSeconds", 30) <= timeout_s:
-            raise Invalid(f"{name}: terminationGracePeriodSeconds must exceed --timeout-ms, or a drain is cut short")
+        # SIGTERM comes after the preStop hook; absorb then drains for at most --drain-timeout-ms
+        # (answering 503 to what is still waiting) and exits. The grace period must cover both
+        # with room for the worker to stop, or Kubernetes kills the drain with SIGKILL.
+        drain_s = int(arg_after(args, "--drain-timeout-ms") or 10000) / 1000
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_stop_s = float(pre_stop[1]) if len(pre_stop) == 2 and pre_stop[0] == "sleep" else 0.0
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        if grace < pre_stop_s + drain_s + 5:
+            raise Invalid(f"{name}: terminationGracePeriodSeconds {grace} must be at least the preStop sleep "
+                          f"({pre_stop_s:g} s) + --drain-timeout-ms ({drain_s:g} s) + 5 s, or SIGKILL cuts the drain")
         if int(port) not in image["expose"]:
             raise Invalid(f"{name}: port {port} is not EXPOSEd by the Containerfile {image['expose']}")
         check_container(name, c, image)
@@ -260,6 +267,10 @@ def _ort_path(m, i):
     i["env"]["ORT_DYLIB_PATH"] = "/usr/lib/libonnxruntime.so"
 
 
+def _short_grace(m, i):
+    pod_spec(find(m, "Deployment", "serve.yaml"))["terminationGracePeriodSeconds"] = 12
+
+
 def _model_path(m, i):
     set_arg(find(m, "Job", "batch-job.yaml"), "--model", "/models/digits")
 
@@ -276,6 +287,7 @@ BROKEN = [
     ("a GPU provider without a GPU", _no_gpu, "nvidia.com/gpu limit go together"),
     ("ONNX Runtime outside the image's copies", _ort_path, "ORT_DYLIB_PATH=/usr/lib/libonnxruntime.so"),
     ("a bundle path the image lacks", _model_path, "--model /models/digits is neither baked"),
+    ("a grace period shorter than the drain", _short_grace, "terminationGracePeriodSeconds 12 must be at least"),
 ]
 
 

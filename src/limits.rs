@@ -37,6 +37,10 @@ pub const MAX_TOKEN_FILE_BYTES: u64 = 4 << 20;
 /// Jobs waiting in the service's queue (`serve --max-queue`).
 pub const MAX_QUEUE: usize = 4096;
 
+/// Client connections the service holds open at once (`serve --max-connections`); each costs a
+/// file descriptor and a few KiB.
+pub const MAX_CONNECTIONS: usize = 65_536;
+
 /// Request body of the service (`serve --max-body`).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 

@@ -835,7 +835,8 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
 
 #[test]
 fn sigterm_finishes_every_accepted_request_then_exits_zero() {
-    let mut s = Server::start(&["--max-batch", "1"], &[]);
+    // A deadline far beyond the work: every request must be finished, none cut at 503.
+    let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "120000"], &[]);
     let (_, tokens) = shape(&s);
     let n = 6;
     let body = |i: usize| format!(r#"{{"seed": {i}, "count": 8, "steps": {tokens}}}"#);
@@ -1451,4 +1452,267 @@ fn a_one_batch_job_whose_client_hangs_up_stops_between_transformer_calls() {
     assert_eq!(s.metric("absorb_images_total"), 0.0, "the hung-up job made no image");
     let r = s.post("/v1/generate", r#"{"seed": 2, "steps": 4}"#);
     assert_eq!(r.status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow clients, the connection cap and the drain deadline (src/server/connections.rs)
+
+/// A connection that has sent `sent` and nothing more.
+fn half_sent(addr: &str, sent: &[u8]) -> TcpStream {
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.write_all(sent).unwrap();
+    c
+}
+
+/// True once the server has closed `c` (EOF or reset on a read), waiting up to `within`.
+fn closed_by_server(c: &mut TcpStream, within: Duration) -> bool {
+    c.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // an answer (e.g. 408) before the close
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Clients that send a request head one byte every `every`, on their own thread, until the
+/// server closes them; `closed()` counts those it has closed.
+struct Trickle {
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Trickle {
+    fn start(addr: &str, n: usize, every: Duration) -> Trickle {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let mut conns: Vec<Option<TcpStream>> = (0..n)
+            .map(|_| {
+                let c = TcpStream::connect(addr).expect("connect a slow client");
+                c.set_nonblocking(true).unwrap();
+                Some(c)
+            })
+            .collect();
+        let (closed, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (count, halt) = (closed.clone(), stop.clone());
+        let head = b"GET /healthz HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let thread = std::thread::spawn(move || {
+            let mut at = 0;
+            while !halt.load(Ordering::Relaxed) && conns.iter().any(Option::is_some) {
+                for slot in conns.iter_mut() {
+                    let Some(c) = slot else { continue };
+                    let mut buf = [0u8; 64];
+                    let gone = match c.read(&mut buf) {
+                        Ok(0) => true,
+                        Ok(_) => false,
+                        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                    };
+                    // Never the final blank line: the head stays incomplete.
+                    if gone || c.write(&head[at % (head.len() - 2)..][..1]).is_err() {
+                        *slot = None;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                at += 1;
+                std::thread::sleep(every);
+            }
+        });
+        Trickle {
+            closed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn two_hundred_slow_clients_are_closed_at_the_header_timeout_and_others_are_answered_meanwhile() {
+    let s = Server::start(&["--header-timeout-ms", "3000"], &[]);
+    let before = Instant::now();
+    assert_eq!(s.get("/healthz").status, 200);
+    let usual = before.elapsed();
+    let slow = Trickle::start(&s.addr, 200, Duration::from_secs(1));
+    let opened = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        s.metric("absorb_connections_open") >= 200.0,
+        "the slow clients are connected"
+    );
+    // While they are held, a normal client is answered at once (not after the timeout).
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(s.get("/healthz").status, 200);
+        let took = t.elapsed();
+        assert!(
+            took < usual + Duration::from_millis(1000),
+            "healthz took {took:?} among slow clients (usually {usual:?})"
+        );
+    }
+    assert_eq!(s.post("/v1/generate", r#"{"seed": 3}"#).status, 200);
+    assert_eq!(slow.closed(), 0, "slow clients closed before their header timeout");
+    // Then the server closes every one of them, a little after 3 s.
+    while slow.closed() < 200 {
+        assert!(
+            opened.elapsed() < Duration::from_secs(15),
+            "only {} of 200 slow clients closed after {:?}",
+            slow.closed(),
+            opened.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(2500));
+    assert!(s.metric("absorb_header_timeouts_total") >= 200.0);
+    assert!(s.metric("absorb_connections_open") <= 1.0);
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn a_body_slower_than_the_body_timeout_is_answered_408_and_the_connection_closed() {
+    let s = Server::start(&["--body-timeout-ms", "1000"], &[]);
+    let body = r#"{"seed": 1}"#;
+    let mut c = half_sent(
+        &s.addr,
+        format!(
+            "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            &body[..4]
+        )
+        .as_bytes(),
+    );
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let r = parse_reply(&raw);
+    assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t.elapsed() >= Duration::from_millis(900), "408 before the timeout");
+    assert_eq!(r.json()["field"], "body");
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("1000 ms"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(s.metric("absorb_body_timeouts_total"), 1.0);
+    assert_eq!(s.post("/v1/generate", body).status, 200);
+}
+
+#[test]
+fn connections_over_the_cap_are_answered_503_at_once() {
+    let s = Server::start(&["--max-connections", "4"], &[]);
+    let idle: Vec<_> = (0..4).map(|_| half_sent(&s.addr, b"")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.get("/healthz");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["error"].as_str().unwrap().contains("--max-connections"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(idle);
+    let start = Instant::now();
+    while s.get("/healthz").status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the cap never freed up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.metric("absorb_connections_refused_total") >= 1.0);
+}
+
+#[test]
+fn sigterm_with_a_half_sent_request_exits_at_once_with_status_0() {
+    // A long drain deadline: the exit must not wait for it.
+    let mut s = Server::start(&["--drain-timeout-ms", "60000"], &[]);
+    let mut c = half_sent(&s.addr, b"GET /healthz HTTP/1.1\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    s.sigterm();
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0), "{}", s.log());
+    let took = t.elapsed();
+    assert!(closed_by_server(&mut c, Duration::from_secs(1)));
+    eprintln!("exit after SIGTERM with a half-sent request: {took:?}");
+    assert!(s.log().contains("drained in"), "{}", s.log());
+}
+
+#[test]
+fn sigterm_with_50_slow_clients_answers_the_3_accepted_requests_then_exits_0() {
+    let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "60000"], &[]);
+    let (_, tokens) = shape(&s);
+    let slow = Trickle::start(&s.addr, 50, Duration::from_millis(200));
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let addr = s.addr.clone();
+            let body = format!(r#"{{"seed": {i}, "count": 4, "steps": {tokens}}}"#);
+            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
+        })
+        .collect();
+    let start = Instant::now();
+    while s.metric("absorb_requests_in_flight") < 3.0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "requests never in flight");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.sigterm();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["images"].as_array().unwrap().len(), 4, "request {i}");
+    }
+    let answered = Instant::now();
+    assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0), "{}", s.log());
+    eprintln!("exit {:?} after the last accepted answer", answered.elapsed());
+    let start = Instant::now();
+    while slow.closed() < 50 {
+        assert!(start.elapsed() < Duration::from_secs(5), "slow clients left open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn at_the_drain_deadline_waiting_requests_are_answered_503_and_the_process_exits_0() {
+    let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "1000"], &[]);
+    let (_, tokens) = shape(&s);
+    // Far more work than a second: the first runs, the second waits behind it.
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = s.addr.clone();
+            let body = format!(r#"{{"seed": {i}, "count": 16, "steps": {tokens}}}"#);
+            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
+        })
+        .collect();
+    let _half = half_sent(&s.addr, b"POST /v1/generate HTTP/1.1\r\nContent-Le");
+    let start = Instant::now();
+    while s.metric("absorb_requests_in_flight") < 2.0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "requests never in flight");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    s.sigterm();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 503, "request {i}: {}", String::from_utf8_lossy(&r.body));
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains("1000 ms drain deadline"), "{error}");
+        assert!(r.header("retry-after").is_some());
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0), "{}", s.log());
+    let took = t.elapsed();
+    eprintln!("exit {took:?} after SIGTERM at a 1000 ms deadline with 2 long requests");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited before the deadline: {took:?}"
+    );
+    assert!(s.log().contains("deadline passed"), "{}", s.log());
 }

@@ -366,6 +366,21 @@ pub struct ServeArgs {
     /// Largest token grid side a request may ask for (`grid`, outpainting).
     #[arg(long, value_name = "TOKENS", default_value_t = absorb::server::Limits::default().max_grid, value_parser = grid_side, allow_hyphen_values = true)]
     pub max_grid: usize,
+    /// Milliseconds a connection has to send a whole request head (also the idle time of a
+    /// keep-alive connection); a slower one is closed.
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().header_timeout_ms, value_parser = timeout_ms, allow_hyphen_values = true)]
+    pub header_timeout_ms: u64,
+    /// Milliseconds a request body has to arrive once its handler reads it; a slower one gets 408.
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().body_timeout_ms, value_parser = timeout_ms, allow_hyphen_values = true)]
+    pub body_timeout_ms: u64,
+    /// Client connections open at once; one more is answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_connections, value_parser = connections, allow_hyphen_values = true)]
+    pub max_connections: usize,
+    /// After SIGTERM, milliseconds accepted requests have to finish; those still waiting are then
+    /// answered 503, open connections dropped, and the process exits 0. Keep it below the
+    /// supervisor's stop timeout (the unit's TimeoutStopSec, the pod's grace period).
+    #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().drain_timeout_ms, value_parser = drain_ms, allow_hyphen_values = true)]
+    pub drain_timeout_ms: u64,
 }
 
 /// `N` (both axes) or `AxB`.
@@ -476,6 +491,19 @@ fn grid_side(s: &str) -> Result<usize, String> {
 /// At most a day.
 fn timeout_ms(s: &str) -> Result<u64, String> {
     in_range(s, 86_400_000).map(|v| v as u64)
+}
+
+/// 0 (drop at once) to a day.
+fn drain_ms(s: &str) -> Result<u64, String> {
+    let max = 86_400_000u64;
+    match whole(s, max)? {
+        v if v <= max => Ok(v),
+        v => Err(format!("{v} is out of range: must be 0..={max}")),
+    }
+}
+
+fn connections(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_CONNECTIONS)
 }
 
 /// A CUDA device index, `0..=i32::MAX`.

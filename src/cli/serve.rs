@@ -21,6 +21,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_body_bytes: a.max_body,
             timeout_ms: a.timeout_ms,
             max_grid: a.max_grid,
+            header_timeout_ms: a.header_timeout_ms,
+            body_timeout_ms: a.body_timeout_ms,
+            max_connections: a.max_connections,
+            drain_timeout_ms: a.drain_timeout_ms,
         },
     };
     absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))

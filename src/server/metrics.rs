@@ -72,6 +72,16 @@ pub struct Metrics {
     pub transformer_calls: Counter,
     /// Requests whose handling panicked (answered 500; the service goes on).
     pub panics: Counter,
+    /// Connections open.
+    pub connections: Gauge,
+    /// Connections over `--max-connections`, answered 503 and closed.
+    pub connections_refused: Counter,
+    /// Connections closed because no whole request head came within `--header-timeout-ms`.
+    pub header_timeouts: Counter,
+    /// Requests answered 408 because their body did not arrive within `--body-timeout-ms`.
+    pub body_timeouts: Counter,
+    /// Requests answered 503 because they were still waiting at the drain deadline.
+    pub drain_expired: Counter,
     busy_s: Counter<f64, AtomicU64>,
     images_per_s: Gauge<f64, AtomicU64>,
     steps_per_s: Gauge<f64, AtomicU64>,
@@ -97,6 +107,11 @@ impl Metrics {
             steps: Counter::default(),
             transformer_calls: Counter::default(),
             panics: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            header_timeouts: Counter::default(),
+            body_timeouts: Counter::default(),
+            drain_expired: Counter::default(),
             busy_s: Counter::default(),
             images_per_s: Gauge::default(),
             steps_per_s: Gauge::default(),
@@ -166,6 +181,31 @@ impl Metrics {
             "absorb_transformer_calls",
             "Transformer graph runs",
             m.transformer_calls.clone(),
+        );
+        registry.register(
+            "absorb_connections_open",
+            "Client connections open",
+            m.connections.clone(),
+        );
+        registry.register(
+            "absorb_connections_refused",
+            "Connections over --max-connections, answered 503 and closed",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "absorb_header_timeouts",
+            "Connections closed because no whole request head came within --header-timeout-ms",
+            m.header_timeouts.clone(),
+        );
+        registry.register(
+            "absorb_body_timeouts",
+            "Requests answered 408 because their body did not arrive within --body-timeout-ms",
+            m.body_timeouts.clone(),
+        );
+        registry.register(
+            "absorb_drain_expired",
+            "Requests answered 503 because they were still waiting at the drain deadline",
+            m.drain_expired.clone(),
         );
         Metrics { registry, ..m }
     }

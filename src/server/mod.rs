@@ -1,14 +1,16 @@
 //! The service: `absorb serve` keeps one bundle loaded and answers HTTP requests from other
-//! processes on the device. The only async code in the crate, in four parts:
+//! processes on the device. The only async code in the crate, in five parts:
+//! `connections.rs` (the accept loop: header and idle timeouts, the connection cap, the drain),
 //! `routes.rs` (requests parsed and validated into [`crate::Job`]s, answers and errors),
 //! `worker.rs` (the one thread that owns the [`crate::Pipeline`], its queue and batching),
 //! `metrics.rs` (the Prometheus registry and the request middleware), `systemd.rs`
 //! (readiness, watchdog and status notifications). This file starts them and stops them.
 //!
 //! A full queue answers 429 at once instead of piling up; a job whose client has gone is
-//! skipped, and a long job stops between batches. Under systemd (`Type=notify`) it signals
-//! READY=1 only after the bundle is loaded and a warm-up generation ran, pings the watchdog, and
-//! on SIGTERM stops accepting, finishes every accepted request and exits 0.
+//! skipped, and a running one stops between transformer calls. Under systemd (`Type=notify`) it
+//! signals READY=1 only after the bundle is loaded and a warm-up generation ran, pings the
+//! watchdog, and on SIGTERM stops accepting, closes idle and half-sent connections, finishes
+//! every accepted request (503 for those still waiting at the drain deadline) and exits 0.
 //!
 //! ```text
 //! curl -s localhost:8080/v1/generate -d '{"seed": 7}' -o 7.png                # one PNG
@@ -24,6 +26,7 @@
 //! names the field), 429/503 with `Retry-After` when busy, a generic 500 otherwise (the full chain
 //! goes to the log). It does not sample, decode images or write PNGs itself: that is the library's.
 
+mod connections;
 mod metrics;
 mod routes;
 mod systemd;
@@ -33,8 +36,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-use axum::serve::ListenerExt as _;
 
 use crate::error::{Error, Result};
 use crate::graphs::{ProviderConfig, RuntimeOptions};
@@ -60,6 +61,16 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// Largest token grid side a request may ask for (`grid`, outpainting).
     pub max_grid: usize,
+    /// A connection must send a whole request head within this, counted from when the server
+    /// waits for one (so also the idle time of a keep-alive connection); else it is closed.
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this once its handler reads it; else 408.
+    pub body_timeout_ms: u64,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// After SIGTERM, how long accepted requests have to finish; then those still waiting are
+    /// answered 503 and what is still open is dropped.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -72,6 +83,10 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             timeout_ms: 60_000,
             max_grid: 32,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_connections: 512,
+            drain_timeout_ms: 10_000,
         }
     }
 }
@@ -98,8 +113,9 @@ pub struct ServeOptions {
     pub limits: Limits,
 }
 
-/// Runs the service until SIGTERM or SIGINT, then drains: every accepted request is answered,
-/// and the function returns `Ok` once the worker has stopped.
+/// Runs the service until SIGTERM or SIGINT, then drains: every accepted request is answered
+/// (503 if it is still waiting at the drain deadline), and the function returns `Ok` once the
+/// worker has stopped.
 pub fn serve(options: ServeOptions) -> Result<()> {
     let limits = options.limits.clone();
     if limits.max_queue == 0
@@ -107,10 +123,14 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         || limits.max_count == 0
         || limits.max_body_bytes == 0
         || limits.max_steps == Some(0)
+        || limits.max_connections == 0
+        || limits.header_timeout_ms == 0
+        || limits.body_timeout_ms == 0
     {
         return Err(Error::param(
             "max-queue",
-            "--max-queue, --max-batch, --max-count, --max-steps and --max-body must be 1 or more",
+            "--max-queue, --max-batch, --max-count, --max-steps, --max-body, --max-connections, \
+             --header-timeout-ms and --body-timeout-ms must be 1 or more",
         ));
     }
     let notify = systemd::Notifier::from_env();
@@ -151,27 +171,25 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     log::info!("serving on {addr} (limits: {limits:?})");
     notify.ready(&format!("serving on {addr}"));
 
-    let result = rt.block_on(async {
+    rt.block_on(async {
         if let Some(period) = systemd::watchdog_period() {
             tokio::spawn(systemd::watchdog(notify.clone(), shared.clone(), period));
         }
-        // Responses are small and latency matters more than packet count: no Nagle delay.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                log::debug!("TCP_NODELAY not set: {e}");
-            }
-        });
-        axum::serve(listener, app(shared.clone()))
-            .with_graceful_shutdown(shutdown_signal(term, int, notify.clone(), shared.clone()))
-            .await
+        connections::serve(
+            listener,
+            app(shared.clone()),
+            shared.clone(),
+            shutdown_signal(term, int, notify.clone(), shared.clone()),
+        )
+        .await
     });
     service.stop();
     notify.status("stopped");
     log::info!("stopped");
-    result.map_err(|e| Error::io(addr.to_string(), e))
+    Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT: axum then stops accepting and waits for in-flight requests.
+/// Resolves on SIGTERM or SIGINT: the accept loop then stops accepting and drains.
 async fn shutdown_signal(
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
@@ -184,6 +202,9 @@ async fn shutdown_signal(
     }
     shared.shutting_down.store(true, Ordering::Relaxed);
     let pending = shared.metrics.in_flight.get();
-    log::info!("shutting down: no new connections; finishing {pending} accepted requests");
+    log::info!(
+        "shutting down: no new connections; finishing {pending} accepted requests (deadline {} ms)",
+        shared.limits.drain_timeout_ms
+    );
     notify.stopping(&format!("draining {pending} requests"));
 }

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use super::connections::Phase;
 use super::metrics::{self, track, RequestId};
 use super::worker::{self, Answer, Refused, Shared, Work};
 use crate::error::{Error, Result};
@@ -348,9 +350,18 @@ async fn answer(
     Ok(json_response(StatusCode::OK, &json))
 }
 
-/// Waits for a job's answer, at most the request timeout.
+/// Waits for a job's answer, at most the request timeout, and no longer than the drain deadline
+/// once the service is stopping (dropping `rx` then tells the worker nobody waits).
 async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answer, AppError> {
-    match tokio::time::timeout(worker::timeout(&s.limits), rx).await {
+    let mut phase = s.phase.subscribe();
+    let answer = tokio::select! {
+        answer = tokio::time::timeout(worker::timeout(&s.limits), rx) => answer,
+        _ = phase.wait_for(|p| *p == Phase::Expired) => {
+            s.metrics.drain_expired.inc();
+            return Err(AppError::ShuttingDown { drain_ms: s.limits.drain_timeout_ms });
+        }
+    };
+    match answer {
         Ok(Ok(Ok(answer))) => Ok(answer),
         Ok(Ok(Err(e))) => Err(AppError::from(e)),
         Ok(Err(_)) => Err(AppError::WorkerGone),
@@ -385,7 +396,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-/// Reads the whole body, refusing more than the limit (by `Content-Length` before reading).
+/// Reads the whole body, refusing more than the limit (by `Content-Length` before reading) and a
+/// body that takes longer than the body timeout (408).
 async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, AppError> {
     let limit = s.limits.max_body_bytes;
     let declared = headers
@@ -395,7 +407,13 @@ async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AppError::TooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let within_ms = s.limits.body_timeout_ms;
+    let read = tokio::time::timeout(Duration::from_millis(within_ms), axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        s.metrics.body_timeouts.inc();
+        return Err(AppError::BodyTimeout { within_ms });
+    };
+    read.map_err(|e| {
         if format!("{e:?}").contains("LengthLimitError") {
             AppError::TooLarge { limit }
         } else {
@@ -491,6 +509,14 @@ enum AppError {
     },
     /// The worker thread has died: 503 (systemd's watchdog restarts the service).
     WorkerGone,
+    /// The body did not arrive in time: 408, and the connection is closed.
+    BodyTimeout {
+        within_ms: u64,
+    },
+    /// Still waiting at the drain deadline after SIGTERM: 503.
+    ShuttingDown {
+        drain_ms: u64,
+    },
     /// The model or the machine failed: a generic 500, the chain goes to the log.
     Internal(Error),
 }
@@ -552,6 +578,26 @@ impl IntoResponse for AppError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
                 "the sampling worker has stopped; the service is restarting".into(),
+                Some(5),
+            ),
+            AppError::BodyTimeout { within_ms } => {
+                let mut r = json_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &serde_json::json!({
+                        "error": format!("the request body did not arrive within {within_ms} ms (--body-timeout-ms)"),
+                        "field": "body",
+                    }),
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            AppError::ShuttingDown { drain_ms } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                format!(
+                    "the service is stopping and this request was not done within its {drain_ms} ms drain deadline; retry on the restarted service"
+                ),
                 Some(5),
             ),
             AppError::Internal(e) => {

@@ -3,7 +3,8 @@
 //!
 //! Jobs of one batch's worth of images from all-masked grids with equal settings are run
 //! together (one [`Job`] of several seeds: shared transformer calls); everything else runs
-//! alone. A job whose client has gone is skipped, and a running one stops between batches.
+//! alone. A job whose client has gone is skipped, and a running one stops between transformer
+//! calls once every client merged into it has gone.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,6 +78,8 @@ pub struct Shared {
     pub worker_alive: AtomicBool,
     /// True after SIGTERM.
     pub shutting_down: AtomicBool,
+    /// Serving, draining after SIGTERM, or past the drain deadline (see `connections.rs`).
+    pub phase: tokio::sync::watch::Sender<super::connections::Phase>,
     /// `/metrics`.
     pub metrics: Metrics,
     /// Request ids handed out so far.
@@ -143,6 +146,7 @@ impl Shared {
             model_info,
             worker_alive: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
+            phase: tokio::sync::watch::Sender::new(super::connections::Phase::Serving),
             requests: AtomicU64::new(0),
             decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
             test_panic: TestPanic::from_env(),
@@ -404,10 +408,9 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
     if shared.test_panic.worker.is_some_and(|s| s == job.seed()) {
         panic!("injected by ABSORB_TEST_PANIC (worker:{})", job.seed());
     }
-    // A job alone stops between transformer calls once its client has gone; merged ones run to
-    // the end (the others still wait for their images).
-    let alone = batch.len() == 1;
-    let cancelled = || alone && batch[0].reply.is_closed();
+    // The job stops between transformer calls once every client merged into it has gone (one
+    // who still waits keeps it running: its images need the whole batch).
+    let cancelled = || batch.iter().all(|w| w.reply.is_closed());
     let made = p.run(
         job,
         &mut Progress {
