@@ -55,9 +55,9 @@ impl Agreement {
 /// Reads `dir`'s probe rows and checks them against the bundle's token space.
 pub fn read_probe(dir: &Path, len: usize, mask_id: i64) -> Result<Vec<Vec<i64>>> {
     let path = dir.join(PROBE_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+    let bytes = std::fs::read(&path).map_err(|error| Error::Io {
         path: path.clone(),
-        source,
+        error,
     })?;
     let bad = |message: String| Error::Manifest {
         path: path.clone(),

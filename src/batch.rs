@@ -499,13 +499,14 @@ impl Manifest {
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8], prefix: &str, suffix: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let io = |e| Error::io(path, e);
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(prefix)
         .suffix(suffix)
         .permissions(fs::Permissions::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(io)?;
+    // Through the file itself: the temporary file's own errors would name its random path.
+    tmp.as_file().write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())

@@ -148,14 +148,23 @@ pub enum Error {
     Cancelled,
 
     /// A file could not be read or written.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}{}", .path.display(), io_hint(error))]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (in the message, not repeated as a source).
+        error: std::io::Error,
     },
+}
+
+/// What to do about an OS error that has one answer.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (the disk is full; files are written whole or not at all, so free space and run the same command again)"
+        }
+        _ => "",
+    }
 }
 
 impl Error {
@@ -171,7 +180,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

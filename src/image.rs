@@ -556,13 +556,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let io = |e: std::io::Error| Error::io(path, e);
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(".absorb-")
         .suffix(".tmp")
         .permissions(output_permissions())
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
-    tmp.write_all(bytes).map_err(io)?;
+    // Through the file itself: the temporary file's own errors would name its random path.
+    tmp.as_file().write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())

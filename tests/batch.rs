@@ -357,3 +357,98 @@ fn a_larger_grid_shards_and_resumes_like_the_bundles_own() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("previews go with a .png output"), "{}", stderr(&o));
 }
+
+/// Runs `script` (sh) with `dir` as a fresh tmpfs of `size` mounted over it, in a private mount
+/// namespace (unprivileged: a user namespace; or as root). `None` if this machine allows neither.
+fn on_small_tmpfs(dir: &Path, size: &str, script: &str) -> Option<std::process::Output> {
+    let body = format!(
+        "mount -t tmpfs -o size={size} absorb-test {} || exit 97\n{script}",
+        dir.display()
+    );
+    let attempts: [&[&str]; 2] = [&["--user", "--map-root-user", "--mount"], &["--mount"]];
+    for flags in attempts {
+        let o = Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", &body])
+            .stdin(Stdio::null())
+            .output();
+        match o {
+            Ok(o) if o.status.code() == Some(97) || (!o.status.success() && o.stdout.is_empty()) => continue,
+            Ok(o) => return Some(o),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[test]
+fn a_full_disk_leaves_only_complete_pngs_and_a_rerun_after_freeing_space_completes_the_set() {
+    let d = tempfile::tempdir().unwrap();
+    let (disk, first, second) = (d.path().join("disk"), d.path().join("first"), d.path().join("second"));
+    for p in [&disk, &first, &second] {
+        fs::create_dir(p).unwrap();
+    }
+    let args = generate("out/", "120", &[]).join(" ");
+    let bin = env!("CARGO_BIN_EXE_absorb");
+    // 120 PNGs of a few KiB each do not fit in 96 KiB: the run stops on ENOSPC. Its files are
+    // copied out, then the tmpfs grows (space freed) and the same command runs again.
+    let script = format!(
+        "cd {disk}\n\
+         {bin} {args} 2>run1.err; echo $? >run1.code\n\
+         cp -a out run1.err run1.code {first}/ 2>/dev/null; cp run1.err run1.code {first}/\n\
+         mount -o remount,size=4m {disk} || exit 98\n\
+         {bin} {args} 2>run2.err; echo $? >run2.code\n\
+         cp -a out run2.err run2.code {second}/\n",
+        disk = disk.display(),
+        first = first.display(),
+        second = second.display(),
+    );
+    let Some(o) = on_small_tmpfs(&disk, "96k", &script) else {
+        eprintln!("SKIPPED: this machine allows no private tmpfs mount (no user namespaces, not root)");
+        return;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &Path| fs::read_to_string(p).unwrap();
+
+    // The full disk: a non-zero exit naming the cause, a summary that says what was made.
+    let (code, err) = (read(&first.join("run1.code")), read(&first.join("run1.err")));
+    assert_ne!(code.trim(), "0", "a full disk must fail the run: {err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("free space and run the same command again"), "{err}");
+    assert!(
+        !err.contains(".absorb-"),
+        "the error names the file, not its temporary: {err}"
+    );
+    let out = first.join("out");
+    let pngs = files(&out, ".png");
+    assert!(!pngs.is_empty() && pngs.len() < 120, "{} PNGs fit: {err}", pngs.len());
+    assert!(
+        err.contains(&format!("made {},", pngs.len())),
+        "the summary counts the PNGs written: {err}"
+    );
+    assert!(
+        temp_files(&out).is_empty(),
+        "temporary files left: {:?}",
+        temp_files(&out)
+    );
+    for (name, bytes) in &pngs {
+        let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png);
+        assert!(img.is_ok(), "{name} is not a complete PNG");
+    }
+
+    // After freeing space the rerun keeps those and completes the set: the files of a run that
+    // never ran out of space.
+    let (code, err) = (read(&second.join("run2.code")), read(&second.join("run2.err")));
+    assert_eq!(code.trim(), "0", "{err}");
+    assert!(err.contains(&format!("skipped {}", pngs.len())), "{err}");
+    let all = files(&second.join("out"), ".png");
+    assert_eq!(all.len(), 120);
+    for (name, bytes) in &pngs {
+        assert_eq!(all.get(name), Some(bytes), "{name} was kept as it was");
+    }
+    let whole = d.path().join("whole");
+    fs::create_dir(&whole).unwrap();
+    run(&whole, &generate("out/", "120", &[]));
+    assert_eq!(all, files(&whole.join("out"), ".png"));
+    assert_eq!(manifest(&second.join("out")), manifest(&whole.join("out")));
+}
