@@ -181,6 +181,12 @@ bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
 	    || exit 1; echo; \
 	done
 
+# The int8 variant's speed per transformer call against fp32 at paper size, 8 interleaved pairs
+# of `absorb bench` runs (about 5 minutes): the README's "The int8 variant and your CPU".
+.PHONY: bench-variant-speed
+bench-variant-speed: ort build $(PAPER_BUNDLE)/transformer.int8.onnx
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) python3 scripts/variant-speed.py --bundle $(PAPER_BUNDLE) --pairs 8 --threads 2
+
 # The README's performance table: the paper's S = 256, one image, both cores (about 6 minutes).
 .PHONY: bench-paper-256
 bench-paper-256:
