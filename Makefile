@@ -187,6 +187,13 @@ bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
 bench-variant-speed: ort build $(PAPER_BUNDLE)/transformer.int8.onnx
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) python3 scripts/variant-speed.py --bundle $(PAPER_BUNDLE) --pairs 8 --threads 2
 
+# Soak and overload (scripts/soak.py): the service at twice its measured capacity for SOAK_SECONDS
+# with valid, bad, hung-up and slow clients, then SIGTERM under load. Prints figures; not in CI.
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: ort build
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) python3 scripts/soak.py --seconds $(SOAK_SECONDS)
+
 # The README's performance table: the paper's S = 256, one image, both cores (about 6 minutes).
 .PHONY: bench-paper-256
 bench-paper-256:

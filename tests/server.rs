@@ -838,22 +838,7 @@ fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     // A deadline far beyond the work: every request must be finished, none cut at 503.
     let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "120000"], &[]);
     let (_, tokens) = shape(&s);
-    let n = 6;
-    let body = |i: usize| format!(r#"{{"seed": {i}, "count": 8, "steps": {tokens}}}"#);
-    let clients: Vec<_> = (0..n)
-        .map(|i| {
-            let (addr, body) = (s.addr.clone(), body(i));
-            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
-        })
-        .collect();
-    let start = Instant::now();
-    while s.metric("absorb_requests_in_flight") < n as f64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "requests never all in flight"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let clients = in_flight(&s, 6, &format!(r#""count": 8, "steps": {tokens}"#));
     s.sigterm();
     s.wait_for("STOPPING=1");
     std::thread::sleep(Duration::from_millis(100));
@@ -1457,6 +1442,27 @@ fn a_one_batch_job_whose_client_hangs_up_stops_between_transformer_calls() {
 // ---------------------------------------------------------------------------------------------
 // Slow clients, the connection cap and the drain deadline (src/server/connections.rs)
 
+/// `n` generate requests (seeds 0..n, the other fields `fields`), each on its own thread, once
+/// the service counts all of them in flight.
+fn in_flight(s: &Server, n: usize, fields: &str) -> Vec<std::thread::JoinHandle<Reply>> {
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = s.addr.clone();
+            let body = format!(r#"{{"seed": {i}, {fields}}}"#);
+            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
+        })
+        .collect();
+    let start = Instant::now();
+    while s.metric("absorb_requests_in_flight") < n as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "requests never all in flight"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    clients
+}
+
 /// A connection that has sent `sent` and nothing more.
 fn half_sent(addr: &str, sent: &[u8]) -> TcpStream {
     let mut c = TcpStream::connect(addr).expect("connect");
@@ -1652,18 +1658,7 @@ fn sigterm_with_50_slow_clients_answers_the_3_accepted_requests_then_exits_0() {
     let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "60000"], &[]);
     let (_, tokens) = shape(&s);
     let slow = Trickle::start(&s.addr, 50, Duration::from_millis(200));
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            let addr = s.addr.clone();
-            let body = format!(r#"{{"seed": {i}, "count": 4, "steps": {tokens}}}"#);
-            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
-        })
-        .collect();
-    let start = Instant::now();
-    while s.metric("absorb_requests_in_flight") < 3.0 {
-        assert!(start.elapsed() < Duration::from_secs(20), "requests never in flight");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let clients = in_flight(&s, 3, &format!(r#""count": 4, "steps": {tokens}"#));
     s.sigterm();
     for (i, c) in clients.into_iter().enumerate() {
         let r = c.join().unwrap();
@@ -1685,19 +1680,8 @@ fn at_the_drain_deadline_waiting_requests_are_answered_503_and_the_process_exits
     let mut s = Server::start(&["--max-batch", "1", "--drain-timeout-ms", "1000"], &[]);
     let (_, tokens) = shape(&s);
     // Far more work than a second: the first runs, the second waits behind it.
-    let clients: Vec<_> = (0..2)
-        .map(|i| {
-            let addr = s.addr.clone();
-            let body = format!(r#"{{"seed": {i}, "count": 16, "steps": {tokens}}}"#);
-            std::thread::spawn(move || http(&addr, "POST", "/v1/generate", body.as_bytes()))
-        })
-        .collect();
     let _half = half_sent(&s.addr, b"POST /v1/generate HTTP/1.1\r\nContent-Le");
-    let start = Instant::now();
-    while s.metric("absorb_requests_in_flight") < 2.0 {
-        assert!(start.elapsed() < Duration::from_secs(20), "requests never in flight");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let clients = in_flight(&s, 2, &format!(r#""count": 16, "steps": {tokens}"#));
     let t = Instant::now();
     s.sigterm();
     for (i, c) in clients.into_iter().enumerate() {
