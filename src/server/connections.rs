@@ -49,6 +49,8 @@ pub enum Phase {
 const MAX_HEAD_BYTES: usize = 64 << 10;
 /// Headers per request.
 const MAX_HEADERS: usize = 64;
+/// Connections over the cap being answered 503 at once; more are closed without an answer.
+const MAX_REFUSING: usize = 64;
 /// After the deadline, how long the 503s have to reach their clients before connections drop.
 const EXPIRED_GRACE: Duration = Duration::from_millis(500);
 /// On SIGTERM, how long a connection with no request being handled may take to flush the last
@@ -72,6 +74,7 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, shut
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     let mut accept_errors = 0u32;
+    let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             biased;
@@ -96,15 +99,17 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, shut
                 }
                 if tasks.len() >= limits.max_connections {
                     shared.metrics.connections_refused.inc();
-                    tokio::spawn(refuse(tcp, limits.max_connections));
+                    // A flood of them gets closed without the courtesy of an answer.
+                    if refusing.load(Ordering::Relaxed) < MAX_REFUSING {
+                        tokio::spawn(refuse(tcp, limits.max_connections, refusing.clone()));
+                    }
                     continue;
                 }
                 shared.metrics.connections.inc();
-                let (app, phase, timers) = (app.clone(), shared.phase.subscribe(), Timers::of(&shared));
-                let metrics = shared.clone();
+                let (app, phase, shared) = (app.clone(), shared.phase.subscribe(), shared.clone());
                 tasks.spawn(async move {
-                    connection(tcp, app, phase, timers, &metrics).await;
-                    metrics.metrics.connections.dec();
+                    connection(tcp, app, phase, &shared).await;
+                    shared.metrics.connections.dec();
                 });
             }
         }
@@ -156,22 +161,9 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, shut
     );
 }
 
-/// The connection timers, from the service's limits.
-#[derive(Clone, Copy)]
-struct Timers {
-    header: Duration,
-}
-
-impl Timers {
-    fn of(shared: &Shared) -> Timers {
-        Timers {
-            header: Duration::from_millis(shared.limits.header_timeout_ms),
-        }
-    }
-}
-
 /// One connection, HTTP/1.1 with keep-alive, until it closes or the drain ends it.
-async fn connection(tcp: TcpStream, app: Router, mut phase: watch::Receiver<Phase>, timers: Timers, shared: &Shared) {
+async fn connection(tcp: TcpStream, app: Router, mut phase: watch::Receiver<Phase>, shared: &Shared) {
+    let header_timeout = Duration::from_millis(shared.limits.header_timeout_ms);
     let active = Arc::new(AtomicUsize::new(0));
     let service = Tracked {
         app,
@@ -180,7 +172,7 @@ async fn connection(tcp: TcpStream, app: Router, mut phase: watch::Receiver<Phas
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(timers.header)
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
     let conn = builder.serve_connection(TokioIo::new(tcp), service);
@@ -189,7 +181,7 @@ async fn connection(tcp: TcpStream, app: Router, mut phase: watch::Receiver<Phas
         if let Err(e) = r {
             if e.is_timeout() {
                 shared.metrics.header_timeouts.inc();
-                log::debug!("connection closed: no request head within {:?}", timers.header);
+                log::debug!("connection closed: no request head within {header_timeout:?}");
             } else {
                 log::debug!("connection closed: {e}");
             }
@@ -213,8 +205,10 @@ async fn connection(tcp: TcpStream, app: Router, mut phase: watch::Receiver<Phas
     closed(conn.await);
 }
 
-/// Answers a connection over the cap with 503 and closes it, without reading its request.
-async fn refuse(mut tcp: TcpStream, cap: usize) {
+/// Answers a connection over the cap with 503 and closes it, without reading its request
+/// (`refusing` counts these answers under way).
+async fn refuse(mut tcp: TcpStream, cap: usize, refusing: Arc<AtomicUsize>) {
+    let _counted = Counted::new(refusing);
     let body = format!(
         "{{\"error\": \"too many connections: this service holds at most {cap} (--max-connections); retry later\"}}"
     );
@@ -245,7 +239,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let guard = Active::new(self.active.clone());
+        let guard = Counted::new(self.active.clone());
         let mut app = self.app.clone();
         Box::pin(async move {
             let res = tower_service::Service::call(&mut app, req).await?;
@@ -254,17 +248,18 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     }
 }
 
-/// One request of a connection being handled.
-struct Active(Arc<AtomicUsize>);
+/// Counts itself in a shared counter while it lives (a request being handled, a refusal under
+/// way).
+struct Counted(Arc<AtomicUsize>);
 
-impl Active {
-    fn new(count: Arc<AtomicUsize>) -> Active {
+impl Counted {
+    fn new(count: Arc<AtomicUsize>) -> Counted {
         count.fetch_add(1, Ordering::SeqCst);
-        Active(count)
+        Counted(count)
     }
 }
 
-impl Drop for Active {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -273,7 +268,7 @@ impl Drop for Active {
 /// An answer's body that keeps its request counted as active until hyper has taken all of it.
 struct Guarded {
     body: Body,
-    _guard: Active,
+    _guard: Counted,
 }
 
 impl http_body::Body for Guarded {
