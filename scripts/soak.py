@@ -63,17 +63,22 @@ class Service:
             self.log.append(line)
 
 
-def request(addr, method, path, body, timeout=120):
-    """One request on a fresh connection: (status, seconds)."""
+def exchange(addr, method, path, body, timeout=120):
+    """One request on a fresh connection: (status, body, seconds)."""
     start = time.monotonic()
     c = http.client.HTTPConnection(*addr, timeout=timeout)
     try:
         c.request(method, path, body=body, headers={"Content-Type": "application/json"})
         r = c.getresponse()
-        r.read()
-        return r.status, time.monotonic() - start
+        return r.status, r.read(), time.monotonic() - start
     finally:
         c.close()
+
+
+def request(addr, method, path, body, timeout=120):
+    """One request on a fresh connection: (status, seconds)."""
+    status, _, seconds = exchange(addr, method, path, body, timeout)
+    return status, seconds
 
 
 def hang_up(addr, body):
@@ -137,19 +142,19 @@ def main():
     # Capacity: default generate requests from 4 clients for 10 s (concurrent ones share calls).
     done, stop = [0], time.monotonic() + 10
 
-    def probe(i):
+    def probe():
         while time.monotonic() < stop:
             request(addr, "POST", "/v1/generate", json.dumps({"seed": rng.randrange(1 << 30)}).encode())
             done[0] += 1
 
-    threads = [threading.Thread(target=probe, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=probe) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     capacity = done[0] / 10
     rate = capacity * args.rate
-    png = base64.b64decode(json.loads(request_json(addr, b'{"seed": 5, "count": 2}'))["images"][0])
+    png = base64.b64decode(json.loads(exchange(addr, "POST", "/v1/generate", b'{"seed": 5, "count": 2}')[1])["images"][0])
     inpaint = json.dumps({"image": base64.b64encode(png).decode(), "rect": [8, 8, 16, 16], "seed": 1}).encode()
     print(f"capacity {capacity:.1f} requests/s (default generate, 4 clients); driving at {rate:.1f}/s "
           f"({args.rate:g}x) for {args.seconds:g} s, {args.slow} slow clients at a time", flush=True)
@@ -173,7 +178,10 @@ def main():
             elif kind == "bad":
                 status, t = request(addr, *rng.choice(BAD))
             elif kind == "hang-up":
-                (hang_up if rng.random() < 0.5 else lambda a, b: half_body(a))(addr, b'{"seed": 3}')
+                if rng.random() < 0.5:
+                    hang_up(addr, b'{"seed": 3}')
+                else:
+                    half_body(addr)
                 status, t = "closed by client", None
             with lock:
                 counts[(kind, status)] += 1
@@ -270,14 +278,6 @@ def main():
     print(f"SIGTERM under load: exit {code} after {took:.2f} s; the 24 requests: "
           f"{dict(collections.Counter(map(str, results)))}")
     print("".join(line for line in svc.log if "drained in" in line).strip())
-
-
-def request_json(addr, body):
-    c = http.client.HTTPConnection(*addr, timeout=60)
-    c.request("POST", "/v1/generate", body=body)
-    data = c.getresponse().read()
-    c.close()
-    return data
 
 
 if __name__ == "__main__":

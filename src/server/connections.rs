@@ -57,17 +57,6 @@ const EXPIRED_GRACE: Duration = Duration::from_millis(500);
 /// bytes of an answer already given (hyper may still hold them) before it is closed.
 const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
-/// How the drain ended, for the log and the tests.
-#[derive(Debug, Default)]
-struct DrainReport {
-    /// Connections open when SIGTERM came.
-    open: usize,
-    /// Requests being handled then.
-    in_flight: i64,
-    /// Connections still open at the deadline (+ grace), dropped unanswered.
-    dropped: usize,
-}
-
 /// Serves `app` on `listener` until `shutdown` resolves, then drains as described above.
 pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let limits = &shared.limits;
@@ -116,49 +105,36 @@ pub async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, shut
     }
     drop(listener);
     let started = Instant::now();
-    let report = DrainReport {
-        open: tasks.len(),
-        in_flight: shared.metrics.in_flight.get(),
-        dropped: 0,
-    };
+    let (open, in_flight) = (tasks.len(), shared.metrics.in_flight.get());
     shared.phase.send_replace(Phase::Draining);
-    let deadline = tokio::time::sleep(Duration::from_millis(limits.drain_timeout_ms));
-    tokio::pin!(deadline);
-    let expired = loop {
-        tokio::select! {
-            next = tasks.join_next() => if next.is_none() { break false },
-            () = &mut deadline => break true,
-        }
-    };
-    let mut dropped = 0;
-    if expired {
+    let drained = all_done_within(&mut tasks, Duration::from_millis(limits.drain_timeout_ms)).await;
+    let mut expired = String::new();
+    if !drained {
         shared.phase.send_replace(Phase::Expired);
-        let grace = tokio::time::sleep(EXPIRED_GRACE);
-        tokio::pin!(grace);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => if next.is_none() { break },
-                () = &mut grace => break,
-            }
-        }
-        dropped = tasks.len();
+        all_done_within(&mut tasks, EXPIRED_GRACE).await;
+        expired = format!(
+            "; the {} ms deadline passed: requests still waiting were answered 503, {} connections dropped",
+            limits.drain_timeout_ms,
+            tasks.len()
+        );
         tasks.shutdown().await;
     }
-    let report = DrainReport { dropped, ..report };
     log::info!(
-        "drained in {:.2} s: {} connections were open, {} requests in flight{}",
+        "drained in {:.2} s: {open} connections were open, {in_flight} requests in flight{expired}",
         started.elapsed().as_secs_f64(),
-        report.open,
-        report.in_flight,
-        if expired {
-            format!(
-                "; the {} ms deadline passed: requests still waiting were answered 503, {} connections dropped",
-                limits.drain_timeout_ms, report.dropped
-            )
-        } else {
-            String::new()
-        }
     );
+}
+
+/// Waits until every task has ended or `limit` has passed; true if they all ended.
+async fn all_done_within(tasks: &mut JoinSet<()>, limit: Duration) -> bool {
+    let timer = tokio::time::sleep(limit);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { return true },
+            () = &mut timer => return false,
+        }
+    }
 }
 
 /// One connection, HTTP/1.1 with keep-alive, until it closes or the drain ends it.

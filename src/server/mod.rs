@@ -200,7 +200,7 @@ async fn shutdown_signal(
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-    shared.shutting_down.store(true, Ordering::Relaxed);
+    shared.phase.send_replace(connections::Phase::Draining);
     let pending = shared.metrics.in_flight.get();
     log::info!(
         "shutting down: no new connections; finishing {pending} accepted requests (deadline {} ms)",

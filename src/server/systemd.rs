@@ -118,7 +118,7 @@ pub async fn watchdog(notify: Notifier, shared: Arc<Shared>, period: Duration) {
         if shared.worker_alive.load(Ordering::Relaxed) {
             notify.send(Message::Watchdog);
         } else {
-            if !shared.shutting_down.load(Ordering::Relaxed) {
+            if *shared.phase.borrow() == super::connections::Phase::Serving {
                 log::error!("the sampling worker has stopped; no more watchdog pings");
             }
             return;

@@ -76,8 +76,6 @@ pub struct Shared {
     pub model_info: serde_json::Value,
     /// False once the worker thread has ended.
     pub worker_alive: AtomicBool,
-    /// True after SIGTERM.
-    pub shutting_down: AtomicBool,
     /// Serving, draining after SIGTERM, or past the drain deadline (see `connections.rs`).
     pub phase: tokio::sync::watch::Sender<super::connections::Phase>,
     /// `/metrics`.
@@ -145,7 +143,6 @@ impl Shared {
             provider: p.provider().to_string(),
             model_info,
             worker_alive: AtomicBool::new(true),
-            shutting_down: AtomicBool::new(false),
             phase: tokio::sync::watch::Sender::new(super::connections::Phase::Serving),
             requests: AtomicU64::new(0),
             decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
