@@ -293,20 +293,26 @@ pub fn read_manifest(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
             message: hint,
         }
     })?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    let manifest = parse_manifest(&bytes, &path)?;
+    Ok((manifest, bytes))
+}
+
+/// Parses and validates the bytes of a `model.json` (`path` names it in errors).
+pub fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
     let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
         // The key at fault (`tokens.height`), then serde's own message with line and column.
         let key = crate::error::json_key(e.path()).map_or(String::new(), |k| format!(" at {k}"));
         Error::Manifest {
-            path: path.clone(),
+            path: path.to_path_buf(),
             message: format!("not a valid bundle manifest{key}: {}", e.into_inner()),
         }
     })?;
     validate(&manifest).map_err(|message| Error::Manifest {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message,
     })?;
-    Ok((manifest, bytes))
+    Ok(manifest)
 }
 
 /// Largest codebook a manifest may declare (the transformer's logits are `codebook_size` floats

@@ -121,6 +121,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A service request body is malformed JSON or has a field of the wrong type.
+    #[error("{message}")]
+    Request {
+        /// The field at fault (`steps`, `extend.left`), or `body` for the document itself.
+        field: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
     /// A token grid is malformed (wrong size, ids out of range).
     #[error("token grid: {0}")]
     Tokens(String),
@@ -173,7 +182,11 @@ impl Error {
     pub fn is_input_error(&self) -> bool {
         matches!(
             self,
-            Error::Param { .. } | Error::Image { .. } | Error::Tokens(_) | Error::Metadata { .. }
+            Error::Param { .. }
+                | Error::Request { .. }
+                | Error::Image { .. }
+                | Error::Tokens(_)
+                | Error::Metadata { .. }
         )
     }
 

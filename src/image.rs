@@ -599,13 +599,21 @@ fn encode_png<W: Write>(w: W, p: &Pixels, meta: Option<&Metadata>) -> std::resul
 
 /// Reads absorb's metadata back from a PNG.
 pub fn read_metadata(path: &Path) -> Result<Metadata> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    metadata_from(std::io::BufReader::new(file), path)
+}
+
+/// [`read_metadata`] on a PNG's bytes (`path` names it in errors).
+pub fn metadata_from_png(bytes: &[u8], path: &Path) -> Result<Metadata> {
+    metadata_from(std::io::Cursor::new(bytes), path)
+}
+
+fn metadata_from<R: std::io::BufRead + std::io::Seek>(png: R, path: &Path) -> Result<Metadata> {
     let err = |message: String| Error::Metadata {
         path: path.to_path_buf(),
         message,
     };
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder
+    let reader = png::Decoder::new(png)
         .read_info()
         .map_err(|e| err(format!("not a readable PNG: {e}")))?;
     let info = reader.info();

@@ -46,9 +46,11 @@ pub mod graphs;
 pub mod image;
 pub mod job;
 pub mod limits;
+pub mod parse;
 pub mod pipeline;
 pub mod sampler;
 pub mod server;
+pub mod tokens;
 
 pub use crate::bundle::Bundle;
 pub use crate::error::{Error, Result};

@@ -3,21 +3,11 @@
 use anyhow::{bail, Result};
 
 use absorb::image;
+use absorb::tokens::TokenFile;
 use absorb::{Job, Progress};
 
 use super::args::{DecodeArgs, EncodeArgs};
 use super::{load, write_atomic};
-
-/// A token grid as `encode` writes and `decode` reads it.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenFile {
-    bundle: String,
-    bundle_sha256: String,
-    height: usize,
-    width: usize,
-    tokens: Vec<Vec<i64>>,
-}
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
     if let Some(out) = &a.out {
@@ -57,21 +47,8 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
         )));
     }
     let bytes = std::fs::read(&a.tokens).map_err(|e| bad(format!("cannot read the token file: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| bad(format!("not UTF-8 text: {e}")))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let file: TokenFile = serde_path_to_error::deserialize(de).map_err(|e| {
-        let at = absorb::error::json_key(e.path()).map_or(String::new(), |k| format!(" (at {k})"));
-        bad(format!("not a token file from `absorb encode`{at}: {}", e.into_inner()))
-    })?;
-    let grid = [file.height, file.width];
-    absorb::job::check_decode_grid(p.bundle(), grid).map_err(|e| bad(e.to_string()))?;
-    if file.tokens.len() != file.height || file.tokens.iter().any(|r| r.len() != file.width) {
-        bail!(bad(format!(
-            "tokens must be {} rows of {} ids",
-            file.height, file.width
-        )));
-    }
-    let job = Job::decode(p.bundle(), [file.height, file.width], vec![file.tokens.concat()])?;
+    let (grid, tokens) = TokenFile::parse(&bytes, p.bundle()).map_err(bad)?;
+    let job = Job::decode(p.bundle(), grid, vec![tokens])?;
     let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
     let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
     image::write_png(&a.out, &made.pixels[0], Some(&meta))?;

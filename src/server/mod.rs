@@ -1,7 +1,8 @@
 //! The service: `absorb serve` keeps one bundle loaded and answers HTTP requests from other
-//! processes on the device. The only async code in the crate, in five parts:
-//! `connections.rs` (the accept loop: header and idle timeouts, the connection cap, the drain),
-//! `routes.rs` (requests parsed and validated into [`crate::Job`]s, answers and errors),
+//! processes on the device. The only async code in the crate, in five parts and one that is not
+//! async: `connections.rs` (the accept loop: header and idle timeouts, the connection cap, the
+//! drain), `requests.rs` (request bodies parsed and validated into [`crate::Job`]s, no I/O: the
+//! fuzz targets drive it), `routes.rs` (the handlers, answers and errors),
 //! `worker.rs` (the one thread that owns the [`crate::Pipeline`], its queue and batching),
 //! `metrics.rs` (the Prometheus registry and the request middleware), `systemd.rs`
 //! (readiness, watchdog and status notifications). This file starts them and stops them.
@@ -28,6 +29,7 @@
 
 mod connections;
 mod metrics;
+pub mod requests;
 mod routes;
 mod systemd;
 mod worker;

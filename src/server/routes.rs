@@ -14,18 +14,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use serde::Deserialize;
 use tokio::sync::oneshot;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use super::connections::Phase;
 use super::metrics::{self, track, RequestId};
+use super::requests::{self, Route};
 use super::worker::{self, Answer, Refused, Shared, Work};
 use crate::error::{Error, Result};
-use crate::image::{self, AnimationFormat};
-use crate::job::{self, Canvas, Job, Sampling};
-use crate::sampler::{SamplerKind, Settings};
-use crate::DecodeMode;
+use crate::image::AnimationFormat;
+use crate::job::Job;
+use crate::sampler::Settings;
 
 /// The routes over `shared`; tests may drive it without a socket.
 pub fn app(shared: Arc<Shared>) -> Router {
@@ -62,100 +61,28 @@ impl tower_http::catch_panic::ResponseForPanic for HandlerPanicked {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Requests
-
-/// `POST /v1/generate`. An empty body means all defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GenerateRequest {
-    seed: Option<u64>,
-    count: Option<usize>,
-    steps: Option<usize>,
-    temperature: Option<f32>,
-    temperature_end: Option<f32>,
-    sampler: Option<SamplerKind>,
-    /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
-    grid: Option<[usize; 2]>,
-    stride: Option<[usize; 2]>,
-    window_margin: Option<[usize; 2]>,
-    decode: Option<DecodeMode>,
-    /// Also return the reverse process as an animation (`gif` or `apng`).
-    frames: Option<AnimationFormat>,
-}
-
-/// `POST /v1/outpaint`: a base64 PNG and the pixels to add per side.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OutpaintRequest {
-    image: String,
-    extend: Extend,
-    seed: Option<u64>,
-    steps: Option<usize>,
-    temperature: Option<f32>,
-    temperature_end: Option<f32>,
-    sampler: Option<SamplerKind>,
-    stride: Option<[usize; 2]>,
-    window_margin: Option<[usize; 2]>,
-    decode: Option<DecodeMode>,
-    frames: Option<AnimationFormat>,
-    #[serde(default)]
-    decode_all: bool,
-}
-
-/// Pixels to add on each side (the CLI's `--extend left=..,right=..,up=..,down=..`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Extend {
-    #[serde(default)]
-    left: usize,
-    #[serde(default)]
-    right: usize,
-    #[serde(default)]
-    up: usize,
-    #[serde(default)]
-    down: usize,
-}
-
-/// `POST /v1/inpaint`: base64 PNGs and either a mask or a rectangle.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InpaintRequest {
-    image: String,
-    mask: Option<String>,
-    rect: Option<[usize; 4]>,
-    seed: Option<u64>,
-    steps: Option<usize>,
-    temperature: Option<f32>,
-    temperature_end: Option<f32>,
-    sampler: Option<SamplerKind>,
-    #[serde(default)]
-    decode_all: bool,
-}
-
-impl Shared {
-    /// The sampler fields of a request, within this service's step cap.
-    fn sampling(
-        &self,
-        steps: Option<usize>,
-        temperature: Option<f32>,
-        temperature_end: Option<f32>,
-        sampler: Option<SamplerKind>,
-    ) -> Result<Sampling> {
-        let want = steps.unwrap_or(self.bundle.manifest().sampling.steps);
-        if let Some(max) = self.limits.max_steps.filter(|&m| want > m) {
-            return Err(Error::param(
-                "steps",
-                format!("{want} is above this service's limit of {max}"),
-            ));
-        }
-        Ok(Sampling {
-            steps,
-            temperature,
-            temperature_end,
-            sampler,
-        })
+/// `POST /v1/generate`, `/v1/inpaint` and `/v1/outpaint`: the body parsed and checked
+/// ([`requests::parse`]), its images decoded off the async threads, the job queued.
+async fn submit(
+    s: Arc<Shared>,
+    id: RequestId,
+    headers: HeaderMap,
+    body: Body,
+    route: Route,
+) -> Result<Response, AppError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let parsed = requests::parse(route, &s.bundle, &s.limits, &bytes)?;
+    if route == Route::Generate && s.test_panic.handler == Some(parsed.seed()) {
+        panic!("injected by ABSORB_TEST_PANIC (handler:{})", parsed.seed());
     }
+    let (frames, canvas) = (parsed.frames, parsed.canvas);
+    let job = if parsed.decodes_images() {
+        let shared = s.clone();
+        decode_off_thread(&s, move || parsed.into_job(&shared.bundle)).await?
+    } else {
+        parsed.into_job(&s.bundle)?
+    };
+    answer(&s, id, job, frames, canvas).await
 }
 
 async fn generate(
@@ -164,51 +91,7 @@ async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
-    let bytes = read_body(&s, &headers, body).await?;
-    let req: GenerateRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        GenerateRequest::default()
-    } else {
-        parse_json(&bytes)?
-    };
-    let count = req.count.unwrap_or(1);
-    if count == 0 || count > s.limits.max_count {
-        return Err(Error::param(
-            "count",
-            format!("{count} images requested: must be 1..={}", s.limits.max_count),
-        )
-        .into());
-    }
-    let trained = job::trained_grid(&s.bundle);
-    let canvas = req.grid.is_some_and(|g| g != trained) || req.frames.is_some();
-    if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
-        return Err(Error::param(
-            "grid",
-            "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
-        )
-        .into());
-    }
-    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
-    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
-    if s.test_panic.handler == Some(seed) {
-        panic!("injected by ABSORB_TEST_PANIC (handler:{seed})");
-    }
-    let canvas_of = Canvas {
-        grid: req.grid,
-        stride: req.stride,
-        window_margin: req.window_margin,
-        decode: req.decode.unwrap_or_default(),
-    };
-    let mut job = Job::generate(
-        &s.bundle,
-        seed,
-        0,
-        count,
-        &sampling,
-        &canvas_of,
-        Some(s.limits.max_grid),
-    )?;
-    job.frames = req.frames.is_some();
-    answer(&s, id, job, req.frames, canvas).await
+    submit(s, id, headers, body, Route::Generate).await
 }
 
 async fn inpaint(
@@ -217,35 +100,7 @@ async fn inpaint(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
-    let bytes = read_body(&s, &headers, body).await?;
-    let req: InpaintRequest = parse_json(&bytes)?;
-    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
-    let spec = s.bundle.manifest().image.clone();
-    sampling.settings(&s.bundle, job::token_space(&s.bundle).len)?;
-    let (w, h) = (spec.width, spec.height);
-    let (image_png, mask_png) = (
-        base64_field(&req.image, "image")?,
-        req.mask.as_deref().map(|m| base64_field(m, "mask")).transpose()?,
-    );
-    let rect = req.rect;
-    let (image, mask) = decode_off_thread(&s, move || {
-        let image = image::image_from_png(&image_png, &spec, "image")?;
-        let mask = match (mask_png, rect) {
-            (Some(m), None) => image::mask_from_png(&m, w, h, "mask")?,
-            (None, Some(rect)) => image::rect_mask(rect, w, h)?,
-            _ => {
-                return Err(Error::param(
-                    "mask",
-                    "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
-                ))
-            }
-        };
-        Ok((image, mask))
-    })
-    .await?;
-    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
-    let job = Job::inpaint(&s.bundle, image, mask, seed, &sampling, !req.decode_all)?;
-    answer(&s, id, job, None, false).await
+    submit(s, id, headers, body, Route::Inpaint).await
 }
 
 async fn outpaint(
@@ -254,36 +109,7 @@ async fn outpaint(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
-    let bytes = read_body(&s, &headers, body).await?;
-    let req: OutpaintRequest = parse_json(&bytes)?;
-    let f = job::token_pixels(&s.bundle);
-    let max = [s.limits.max_grid * f[1], s.limits.max_grid * f[0]];
-    let png = base64_field(&req.image, "image")?;
-    let spec = s.bundle.manifest().image.clone();
-    let image = decode_off_thread(&s, move || image::image_any_from_png(&png, &spec, "image", max)).await?;
-    let e = &req.extend;
-    let sampling = s.sampling(req.steps, req.temperature, req.temperature_end, req.sampler)?;
-    let canvas = Canvas {
-        grid: None,
-        stride: req.stride,
-        window_margin: req.window_margin,
-        decode: req.decode.unwrap_or_default(),
-    };
-    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
-    let extend = [e.left, e.right, e.up, e.down];
-    let limit = Some(s.limits.max_grid);
-    let mut job = Job::outpaint(
-        &s.bundle,
-        image,
-        extend,
-        seed,
-        &sampling,
-        &canvas,
-        !req.decode_all,
-        limit,
-    )?;
-    job.frames = req.frames.is_some();
-    answer(&s, id, job, req.frames, true).await
+    submit(s, id, headers, body, Route::Outpaint).await
 }
 
 /// Runs `decode` (request images: bounded by their declared size) on a blocking thread, at
@@ -425,38 +251,6 @@ async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::
     })
 }
 
-/// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // A number that does not fit (1e400, 2^64) is a syntax error to serde_json, raised while
-        // reading that field's value: it belongs to the field, not to the body.
-        let number = inner.is_syntax() && path != "." && {
-            let m = inner.to_string();
-            m.starts_with("number out of range") || m.starts_with("invalid number")
-        };
-        let (field, message) = if number {
-            (path.clone(), format!("invalid {path}: {inner}"))
-        } else if inner.is_syntax() || inner.is_eof() {
-            ("body".to_string(), format!("malformed JSON: {inner}"))
-        } else if path == "." {
-            // Errors at the top level: unknown or missing fields, whose names serde puts in the message.
-            ("body".to_string(), format!("invalid request: {inner}"))
-        } else {
-            (path.clone(), format!("invalid {path}: {inner}"))
-        };
-        AppError::Input { field, message }
-    })
-}
-
-fn base64_field(text: &str, field: &'static str) -> Result<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|e| Error::param(field, format!("not valid base64 (standard alphabet, padded): {e}")))
-}
-
 fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
     let mut r = (StatusCode::OK, png).into_response();
     let h = r.headers_mut();
@@ -528,6 +322,7 @@ impl From<Error> for AppError {
         }
         let field = match &e {
             Error::Param { name, .. } => name.to_string(),
+            Error::Request { field, .. } => field.clone(),
             Error::Image { path, .. } => path.display().to_string(),
             Error::Tokens(_) => "mask".to_string(),
             _ => "body".to_string(),

@@ -1,0 +1,360 @@
+//! The service's request bodies: JSON parsed and checked against the bundle's manifest and the
+//! service's [`Limits`] into a [`Parsed`] request, which becomes a [`Job`] once its images are
+//! decoded. Nothing here needs the graphs or an async runtime, so the fuzz targets
+//! (`fuzz/fuzz_targets/`) drive exactly what a request body reaches.
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::Limits;
+use crate::error::{Error, Result};
+use crate::image::{self, AnimationFormat};
+use crate::job::{self, Canvas, Job, Sampling};
+use crate::sampler::SamplerKind;
+use crate::{Bundle, DecodeMode};
+
+/// `POST /v1/generate`. An empty body means all defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    seed: Option<u64>,
+    count: Option<usize>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
+    grid: Option<[usize; 2]>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    /// Also return the reverse process as an animation (`gif` or `apng`).
+    frames: Option<AnimationFormat>,
+}
+
+/// `POST /v1/outpaint`: a base64 PNG and the pixels to add per side.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutpaintRequest {
+    image: String,
+    extend: Extend,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    stride: Option<[usize; 2]>,
+    window_margin: Option<[usize; 2]>,
+    decode: Option<DecodeMode>,
+    frames: Option<AnimationFormat>,
+    #[serde(default)]
+    decode_all: bool,
+}
+
+/// Pixels to add on each side (the CLI's `--extend left=..,right=..,up=..,down=..`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Extend {
+    #[serde(default)]
+    left: usize,
+    #[serde(default)]
+    right: usize,
+    #[serde(default)]
+    up: usize,
+    #[serde(default)]
+    down: usize,
+}
+
+/// `POST /v1/inpaint`: base64 PNGs and either a mask or a rectangle.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InpaintRequest {
+    image: String,
+    mask: Option<String>,
+    rect: Option<[usize; 4]>,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+    #[serde(default)]
+    decode_all: bool,
+}
+
+/// The routes that take a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/generate`
+    Generate,
+    /// `POST /v1/inpaint`
+    Inpaint,
+    /// `POST /v1/outpaint`
+    Outpaint,
+}
+
+/// A request body that parsed and passed every check that needs no pixels.
+#[derive(Debug)]
+pub struct Parsed {
+    pending: Pending,
+    /// The animation asked for, if any.
+    pub frames: Option<AnimationFormat>,
+    /// True when the answer names the grid (a larger grid, an outpainting or a preview).
+    pub canvas: bool,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Ready(Job),
+    Inpaint {
+        image: Vec<u8>,
+        mask: Option<Vec<u8>>,
+        rect: Option<[usize; 4]>,
+        seed: u64,
+        sampling: Sampling,
+        keep: bool,
+    },
+    Outpaint {
+        image: Vec<u8>,
+        extend: [usize; 4],
+        seed: u64,
+        sampling: Sampling,
+        canvas: Canvas,
+        keep: bool,
+        max_grid: usize,
+    },
+}
+
+impl Parsed {
+    /// True when [`Parsed::into_job`] decodes images (CPU work the service runs off its async
+    /// threads).
+    pub fn decodes_images(&self) -> bool {
+        !matches!(self.pending, Pending::Ready(_))
+    }
+
+    /// The seed the job will run with (drawn fresh when the body gave none).
+    pub fn seed(&self) -> u64 {
+        match &self.pending {
+            Pending::Ready(job) => job.seed(),
+            Pending::Inpaint { seed, .. } | Pending::Outpaint { seed, .. } => *seed,
+        }
+    }
+
+    /// Decodes the request's images (bounded by their declared size) and builds the job.
+    pub fn into_job(self, bundle: &Bundle) -> Result<Job> {
+        let spec = &bundle.manifest().image;
+        match self.pending {
+            Pending::Ready(job) => Ok(job),
+            Pending::Inpaint {
+                image,
+                mask,
+                rect,
+                seed,
+                sampling,
+                keep,
+            } => {
+                let (w, h) = (spec.width, spec.height);
+                let image = image::image_from_png(&image, spec, "image")?;
+                let mask = match (mask, rect) {
+                    (Some(m), None) => image::mask_from_png(&m, w, h, "mask")?,
+                    (None, Some(rect)) => image::rect_mask(rect, w, h)?,
+                    _ => {
+                        return Err(Error::param(
+                            "mask",
+                            "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
+                        ))
+                    }
+                };
+                Job::inpaint(bundle, image, mask, seed, &sampling, keep)
+            }
+            Pending::Outpaint {
+                image,
+                extend,
+                seed,
+                sampling,
+                canvas,
+                keep,
+                max_grid,
+            } => {
+                let f = job::token_pixels(bundle);
+                let max = [max_grid * f[1], max_grid * f[0]];
+                let image = image::image_any_from_png(&image, spec, "image", max)?;
+                Job::outpaint(bundle, image, extend, seed, &sampling, &canvas, keep, Some(max_grid))
+            }
+        }
+    }
+}
+
+/// Parses and checks a body for `route`.
+pub fn parse(route: Route, bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
+    match route {
+        Route::Generate => generate(bundle, limits, body),
+        Route::Inpaint => inpaint(bundle, limits, body),
+        Route::Outpaint => outpaint(bundle, limits, body),
+    }
+}
+
+fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
+    let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        GenerateRequest::default()
+    } else {
+        parse_json(body)?
+    };
+    let count = req.count.unwrap_or(1);
+    if count == 0 || count > limits.max_count {
+        return Err(Error::param(
+            "count",
+            format!("{count} images requested: must be 1..={}", limits.max_count),
+        ));
+    }
+    let trained = job::trained_grid(bundle);
+    let canvas = req.grid.is_some_and(|g| g != trained) || req.frames.is_some();
+    if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
+        return Err(Error::param(
+            "grid",
+            "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
+        ));
+    }
+    let sampling = sampling(
+        bundle,
+        limits,
+        req.steps,
+        req.temperature,
+        req.temperature_end,
+        req.sampler,
+    )?;
+    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
+    let canvas_of = Canvas {
+        grid: req.grid,
+        stride: req.stride,
+        window_margin: req.window_margin,
+        decode: req.decode.unwrap_or_default(),
+    };
+    let mut job = Job::generate(bundle, seed, 0, count, &sampling, &canvas_of, Some(limits.max_grid))?;
+    job.frames = req.frames.is_some();
+    Ok(Parsed {
+        pending: Pending::Ready(job),
+        frames: req.frames,
+        canvas,
+    })
+}
+
+fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
+    let req: InpaintRequest = parse_json(body)?;
+    let sampling = sampling(
+        bundle,
+        limits,
+        req.steps,
+        req.temperature,
+        req.temperature_end,
+        req.sampler,
+    )?;
+    sampling.settings(bundle, job::token_space(bundle).len)?;
+    let image = base64_field(&req.image, "image")?;
+    let mask = req.mask.as_deref().map(|m| base64_field(m, "mask")).transpose()?;
+    if mask.is_some() == req.rect.is_some() {
+        return Err(Error::param(
+            "mask",
+            "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
+        ));
+    }
+    Ok(Parsed {
+        pending: Pending::Inpaint {
+            image,
+            mask,
+            rect: req.rect,
+            seed: req.seed.unwrap_or_else(crate::fresh_seed),
+            sampling,
+            keep: !req.decode_all,
+        },
+        frames: None,
+        canvas: false,
+    })
+}
+
+fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
+    let req: OutpaintRequest = parse_json(body)?;
+    let image = base64_field(&req.image, "image")?;
+    let sampling = sampling(
+        bundle,
+        limits,
+        req.steps,
+        req.temperature,
+        req.temperature_end,
+        req.sampler,
+    )?;
+    let e = &req.extend;
+    Ok(Parsed {
+        pending: Pending::Outpaint {
+            image,
+            extend: [e.left, e.right, e.up, e.down],
+            seed: req.seed.unwrap_or_else(crate::fresh_seed),
+            sampling,
+            canvas: Canvas {
+                grid: None,
+                stride: req.stride,
+                window_margin: req.window_margin,
+                decode: req.decode.unwrap_or_default(),
+            },
+            keep: !req.decode_all,
+            max_grid: limits.max_grid,
+        },
+        frames: req.frames,
+        canvas: true,
+    })
+}
+
+/// The sampler fields of a request, within the service's step cap.
+fn sampling(
+    bundle: &Bundle,
+    limits: &Limits,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    sampler: Option<SamplerKind>,
+) -> Result<Sampling> {
+    let want = steps.unwrap_or(bundle.manifest().sampling.steps);
+    if let Some(max) = limits.max_steps.filter(|&m| want > m) {
+        return Err(Error::param(
+            "steps",
+            format!("{want} is above this service's limit of {max}"),
+        ));
+    }
+    Ok(Sampling {
+        steps,
+        temperature,
+        temperature_end,
+        sampler,
+    })
+}
+
+/// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // A number that does not fit (1e400, 2^64) is a syntax error to serde_json, raised while
+        // reading that field's value: it belongs to the field, not to the body.
+        let number = inner.is_syntax() && path != "." && {
+            let m = inner.to_string();
+            m.starts_with("number out of range") || m.starts_with("invalid number")
+        };
+        let (field, message) = if number {
+            (path.clone(), format!("invalid {path}: {inner}"))
+        } else if inner.is_syntax() || inner.is_eof() {
+            ("body".to_string(), format!("malformed JSON: {inner}"))
+        } else if path == "." {
+            // Errors at the top level: unknown or missing fields, whose names serde puts in the message.
+            ("body".to_string(), format!("invalid request: {inner}"))
+        } else {
+            (path.clone(), format!("invalid {path}: {inner}"))
+        };
+        Error::Request { field, message }
+    })
+}
+
+fn base64_field(text: &str, field: &'static str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| Error::param(field, format!("not valid base64 (standard alphabet, padded): {e}")))
+}
