@@ -81,6 +81,7 @@ rust-test: ort ort-compat
 
 lint:
 	cargo fmt --check
+	cargo fmt --check --manifest-path fuzz/Cargo.toml
 	cargo clippy --release --all-targets --features $(FEATURES) -- -D warnings
 	cargo clippy --release --all-targets -- -D warnings
 
@@ -117,7 +118,29 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user libc6-arm64-cross libstdc++6-arm64-cross; }
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
-test: lint rust-test pytest cross-test verify-unit verify-k8s
+test: lint rust-test fuzz-smoke pytest cross-test verify-unit verify-k8s
+
+# Fuzzing (fuzz/, scripts/fuzz.sh): cargo-fuzz on a pinned nightly, both installed here. The
+# build lives outside the clone so that its dependencies (3.5 minutes here) are built once per
+# machine; absorb itself is rebuilt every time (about a minute).
+FUZZ_TOOLCHAIN  := nightly-2026-05-20
+CARGO_FUZZ      := 0.13.1
+FUZZ_TARGET_DIR ?= $(HOME)/.cache/absorb/fuzz-target
+FUZZ_SECONDS    ?= 60
+FUZZ_ENV        := FUZZ_TOOLCHAIN=$(FUZZ_TOOLCHAIN) FUZZ_TARGET_DIR=$(FUZZ_TARGET_DIR) FUZZ_TARGETS="$(FUZZ_TARGETS)"
+
+.PHONY: fuzz fuzz-smoke fuzz-tools
+fuzz-tools:
+	rustup toolchain list | grep -q '^$(FUZZ_TOOLCHAIN)' || rustup toolchain install $(FUZZ_TOOLCHAIN) --profile minimal
+	cargo fuzz --version 2>/dev/null | grep -qx 'cargo-fuzz $(CARGO_FUZZ)' || cargo install --locked cargo-fuzz --version $(CARGO_FUZZ)
+
+# Every target (or those in FUZZ_TARGETS) for FUZZ_SECONDS, one at a time.
+fuzz: fuzz-tools
+	$(FUZZ_ENV) scripts/fuzz.sh $(FUZZ_SECONDS) 1
+
+# The smoke run of `make test`: 20 s per target, two at a time.
+fuzz-smoke: fuzz-tools
+	$(FUZZ_ENV) scripts/fuzz.sh 20 2
 
 # deploy/Containerfile and deploy/k8s/*.yaml, offline (scripts/verify-deploy.py): strict schema
 # validation with the schemas kubernetes-validate carries, cross-checks between the files,

@@ -1,0 +1,87 @@
+//! The CLI's textual arguments (`--grid`, `--stride`, `--extend`, `--rect`, `--temperature`,
+//! `--shard`), each then used as the CLI uses it: the first byte picks the flag.
+#![no_main]
+
+use absorb::image::{rect_mask, Tensor};
+use absorb::parse::{parse_extend, parse_pair, parse_rect, parse_shard, parse_temperature};
+use absorb::{Canvas, Job, Sampling};
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&pick, text)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let bundle = common::digits();
+    let spec = &bundle.manifest().image;
+    let blank = || Tensor {
+        channels: spec.channels,
+        height: spec.height,
+        width: spec.width,
+        data: vec![0.0; spec.channels * spec.height * spec.width],
+    };
+    let sampling = Sampling::default();
+    match pick % 6 {
+        0 => {
+            if let Ok(grid) = parse_pair(text) {
+                let canvas = Canvas {
+                    grid: Some(grid),
+                    ..Canvas::default()
+                };
+                let _ = Job::generate(bundle, 0, 0, 1, &sampling, &canvas, Some(32));
+            }
+        }
+        1 => {
+            // --stride and --window-margin on a 2x1 grid of windows
+            if let Ok(pair) = parse_pair(text) {
+                for canvas in [
+                    Canvas {
+                        grid: Some([8, 16]),
+                        stride: Some(pair),
+                        ..Canvas::default()
+                    },
+                    Canvas {
+                        grid: Some([8, 16]),
+                        window_margin: Some(pair),
+                        ..Canvas::default()
+                    },
+                ] {
+                    let _ = Job::generate(bundle, 0, u64::MAX, 1, &sampling, &canvas, None);
+                }
+            }
+        }
+        2 => {
+            if let Ok(extend) = parse_extend(text) {
+                let _ = Job::outpaint(bundle, blank(), extend, 0, &sampling, &Canvas::default(), true, None);
+            }
+        }
+        3 => {
+            if let Ok(rect) = parse_rect(text) {
+                if let Ok(mask) = rect_mask(rect, spec.width, spec.height) {
+                    let _ = Job::inpaint(bundle, blank(), mask, 0, &sampling, false);
+                }
+            }
+        }
+        4 => {
+            if let Ok((start, end)) = parse_temperature(text) {
+                let sampling = Sampling {
+                    temperature: Some(start),
+                    temperature_end: end,
+                    ..Sampling::default()
+                };
+                let _ = sampling.settings(bundle, 64);
+            }
+        }
+        _ => {
+            if let Ok(shard) = parse_shard(text) {
+                let range = shard.indices(u64::MAX - 7, 8);
+                let _ = shard.manifest_name(range.start);
+            }
+        }
+    }
+});
