@@ -214,14 +214,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
         ));
     }
-    let sampling = sampling(
-        bundle,
-        limits,
-        req.steps,
-        req.temperature,
-        req.temperature_end,
-        req.sampler,
-    )?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
     let canvas_of = Canvas {
         grid: req.grid,
@@ -240,14 +233,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 
 fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: InpaintRequest = parse_json(body)?;
-    let sampling = sampling(
-        bundle,
-        limits,
-        req.steps,
-        req.temperature,
-        req.temperature_end,
-        req.sampler,
-    )?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
     sampling.settings(bundle, job::token_space(bundle).len)?;
     let image = base64_field(&req.image, "image")?;
     let mask = req.mask.as_deref().map(|m| base64_field(m, "mask")).transpose()?;
@@ -274,14 +260,7 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: OutpaintRequest = parse_json(body)?;
     let image = base64_field(&req.image, "image")?;
-    let sampling = sampling(
-        bundle,
-        limits,
-        req.steps,
-        req.temperature,
-        req.temperature_end,
-        req.sampler,
-    )?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
     let e = &req.extend;
     Ok(Parsed {
         pending: Pending::Outpaint {
@@ -303,28 +282,29 @@ fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     })
 }
 
-/// The sampler fields of a request, within the service's step cap.
-fn sampling(
-    bundle: &Bundle,
-    limits: &Limits,
-    steps: Option<usize>,
-    temperature: Option<f32>,
-    temperature_end: Option<f32>,
-    sampler: Option<SamplerKind>,
-) -> Result<Sampling> {
-    let want = steps.unwrap_or(bundle.manifest().sampling.steps);
+/// The sampler fields every request has, as a [`Sampling`].
+macro_rules! sampling_of {
+    ($req:expr) => {
+        Sampling {
+            steps: $req.steps,
+            temperature: $req.temperature,
+            temperature_end: $req.temperature_end,
+            sampler: $req.sampler,
+        }
+    };
+}
+use sampling_of;
+
+/// A request's sampler fields, within the service's step cap.
+fn within_steps(bundle: &Bundle, limits: &Limits, sampling: Sampling) -> Result<Sampling> {
+    let want = sampling.steps.unwrap_or(bundle.manifest().sampling.steps);
     if let Some(max) = limits.max_steps.filter(|&m| want > m) {
         return Err(Error::param(
             "steps",
             format!("{want} is above this service's limit of {max}"),
         ));
     }
-    Ok(Sampling {
-        steps,
-        temperature,
-        temperature_end,
-        sampler,
-    })
+    Ok(sampling)
 }
 
 /// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
