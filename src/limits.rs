@@ -41,6 +41,10 @@ pub const MAX_QUEUE: usize = 4096;
 /// file descriptor and a few KiB.
 pub const MAX_CONNECTIONS: usize = 65_536;
 
+/// Asynchronous jobs the service holds (`serve --max-jobs`); a finished one keeps its PNGs in
+/// memory until it expires.
+pub const MAX_JOBS: usize = 4096;
+
 /// Request body of the service (`serve --max-body`).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 

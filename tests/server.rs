@@ -1700,3 +1700,112 @@ fn at_the_drain_deadline_waiting_requests_are_answered_503_and_the_process_exits
     );
     assert!(s.log().contains("deadline passed"), "{}", s.log());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous jobs (src/server/jobs.rs)
+
+fn job_status(s: &Server, id: u64) -> serde_json::Value {
+    s.get(&format!("/v1/jobs/{id}")).json()
+}
+
+#[test]
+fn an_async_job_streams_its_progress_and_answers_the_synchronous_bytes() {
+    let s = Server::start(&["--max-jobs", "2"], &[]);
+    let body = r#"{"seed": 9, "steps": 6, "temperature": 0.9}"#;
+    let sync = s.post("/v1/generate", body);
+    assert_eq!(sync.status, 200);
+    let r = s.post("/v1/jobs", body);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_u64().unwrap();
+    assert_eq!(r.header("location"), Some(format!("/v1/jobs/{id}").as_str()));
+    // The stream: status events (queued, running, one per call), then one `done`, then it ends.
+    let events = s.get(&format!("/v1/jobs/{id}/events"));
+    assert_eq!(events.status, 200);
+    assert_eq!(events.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(events.body).unwrap();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names.last(), Some(&"done"), "{text}");
+    assert_eq!(names.iter().filter(|&&n| n == "done").count(), 1);
+    let data: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let last = data.last().unwrap();
+    assert_eq!(last["state"], "done");
+    assert!(last["step"].as_u64().unwrap() >= 1 && last["masked"] == 0, "{last}");
+    assert!(
+        B64.decode(last["pngs"][0].as_str().unwrap()).unwrap() == sync.body,
+        "event PNG != sync PNG"
+    );
+    let st = job_status(&s, id);
+    assert_eq!((st["state"].as_str(), st["seed"].as_u64()), (Some("done"), Some(9)));
+    let png = s.get(st["images"][0].as_str().unwrap());
+    assert_eq!(png.header("content-type"), Some("image/png"));
+    assert!(
+        png.body == sync.body,
+        "GET /v1/jobs/{{id}}/images/0 != the synchronous PNG"
+    );
+    // An inpaint job takes the synchronous body too; a bad one is refused at once, naming the field.
+    let bad = s.post("/v1/jobs?type=inpaint", r#"{"image": "x", "rect": [0, 0, 1, 1]}"#);
+    assert_eq!((bad.status, bad.json()["field"].as_str()), (400, Some("image")));
+    assert_eq!(s.post("/v1/jobs?type=paint", "{}").json()["field"], "type");
+    // The store holds 2: a third job evicts the oldest finished one, whose id then answers 410.
+    let second = s.post("/v1/jobs", r#"{"seed": 1, "steps": 2}"#).json()["id"]
+        .as_u64()
+        .unwrap();
+    while job_status(&s, second)["state"] != "done" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.post("/v1/jobs", r#"{"seed": 2, "steps": 2}"#).status, 202);
+    assert_eq!(s.get(&format!("/v1/jobs/{id}")).status, 410);
+    assert_eq!(s.get("/v1/jobs/999999").status, 404);
+    assert_eq!(s.metric("absorb_jobs_expired_total"), 1.0);
+    assert_eq!(s.metric("absorb_jobs_submitted_total"), 3.0);
+}
+
+#[test]
+fn cancelling_a_running_job_stops_it_within_one_transformer_call() {
+    let s = Server::start(&["--max-batch", "16"], &[]);
+    // One image on the largest grid at many steps: hundreds of transformer calls.
+    let r = s.post("/v1/jobs", r#"{"seed": 1, "grid": [32, 32], "steps": 256}"#);
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_u64().unwrap();
+    while job_status(&s, id)["step"].as_u64().unwrap() < 3 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let d = http(&s.addr, "DELETE", &format!("/v1/jobs/{id}"), b"");
+    assert_eq!(d.status, 200);
+    let at_delete = d.json()["step"].as_u64().unwrap();
+    let start = Instant::now();
+    while job_status(&s, id)["state"] != "cancelled" {
+        assert!(start.elapsed() < Duration::from_secs(10), "not cancelled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The worker is free: a new request is answered, and the cancelled job made no more calls
+    // than the one under way when DELETE came.
+    assert_eq!(s.post("/v1/generate", r#"{"seed": 2, "steps": 4}"#).status, 200);
+    let last = job_status(&s, id)["step"].as_u64().unwrap();
+    assert!(last <= at_delete + 1, "{} calls after DELETE", last - at_delete);
+    assert_eq!(s.metric("absorb_jobs_cancelled_total"), 1.0);
+    assert_eq!(
+        s.metric("absorb_images_total"),
+        1.0,
+        "only the later request made an image"
+    );
+}
+
+#[test]
+fn the_page_is_served_at_the_root() {
+    let s = Server::start(&[], &[]);
+    let r = s.get("/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let html = String::from_utf8(r.body).unwrap();
+    assert!(html.contains("<title>absorb</title>") && html.contains("/v1/jobs"));
+    assert!(html.len() < 200 * 1024, "the page is {} bytes", html.len());
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the page loads nothing from a network"
+    );
+}

@@ -366,6 +366,13 @@ pub struct ServeArgs {
     /// supervisor's stop timeout (the unit's TimeoutStopSec, the pod's grace period).
     #[arg(long, value_name = "MS", default_value_t = absorb::server::Limits::default().drain_timeout_ms, value_parser = drain_ms, allow_hyphen_values = true)]
     pub drain_timeout_ms: u64,
+    /// Asynchronous jobs (`POST /v1/jobs`) held at once, unfinished and finished; a new one
+    /// evicts the oldest finished one, or is answered 429 when all are unfinished.
+    #[arg(long, value_name = "N", default_value_t = absorb::server::Limits::default().max_jobs, value_parser = max_jobs, allow_hyphen_values = true)]
+    pub max_jobs: usize,
+    /// Seconds a finished asynchronous job's results are kept; then its id answers 410.
+    #[arg(long, value_name = "S", default_value_t = absorb::server::Limits::default().job_keep_s, value_parser = job_keep_s, allow_hyphen_values = true)]
+    pub job_keep_s: u64,
 }
 
 // Numeric flags: every one names its range when a value is refused (clap prefixes the flag), and
@@ -441,6 +448,15 @@ fn drain_ms(s: &str) -> Result<u64, String> {
         v if v <= max => Ok(v),
         v => Err(format!("{v} is out of range: must be 0..={max}")),
     }
+}
+
+fn max_jobs(s: &str) -> Result<usize, String> {
+    in_range(s, absorb::limits::MAX_JOBS)
+}
+
+/// At most a day.
+fn job_keep_s(s: &str) -> Result<u64, String> {
+    in_range(s, 86_400).map(|v| v as u64)
 }
 
 fn connections(s: &str) -> Result<usize, String> {

@@ -25,6 +25,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             body_timeout_ms: a.body_timeout_ms,
             max_connections: a.max_connections,
             drain_timeout_ms: a.drain_timeout_ms,
+            max_jobs: a.max_jobs,
+            job_keep_s: a.job_keep_s,
         },
     };
     absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))

@@ -23,10 +23,12 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
 ];
 
 /// Routes are a fixed set of labels, so a scanner cannot blow up the series count.
-pub const ROUTES: [&str; 7] = [
+pub const ROUTES: [&str; 9] = [
+    "/",
     "/v1/generate",
     "/v1/inpaint",
     "/v1/outpaint",
+    "/v1/jobs",
     "/v1/model",
     "/healthz",
     "/metrics",
@@ -82,6 +84,18 @@ pub struct Metrics {
     pub body_timeouts: Counter,
     /// Requests answered 503 because they were still waiting at the drain deadline.
     pub drain_expired: Counter,
+    /// Asynchronous jobs accepted.
+    pub jobs_submitted: Counter,
+    /// Asynchronous jobs cancelled by DELETE.
+    pub jobs_cancelled: Counter,
+    /// Asynchronous jobs that failed (the model, the machine, the timeout).
+    pub jobs_failed: Counter,
+    /// Finished asynchronous jobs dropped from the store (kept time or count reached).
+    pub jobs_expired: Counter,
+    /// Asynchronous jobs waiting for the worker (set when /metrics is read).
+    pub jobs_queued: Gauge,
+    /// Asynchronous jobs being sampled (set when /metrics is read).
+    pub jobs_running: Gauge,
     busy_s: Counter<f64, AtomicU64>,
     images_per_s: Gauge<f64, AtomicU64>,
     steps_per_s: Gauge<f64, AtomicU64>,
@@ -112,6 +126,12 @@ impl Metrics {
             header_timeouts: Counter::default(),
             body_timeouts: Counter::default(),
             drain_expired: Counter::default(),
+            jobs_submitted: Counter::default(),
+            jobs_cancelled: Counter::default(),
+            jobs_failed: Counter::default(),
+            jobs_expired: Counter::default(),
+            jobs_queued: Gauge::default(),
+            jobs_running: Gauge::default(),
             busy_s: Counter::default(),
             images_per_s: Gauge::default(),
             steps_per_s: Gauge::default(),
@@ -207,6 +227,36 @@ impl Metrics {
             "Requests answered 503 because they were still waiting at the drain deadline",
             m.drain_expired.clone(),
         );
+        registry.register(
+            "absorb_jobs_submitted",
+            "Asynchronous jobs accepted",
+            m.jobs_submitted.clone(),
+        );
+        registry.register(
+            "absorb_jobs_cancelled",
+            "Asynchronous jobs cancelled by DELETE",
+            m.jobs_cancelled.clone(),
+        );
+        registry.register(
+            "absorb_jobs_failed",
+            "Asynchronous jobs that failed or timed out",
+            m.jobs_failed.clone(),
+        );
+        registry.register(
+            "absorb_jobs_expired",
+            "Finished asynchronous jobs dropped from the store (--job-keep-s, --max-jobs)",
+            m.jobs_expired.clone(),
+        );
+        registry.register(
+            "absorb_jobs_queued",
+            "Asynchronous jobs waiting for the worker",
+            m.jobs_queued.clone(),
+        );
+        registry.register(
+            "absorb_jobs_running",
+            "Asynchronous jobs being sampled",
+            m.jobs_running.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -273,7 +323,10 @@ pub async fn track(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -
     let route = ROUTES
         .iter()
         .copied()
-        .find(|r| *r == req.uri().path())
+        .find(|r| {
+            let path = req.uri().path();
+            *r == path || (*r == "/v1/jobs" && path.starts_with("/v1/jobs/"))
+        })
         .unwrap_or("other");
     let start = Instant::now();
     let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint");

@@ -28,6 +28,7 @@
 //! goes to the log). It does not sample, decode images or write PNGs itself: that is the library's.
 
 mod connections;
+pub mod jobs;
 mod metrics;
 pub mod requests;
 mod routes;
@@ -73,6 +74,11 @@ pub struct Limits {
     /// After SIGTERM, how long accepted requests have to finish; then those still waiting are
     /// answered 503 and what is still open is dropped.
     pub drain_timeout_ms: u64,
+    /// Asynchronous jobs held at once, queued, running and finished; a new one evicts the oldest
+    /// finished job, and is refused (429) when every held job is unfinished.
+    pub max_jobs: usize,
+    /// How long a finished asynchronous job's results are kept (seconds).
+    pub job_keep_s: u64,
 }
 
 impl Default for Limits {
@@ -89,6 +95,8 @@ impl Default for Limits {
             body_timeout_ms: 30_000,
             max_connections: 512,
             drain_timeout_ms: 10_000,
+            max_jobs: 64,
+            job_keep_s: 600,
         }
     }
 }
@@ -128,11 +136,12 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         || limits.max_connections == 0
         || limits.header_timeout_ms == 0
         || limits.body_timeout_ms == 0
+        || limits.max_jobs == 0
     {
         return Err(Error::param(
             "max-queue",
             "--max-queue, --max-batch, --max-count, --max-steps, --max-body, --max-connections, \
-             --header-timeout-ms and --body-timeout-ms must be 1 or more",
+             --header-timeout-ms, --body-timeout-ms and --max-jobs must be 1 or more",
         ));
     }
     let notify = systemd::Notifier::from_env();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use super::connections::Phase;
+use super::jobs;
 use super::metrics::{self, track, RequestId};
 use super::requests::{self, Route};
 use super::worker::{self, Answer, Refused, Shared, Work};
@@ -29,9 +30,14 @@ use crate::sampler::Settings;
 /// The routes over `shared`; tests may drive it without a socket.
 pub fn app(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/v1/generate", post(generate))
         .route("/v1/inpaint", post(inpaint))
         .route("/v1/outpaint", post(outpaint))
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(job_status).delete(delete_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/images/{k}", get(job_image))
         .route("/v1/model", get(model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -61,8 +67,7 @@ impl tower_http::catch_panic::ResponseForPanic for HandlerPanicked {
     }
 }
 
-/// `POST /v1/generate`, `/v1/inpaint` and `/v1/outpaint`: the body parsed and checked
-/// ([`requests::parse`]), its images decoded off the async threads, the job queued.
+/// `POST /v1/generate`, `/v1/inpaint` and `/v1/outpaint`: the job prepared, queued, answered.
 async fn submit(
     s: Arc<Shared>,
     id: RequestId,
@@ -70,7 +75,19 @@ async fn submit(
     body: Body,
     route: Route,
 ) -> Result<Response, AppError> {
-    let bytes = read_body(&s, &headers, body).await?;
+    let (job, frames, canvas) = prepare(&s, &headers, body, route).await?;
+    answer(&s, id, job, frames, canvas).await
+}
+
+/// The body read, parsed and checked ([`requests::parse`]), its images decoded off the async
+/// threads: the job, its animation format and whether the answer names the grid.
+async fn prepare(
+    s: &Arc<Shared>,
+    headers: &HeaderMap,
+    body: Body,
+    route: Route,
+) -> Result<(Job, Option<AnimationFormat>, bool), AppError> {
+    let bytes = read_body(s, headers, body).await?;
     let parsed = requests::parse(route, &s.bundle, &s.limits, &bytes)?;
     if route == Route::Generate && s.test_panic.handler == Some(parsed.seed()) {
         panic!("injected by ABSORB_TEST_PANIC (handler:{})", parsed.seed());
@@ -78,11 +95,11 @@ async fn submit(
     let (frames, canvas) = (parsed.frames, parsed.canvas);
     let job = if parsed.decodes_images() {
         let shared = s.clone();
-        decode_off_thread(&s, move || parsed.into_job(&shared.bundle)).await?
+        decode_off_thread(s, move || parsed.into_job(&shared.bundle)).await?
     } else {
         parsed.into_job(&s.bundle)?
     };
-    answer(&s, id, job, frames, canvas).await
+    Ok((job, frames, canvas))
 }
 
 async fn generate(
@@ -110,6 +127,162 @@ async fn outpaint(
     body: Body,
 ) -> Result<Response, AppError> {
     submit(s, id, headers, body, Route::Outpaint).await
+}
+
+/// `POST /v1/jobs?type=generate|inpaint|outpaint` (default generate): the synchronous route's
+/// body, queued; answers 202 with the job's id, its place in the queue and where to look.
+async fn create_job(
+    State(s): State<Arc<Shared>>,
+    Extension(id): Extension<RequestId>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let kind = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("type="))
+        .unwrap_or("generate");
+    let route = match kind {
+        "generate" => Route::Generate,
+        "inpaint" => Route::Inpaint,
+        "outpaint" => Route::Outpaint,
+        other => {
+            return Err(Error::param(
+                "type",
+                format!("\"{other}\" is not a job type: use generate, inpaint or outpaint"),
+            )
+            .into())
+        }
+    };
+    let (job, frames, _) = prepare(&s, &headers, body, route).await?;
+    let Some((job_id, entry)) = s.jobs.create(&s, route, job.seed(), job.settings.steps) else {
+        return Err(AppError::Busy {
+            retry_after_s: s.metrics.retry_after_s(),
+        });
+    };
+    let position = s.metrics.queue_depth.get();
+    let (reply, rx) = oneshot::channel();
+    let queued = s.submit(Work {
+        id: id.0,
+        job,
+        frames,
+        reply,
+        progress: Some(entry.clone()),
+    });
+    if let Err(r) = queued {
+        s.jobs.discard(job_id);
+        return Err(refused(r));
+    }
+    jobs::wait(s.clone(), job_id, entry.clone(), rx);
+    let mut json = serde_json::to_value(entry.status()).unwrap_or_default();
+    json["position"] = position.into();
+    json["events"] = format!("/v1/jobs/{job_id}/events").into();
+    let mut r = json_response(StatusCode::ACCEPTED, &json);
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{job_id}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+fn job_entry(s: &Shared, id: &str) -> Result<Arc<jobs::Entry>, AppError> {
+    let id = id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })?;
+    s.jobs.get(s, id).map_err(|m| AppError::NoJob {
+        gone: matches!(m, jobs::Missing::Gone),
+    })
+}
+
+/// A job's status as JSON: state, progress, and once done its images' URLs.
+fn status_json(st: &jobs::Status) -> serde_json::Value {
+    let mut json = serde_json::to_value(st).unwrap_or_default();
+    if let Some(a) = &st.answer {
+        json["images"] = (0..a.pngs.len())
+            .map(|k| format!("/v1/jobs/{}/images/{k}", st.id))
+            .collect();
+    }
+    json
+}
+
+/// `GET /v1/jobs/{id}`.
+async fn job_status(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
+    let entry = job_entry(&s, &id)?;
+    Ok(json_response(StatusCode::OK, &status_json(&entry.status())))
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (it stops before its next
+/// transformer call); a finished one is dropped. Answers the status it had.
+async fn delete_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
+    let id = id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })?;
+    let status = s.jobs.delete(&s, id).map_err(|m| AppError::NoJob {
+        gone: matches!(m, jobs::Missing::Gone),
+    })?;
+    Ok(json_response(StatusCode::OK, &status_json(&status)))
+}
+
+/// `GET /v1/jobs/{id}/images/{k}`: a finished job's PNG (with its metadata).
+async fn job_image(State(s): State<Arc<Shared>>, Path((id, k)): Path<(String, String)>) -> Result<Response, AppError> {
+    let entry = job_entry(&s, &id)?;
+    let st = entry.status();
+    let png = st
+        .answer
+        .as_ref()
+        .and_then(|a| a.pngs.get(k.parse::<usize>().ok()?))
+        .ok_or(AppError::NoJob { gone: false })?;
+    let mut r = Response::new(Body::from(png.clone()));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    Ok(r)
+}
+
+/// `GET /v1/jobs/{id}/events`: Server-Sent Events, `status` after every change (queued,
+/// running, each transformer call), then one `done` (its images as base64 PNGs), `failed` or
+/// `cancelled`, and the stream ends. A slow reader skips to the latest status, never piles up.
+async fn job_events(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let entry = job_entry(&s, &id)?;
+    let mut rx = entry.subscribe();
+    rx.mark_changed();
+    let stream = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        rx.changed().await.ok()?;
+        let st = rx.borrow_and_update().clone();
+        let mut json = status_json(&st);
+        let name = match st.state {
+            jobs::State::Done => "done",
+            jobs::State::Failed => "failed",
+            jobs::State::Cancelled => "cancelled",
+            _ => "status",
+        };
+        if let Some(a) = &st.answer {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            json["pngs"] = a.pngs.iter().map(|p| b64.encode(p)).collect();
+        }
+        let event = Event::default().event(name).data(json.to_string());
+        let next = (!st.state.finished()).then_some(rx);
+        Some((Ok::<_, std::convert::Infallible>(event), next))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// `GET /`: the page (one self-contained file, compiled in).
+async fn page() -> Response {
+    let mut r = Response::new(Body::from(PAGE));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+/// The browser UI: `src/server/page.html`.
+const PAGE: &str = include_str!("page.html");
+
+fn refused(r: Refused) -> AppError {
+    match r {
+        Refused::Busy { retry_after_s } => AppError::Busy { retry_after_s },
+        Refused::WorkerGone => AppError::WorkerGone,
+    }
 }
 
 /// Runs `decode` (request images: bounded by their declared size) on a blocking thread, at
@@ -145,11 +318,9 @@ async fn answer(
         job,
         frames,
         reply,
+        progress: None,
     })
-    .map_err(|r| match r {
-        Refused::Busy { retry_after_s } => AppError::Busy { retry_after_s },
-        Refused::WorkerGone => AppError::WorkerGone,
-    })?;
+    .map_err(refused)?;
     let Answer {
         mut pngs,
         frames: animation,
@@ -215,6 +386,9 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let (queued, running) = s.jobs.unfinished();
+    s.metrics.jobs_queued.set(queued as i64);
+    s.metrics.jobs_running.set(running as i64);
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE))],
         s.metrics.render(),
@@ -292,6 +466,10 @@ enum AppError {
         limit: usize,
     },
     NotFound,
+    /// No such asynchronous job: 404, or 410 when it was dropped from the store.
+    NoJob {
+        gone: bool,
+    },
     MethodNotAllowed,
     /// The queue is full: 429.
     Busy {
@@ -349,6 +527,18 @@ impl IntoResponse for AppError {
                 None,
                 "no such route: see GET /v1/model, POST /v1/generate, POST /v1/inpaint, GET /healthz, GET /metrics"
                     .into(),
+                None,
+            ),
+            AppError::NoJob { gone: false } => (
+                StatusCode::NOT_FOUND,
+                None,
+                "no such job (ids come from POST /v1/jobs)".into(),
+                None,
+            ),
+            AppError::NoJob { gone: true } => (
+                StatusCode::GONE,
+                None,
+                "this job finished and its results are no longer kept (--job-keep-s, --max-jobs)".into(),
                 None,
             ),
             AppError::MethodNotAllowed => (

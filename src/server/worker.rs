@@ -23,6 +23,7 @@ use crate::job::{Job, Start};
 use crate::{Pipeline, Progress};
 
 /// What a job's client gets: one PNG per image, then the animation when asked for.
+#[derive(Debug)]
 pub struct Answer {
     /// PNG bytes per image, each with its own metadata.
     pub pngs: Vec<Vec<u8>>,
@@ -43,13 +44,18 @@ pub struct Work {
     pub frames: Option<AnimationFormat>,
     /// Where the answer goes.
     pub reply: Reply,
+    /// An asynchronous job's entry, told when the job starts and after every transformer call.
+    pub progress: Option<Arc<super::jobs::Entry>>,
 }
 
 impl Work {
     /// Runs with others of equal settings: images from all-masked grids of the bundle's size,
-    /// no preview.
+    /// no preview, nobody watching its progress (merged jobs share their transformer calls).
     fn batchable(&self) -> bool {
-        matches!(self.job.start, Start::Masked) && self.job.tiling.is_none() && !self.job.frames
+        matches!(self.job.start, Start::Masked)
+            && self.job.tiling.is_none()
+            && !self.job.frames
+            && self.progress.is_none()
     }
 }
 
@@ -86,6 +92,8 @@ pub struct Shared {
     pub decode_slots: tokio::sync::Semaphore,
     /// Test-only fault injection (`ABSORB_TEST_PANIC`, see [`TestPanic`]).
     pub test_panic: TestPanic,
+    /// Asynchronous jobs (`/v1/jobs`).
+    pub jobs: super::jobs::Jobs,
 }
 
 /// Requests to fail on purpose, for the tests of panic handling: `ABSORB_TEST_PANIC=worker:S`
@@ -147,6 +155,7 @@ impl Shared {
             requests: AtomicU64::new(0),
             decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
             test_panic: TestPanic::from_env(),
+            jobs: super::jobs::Jobs::new(),
         }
     }
 
@@ -406,12 +415,18 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
         panic!("injected by ABSORB_TEST_PANIC (worker:{})", job.seed());
     }
     // The job stops between transformer calls once every client merged into it has gone (one
-    // who still waits keeps it running: its images need the whole batch).
-    let cancelled = || batch.iter().all(|w| w.reply.is_closed());
+    // who still waits keeps it running: its images need the whole batch) or cancelled it.
+    let cancelled = || {
+        batch
+            .iter()
+            .all(|w| w.reply.is_closed() || w.progress.as_ref().is_some_and(|e| e.is_cancelled()))
+    };
+    let watched: Vec<&super::jobs::Entry> = batch.iter().filter_map(|w| w.progress.as_deref()).collect();
+    watched.iter().for_each(|e| e.running());
     let made = p.run(
         job,
         &mut Progress {
-            on_step: &mut |_| {},
+            on_step: &mut |r| watched.iter().for_each(|e| e.step(r)),
             cancelled: &cancelled,
         },
     )?;
