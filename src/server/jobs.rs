@@ -81,7 +81,6 @@ pub struct Entry {
     cancelled: AtomicBool,
     /// Wakes the task waiting for the answer, which then drops the reply.
     cancel: Notify,
-    finished_at: Mutex<Option<Instant>>,
 }
 
 impl Entry {
@@ -124,8 +123,8 @@ pub struct Jobs {
 #[derive(Default)]
 struct Store {
     entries: HashMap<u64, Arc<Entry>>,
-    /// Finished jobs, oldest first.
-    finished: VecDeque<u64>,
+    /// Finished jobs and when they finished, oldest first.
+    finished: VecDeque<(u64, Instant)>,
     gone: VecDeque<u64>,
 }
 
@@ -157,7 +156,7 @@ impl Jobs {
         self.expire(&mut store, shared);
         let limits = &shared.limits;
         while store.entries.len() >= limits.max_jobs {
-            let oldest = store.finished.pop_front()?;
+            let (oldest, _) = store.finished.pop_front()?;
             evict(&mut store, oldest);
             shared.metrics.jobs_expired.inc();
         }
@@ -180,7 +179,6 @@ impl Jobs {
             }),
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
-            finished_at: Mutex::new(None),
         });
         store.entries.insert(id, entry.clone());
         Some((id, entry))
@@ -208,7 +206,7 @@ impl Jobs {
         let status = entry.status();
         if status.state.finished() {
             let mut store = self.lock();
-            store.finished.retain(|&f| f != id);
+            store.finished.retain(|&(f, _)| f != id);
             evict(&mut store, id);
         } else {
             entry.cancel.notify_one();
@@ -237,12 +235,8 @@ impl Jobs {
     /// Drops finished jobs older than `--job-keep-s`.
     fn expire(&self, store: &mut Store, shared: &Shared) {
         let keep = Duration::from_secs(shared.limits.job_keep_s);
-        while let Some(&id) = store.finished.front() {
-            let at = store
-                .entries
-                .get(&id)
-                .and_then(|e| *e.finished_at.lock().unwrap_or_else(|p| p.into_inner()));
-            if at.is_some_and(|t| t.elapsed() < keep) {
+        while let Some(&(id, at)) = store.finished.front() {
+            if at.elapsed() < keep {
                 break;
             }
             store.finished.pop_front();
@@ -251,9 +245,8 @@ impl Jobs {
         }
     }
 
-    fn finish(&self, entry: &Entry, id: u64) {
-        *entry.finished_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        self.lock().finished.push_back(id);
+    fn finish(&self, id: u64) {
+        self.lock().finished.push_back((id, Instant::now()));
     }
 }
 
@@ -292,6 +285,11 @@ pub fn wait(shared: Arc<Shared>, id: u64, entry: Arc<Entry>, rx: oneshot::Receiv
             },
             _ = entry.cancel.notified() => Err((State::Cancelled, "cancelled by DELETE".to_string())),
         };
+        match &outcome {
+            Err((State::Cancelled, _)) => m.jobs_cancelled.inc(),
+            Err(_) => m.jobs_failed.inc(),
+            Ok(_) => 0,
+        };
         entry.status.send_modify(|s| match outcome {
             Ok(answer) => {
                 s.state = State::Done;
@@ -303,11 +301,6 @@ pub fn wait(shared: Arc<Shared>, id: u64, entry: Arc<Entry>, rx: oneshot::Receiv
                 s.error = Some(why);
             }
         });
-        match entry.status.borrow().state {
-            State::Cancelled => m.jobs_cancelled.inc(),
-            State::Failed => m.jobs_failed.inc(),
-            _ => 0,
-        };
-        shared.jobs.finish(&entry, id);
+        shared.jobs.finish(id);
     });
 }

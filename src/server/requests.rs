@@ -102,13 +102,19 @@ pub struct Parsed {
     pub canvas: bool,
 }
 
+/// What an inpaint request regenerates: a mask PNG (white = regenerate) or a rectangle.
+#[derive(Debug)]
+enum Region {
+    Mask(Vec<u8>),
+    Rect([usize; 4]),
+}
+
 #[derive(Debug)]
 enum Pending {
     Ready(Job),
     Inpaint {
         image: Vec<u8>,
-        mask: Option<Vec<u8>>,
-        rect: Option<[usize; 4]>,
+        region: Region,
         seed: u64,
         sampling: Sampling,
         keep: bool,
@@ -146,23 +152,16 @@ impl Parsed {
             Pending::Ready(job) => Ok(job),
             Pending::Inpaint {
                 image,
-                mask,
-                rect,
+                region,
                 seed,
                 sampling,
                 keep,
             } => {
                 let (w, h) = (spec.width, spec.height);
                 let image = image::image_from_png(&image, spec, "image")?;
-                let mask = match (mask, rect) {
-                    (Some(m), None) => image::mask_from_png(&m, w, h, "mask")?,
-                    (None, Some(rect)) => image::rect_mask(rect, w, h)?,
-                    _ => {
-                        return Err(Error::param(
-                            "mask",
-                            "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
-                        ))
-                    }
+                let mask = match region {
+                    Region::Mask(m) => image::mask_from_png(&m, w, h, "mask")?,
+                    Region::Rect(rect) => image::rect_mask(rect, w, h)?,
                 };
                 Job::inpaint(bundle, image, mask, seed, &sampling, keep)
             }
@@ -236,18 +235,20 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let sampling = within_steps(bundle, limits, sampling_of!(req))?;
     sampling.settings(bundle, job::token_space(bundle).len)?;
     let image = base64_field(&req.image, "image")?;
-    let mask = req.mask.as_deref().map(|m| base64_field(m, "mask")).transpose()?;
-    if mask.is_some() == req.rect.is_some() {
-        return Err(Error::param(
-            "mask",
-            "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
-        ));
-    }
+    let region = match (&req.mask, req.rect) {
+        (Some(m), None) => Region::Mask(base64_field(m, "mask")?),
+        (None, Some(rect)) => Region::Rect(rect),
+        _ => {
+            return Err(Error::param(
+                "mask",
+                "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
+            ))
+        }
+    };
     Ok(Parsed {
         pending: Pending::Inpaint {
             image,
-            mask,
-            rect: req.rect,
+            region,
             seed: req.seed.unwrap_or_else(crate::fresh_seed),
             sampling,
             keep: !req.decode_all,

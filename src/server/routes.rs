@@ -186,11 +186,21 @@ async fn create_job(
     Ok(r)
 }
 
+impl From<jobs::Missing> for AppError {
+    fn from(m: jobs::Missing) -> Self {
+        AppError::NoJob {
+            gone: matches!(m, jobs::Missing::Gone),
+        }
+    }
+}
+
+/// A job id from the path; one that is not a number is no job either.
+fn job_id(id: &str) -> Result<u64, AppError> {
+    id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })
+}
+
 fn job_entry(s: &Shared, id: &str) -> Result<Arc<jobs::Entry>, AppError> {
-    let id = id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })?;
-    s.jobs.get(s, id).map_err(|m| AppError::NoJob {
-        gone: matches!(m, jobs::Missing::Gone),
-    })
+    Ok(s.jobs.get(s, job_id(id)?)?)
 }
 
 /// A job's status as JSON: state, progress, and once done its images' URLs.
@@ -213,10 +223,7 @@ async fn job_status(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Res
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job (it stops before its next
 /// transformer call); a finished one is dropped. Answers the status it had.
 async fn delete_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
-    let id = id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })?;
-    let status = s.jobs.delete(&s, id).map_err(|m| AppError::NoJob {
-        gone: matches!(m, jobs::Missing::Gone),
-    })?;
+    let status = s.jobs.delete(&s, job_id(&id)?)?;
     Ok(json_response(StatusCode::OK, &status_json(&status)))
 }
 
