@@ -48,6 +48,7 @@ pub mod job;
 pub mod limits;
 pub mod parse;
 pub mod pipeline;
+pub mod preview;
 pub mod sampler;
 pub mod server;
 pub mod tokens;
@@ -57,6 +58,7 @@ pub use crate::error::{Error, Result};
 pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
 pub use crate::job::{Canvas, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
 pub use crate::pipeline::{Pipeline, Progress, Timings};
+pub use crate::preview::PreviewSink;
 
 /// This crate's version, recorded in PNG metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -8,6 +8,7 @@
 //! own pixels put back where the job keeps them. It writes no files and knows no HTTP: the CLI
 //! and the service take the [`Made`] and write it.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::graphs::{Graphs, Provider, ProviderConfig, Runtime, RuntimeOptions};
 use crate::image::{self, Pixels, Tensor};
 use crate::job::{self, Job, Made, Start};
-use crate::sampler::{self, Chain, Settings, StepReport, Tiling, TokenSpace};
+use crate::preview::Pacer;
+use crate::sampler::{self, Chain, StepReport, Tiling, TokenSpace};
 use crate::{cpu, DecodeMode};
 
 /// Wall-clock time per phase of one run, for `-v` and benchmarks.
@@ -30,6 +32,10 @@ pub struct Timings {
     pub sampler: Duration,
     /// Encoder and decoder graphs.
     pub decode: Duration,
+    /// Live previews (decoding the chains while they are sampled).
+    pub preview: Duration,
+    /// Live previews made.
+    pub previews: usize,
 }
 
 impl Timings {
@@ -39,6 +45,8 @@ impl Timings {
         self.transformer_calls += other.transformer_calls;
         self.sampler += other.sampler;
         self.decode += other.decode;
+        self.preview += other.preview;
+        self.previews += other.previews;
     }
 }
 
@@ -48,6 +56,8 @@ pub struct Progress<'a> {
     pub on_step: &'a mut dyn FnMut(&StepReport),
     /// Asked before every batch of images; true ends the run with [`Error::Cancelled`].
     pub cancelled: &'a dyn Fn() -> bool,
+    /// Where live previews go, paced by [`Pacer`]; `None` makes none.
+    pub preview: Option<&'a mut dyn crate::PreviewSink>,
 }
 
 impl<'a> Progress<'a> {
@@ -56,6 +66,7 @@ impl<'a> Progress<'a> {
         Progress {
             on_step,
             cancelled: &|| false,
+            preview: None,
         }
     }
 }
@@ -137,12 +148,6 @@ impl Pipeline {
         }
         let mut timings = Timings::default();
         let mut snapshots: Vec<Vec<Vec<i64>>> = Vec::new();
-        let mut on_step = |r: &StepReport| {
-            (progress.on_step)(r);
-            if job.frames {
-                snapshots.push(r.chains.iter().map(|c| c.tokens().to_vec()).collect());
-            }
-        };
         let space = TokenSpace {
             len: grid[0] * grid[1],
             ..job::token_space(&self.bundle)
@@ -168,15 +173,8 @@ impl Pipeline {
             }
             let mut chains = self.start_chains(job, n * per_run, chunk, &space)?;
             if chains.iter().any(|c| c.masked_count() > 0) {
-                self.sample(
-                    &mut chains,
-                    &job.settings,
-                    job.tiling.as_ref(),
-                    job.max_batch,
-                    &mut on_step,
-                    progress.cancelled,
-                    &mut timings,
-                )?;
+                let frames = job.frames.then_some(&mut snapshots);
+                self.sample(&mut chains, job, n * per_run, progress, frames, &mut timings)?;
             }
             tokens.extend(chains.into_iter().map(Chain::into_tokens));
         }
@@ -345,42 +343,84 @@ impl Pipeline {
         Ok((self.graphs.encode(&image.data, 1)?, self.grid()))
     }
 
-    /// Runs the sampler on `chains` (windowed over `tiling`, `max_batch` rows per call, when
-    /// given) and adds the time inside and outside the transformer to `timings`.
-    // The run's state, passed through from `run`: bundling it in a struct would only rename it.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the sampler on `chains` (the job's images `first..`; windowed and `max_batch`
+    /// rows per call as the job says), reporting to `progress`, recording every step in
+    /// `frames` when given, and adds the time inside and outside the transformer to `timings`.
     fn sample(
         &mut self,
         chains: &mut [Chain],
-        settings: &Settings,
-        tiling: Option<&Tiling>,
-        max_batch: usize,
-        on_step: &mut dyn FnMut(&StepReport),
-        cancelled: &dyn Fn() -> bool,
+        job: &Job,
+        first: usize,
+        progress: &mut Progress<'_>,
+        mut frames: Option<&mut Vec<Vec<Vec<i64>>>>,
         timings: &mut Timings,
     ) -> Result<()> {
         // The trained grid's space: windows of a larger grid are fed in the trained shape.
         let space = job::token_space(&self.bundle);
         let before = self.graphs.transformer_stats;
         let start = Instant::now();
-        let graphs = &mut self.graphs;
+        let grid = job.grid(&self.bundle);
+        let tiled = job.tiling.as_ref().map(|t| (t, job.decode));
+        let Progress {
+            on_step,
+            cancelled,
+            preview,
+        } = progress;
+        let mut previews = Timings::default();
+        let mut pacer = preview.as_deref().map_or_else(Pacer::new, |p| p.pacer());
+        let (mut steps, mut previewing) = (0, preview.is_some());
+        // The transformer and the preview decoder take turns: the sampler calls one, then
+        // reports the step, never both at once.
+        let this = RefCell::new(&mut *self);
         // A cancelled run stops before its next transformer call.
         let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| {
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            graphs.transformer(tokens, rows, logits)
+            this.borrow_mut().graphs.transformer(tokens, rows, logits)
         };
-        match tiling {
-            Some(t) => sampler::run_tiled(chains, t, &space, settings, max_batch, &mut denoise, on_step)?,
-            None => sampler::run(chains, &space, settings, &mut denoise, on_step)?,
+        let mut report = |r: &StepReport| {
+            on_step(r);
+            steps += 1;
+            if let Some(frames) = frames.as_deref_mut() {
+                frames.push(r.chains.iter().map(|c| c.tokens().to_vec()).collect());
+            }
+            let Some(sink) = preview.as_deref_mut() else { return };
+            let now = Instant::now();
+            // The last step's images are the run's result: no preview of them.
+            let unfinished = r.chains.iter().any(|c| c.still_masked() > 0);
+            if !(previewing && unfinished && pacer.due(now) && sink.wanted()) {
+                return;
+            }
+            let grids: Vec<Vec<i64>> = r.chains.iter().map(|c| c.tokens().to_vec()).collect();
+            match this
+                .borrow_mut()
+                .render(&grids, grid, tiled, job.max_batch, &mut previews)
+            {
+                Ok(pixels) => sink.preview(first, steps, pixels),
+                Err(e) => {
+                    log::warn!("no more previews in this run: {e:#}");
+                    previewing = false;
+                }
+            }
+            let end = Instant::now();
+            pacer.record(now, end);
+            previews.preview += end - now;
+            previews.previews += 1;
+        };
+        let settings = &job.settings;
+        match &job.tiling {
+            Some(t) => sampler::run_tiled(chains, t, &space, settings, job.max_batch, &mut denoise, &mut report)?,
+            None => sampler::run(chains, &space, settings, &mut denoise, &mut report)?,
         };
         let total = start.elapsed();
         let after = self.graphs.transformer_stats;
         let in_graph = after.time - before.time;
         timings.transformer += in_graph;
         timings.transformer_calls += after.calls - before.calls;
-        timings.sampler += total.saturating_sub(in_graph);
+        timings.sampler += total.saturating_sub(in_graph + previews.preview);
+        timings.preview += previews.preview;
+        timings.previews += previews.previews;
         Ok(())
     }
 
@@ -521,9 +561,32 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Preview frames of a reverse process: each snapshot (one token grid of size `grid` per image,
-    /// still-masked positions holding the mask id) decoded with masked tokens painted as neutral
-    /// tiles; several images per snapshot are laid out `columns` wide.
+    /// Token grids of size `grid` caught mid-run (still-masked positions holding the mask id)
+    /// decoded with the masked tokens painted as neutral grey tiles.
+    fn render(
+        &mut self,
+        grids: &[Vec<i64>],
+        grid: [usize; 2],
+        tiled: Option<(&Tiling, DecodeMode)>,
+        max_batch: usize,
+        timings: &mut Timings,
+    ) -> Result<Vec<Pixels>> {
+        let mask_id = self.bundle.manifest().tokens.mask_id;
+        let filled: Vec<Vec<i64>> = grids
+            .iter()
+            .map(|g| g.iter().map(|&t| if t == mask_id { 0 } else { t }).collect())
+            .collect();
+        let mut pixels = self.decode_pixels(&filled, grid, tiled, max_batch, timings)?;
+        for (px, g) in pixels.iter_mut().zip(grids) {
+            let masked: Vec<bool> = g.iter().map(|&t| t == mask_id).collect();
+            image::paint_masked(px, &masked, grid);
+        }
+        Ok(pixels)
+    }
+
+    /// Preview frames of a reverse process: each snapshot (one token grid of size `grid` per
+    /// image) rendered as [`Pipeline::render`] does; several images per snapshot are laid out
+    /// `columns` wide.
     fn render_frames(
         &mut self,
         snapshots: &[Vec<Vec<i64>>],
@@ -533,18 +596,9 @@ impl Pipeline {
         max_batch: usize,
         timings: &mut Timings,
     ) -> Result<Vec<Pixels>> {
-        let mask_id = self.bundle.manifest().tokens.mask_id;
         let mut frames = Vec::with_capacity(snapshots.len());
         for snap in snapshots {
-            let filled: Vec<Vec<i64>> = snap
-                .iter()
-                .map(|g| g.iter().map(|&t| if t == mask_id { 0 } else { t }).collect())
-                .collect();
-            let mut pixels = self.decode_pixels(&filled, grid, tiled, max_batch, timings)?;
-            for (px, g) in pixels.iter_mut().zip(snap) {
-                let masked: Vec<bool> = g.iter().map(|&t| t == mask_id).collect();
-                image::paint_masked(px, &masked, grid);
-            }
+            let mut pixels = self.render(snap, grid, tiled, max_batch, timings)?;
             frames.push(if pixels.len() == 1 {
                 pixels.remove(0)
             } else {

@@ -187,6 +187,8 @@ pub struct Chain {
     masked: Vec<u32>,
     /// Masked positions at the start.
     initial_masked: usize,
+    /// Positions revealed so far.
+    revealed: usize,
 }
 
 impl Chain {
@@ -248,6 +250,7 @@ impl Chain {
             rng,
             masked,
             initial_masked,
+            revealed: 0,
         })
     }
 
@@ -269,6 +272,11 @@ impl Chain {
     /// How many positions this chain samples in total.
     pub fn masked_count(&self) -> usize {
         self.initial_masked
+    }
+
+    /// How many positions are still masked.
+    pub fn still_masked(&self) -> usize {
+        self.initial_masked - self.revealed
     }
 
     /// The positions revealed at step `t`, in raster order.
@@ -717,6 +725,7 @@ fn advance(chain: &mut Chain, logits: &[f32], t: u32, settings: &Settings, mask_
         chain.tokens[p] = token as i64;
     }
     chain.cursor += n;
+    chain.revealed += n;
     n
 }
 
@@ -761,6 +770,7 @@ fn maskgit_step(
     }
     // Revealed positions now hold a code; the rest still hold the mask id.
     chain.masked.retain(|&p| chain.tokens[p as usize] == mask_id);
+    chain.revealed += n_reveal;
     n_reveal
 }
 
@@ -1006,6 +1016,25 @@ mod tests {
                     assert_eq!(&alone[0], tokens, "{kind:?} alone");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn still_masked_counts_the_mask_ids_after_every_step() {
+        for kind in [SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit] {
+            let s = Settings::new(5, 1.0, &SPACE).unwrap().with_sampler(kind);
+            let mut chains: Vec<Chain> = (0..3).map(|i| Chain::masked(&SPACE, &s, 9, i).unwrap()).collect();
+            assert!(chains.iter().all(|c| c.still_masked() == 16), "{kind:?} at the start");
+            let mut seen = Vec::new();
+            run(&mut chains, &SPACE, &s, &mut fake, &mut |r| {
+                for c in r.chains {
+                    let mask_ids = c.tokens().iter().filter(|&&t| t == SPACE.mask_id).count();
+                    assert_eq!(c.still_masked(), mask_ids, "{kind:?} at t={}", r.t);
+                }
+                seen.push(r.chains[0].still_masked());
+            })
+            .unwrap();
+            assert_eq!(seen.last(), Some(&0), "{kind:?}: {seen:?}");
         }
     }
 

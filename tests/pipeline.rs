@@ -5,7 +5,8 @@ mod common;
 
 use absorb::image::{self, Tensor};
 use absorb::job::{self, Canvas, Job, Sampling, Start};
-use absorb::{Made, Pipeline, Progress};
+use absorb::preview::Pacer;
+use absorb::{Made, Pipeline, PreviewSink, Progress};
 use common::{judge, pipeline, quality, DIGITS};
 
 fn run(p: &mut Pipeline, job: &Job) -> absorb::Result<Made> {
@@ -429,4 +430,99 @@ fn an_image_larger_than_the_bundle_encodes_tile_by_tile() {
     };
     let e = p.encode(&odd).unwrap_err().to_string();
     assert!(e.contains("multiple of 4x4"), "{e}");
+}
+
+/// Keeps every live preview, one per step (whatever they cost).
+#[derive(Default)]
+struct Recorder {
+    previews: Vec<(usize, usize, Vec<image::Pixels>)>,
+}
+
+impl PreviewSink for Recorder {
+    fn wanted(&self) -> bool {
+        true
+    }
+
+    fn preview(&mut self, first: usize, steps: usize, pixels: Vec<image::Pixels>) {
+        self.previews.push((first, steps, pixels));
+    }
+
+    fn pacer(&self) -> Pacer {
+        Pacer::every_step()
+    }
+}
+
+#[test]
+fn previews_paint_the_masked_tokens_grey_shrink_step_by_step_and_change_nothing() {
+    let mut p = pipeline();
+    let mask_id = p.bundle().manifest().tokens.mask_id;
+    let wide = Canvas {
+        grid: Some([8, 16]),
+        ..Canvas::default()
+    };
+    for (canvas, count) in [(Canvas::default(), 3), (wide, 1)] {
+        let job = generate_job(&p, 11, 0..count, &sampling(Some(12), None), &canvas, 8);
+        let grid = job.grid(p.bundle());
+        let plain = run(&mut p, &job).unwrap();
+        let mut masked_after: Vec<Vec<Vec<bool>>> = Vec::new();
+        let mut rec = Recorder::default();
+        let made = p
+            .run(
+                &job,
+                &mut Progress {
+                    on_step: &mut |r| {
+                        masked_after.push(
+                            r.chains
+                                .iter()
+                                .map(|c| c.tokens().iter().map(|&t| t == mask_id).collect())
+                                .collect(),
+                        )
+                    },
+                    cancelled: &|| false,
+                    preview: Some(&mut rec),
+                },
+            )
+            .unwrap();
+        assert_eq!(made.tokens, plain.tokens, "previews changed the tokens");
+        assert_eq!(made.pixels, plain.pixels);
+        // One after every step but the last (whose images are the result).
+        assert_eq!(rec.previews.len(), masked_after.len() - 1, "grid {grid:?}");
+        assert_eq!(made.timings.previews, rec.previews.len());
+        let mut grey_before = usize::MAX;
+        for (first, steps, pixels) in &rec.previews {
+            assert_eq!(*first, 0);
+            assert_eq!(pixels.len(), count as usize);
+            let masks = &masked_after[steps - 1];
+            let mut grey = 0;
+            for ((px, mask), done) in pixels.iter().zip(masks).zip(&made.pixels) {
+                assert_eq!(
+                    (px.channels, px.height, px.width),
+                    (done.channels, done.height, done.width)
+                );
+                let (fy, fx) = (px.height / grid[0], px.width / grid[1]);
+                let tile_grey = |i: usize| {
+                    let (r, c) = (i / grid[1], i % grid[1]);
+                    (r * fy..(r + 1) * fy).all(|y| {
+                        let row = (y * px.width + c * fx) * px.channels;
+                        px.data[row..row + fx * px.channels]
+                            .iter()
+                            .all(|&v| v == image::MASKED_GREY)
+                    })
+                };
+                for (i, &m) in mask.iter().enumerate() {
+                    assert!(!m || tile_grey(i), "step {steps}: masked token {i} is not grey");
+                }
+                // Revealed tokens are decoded: their tiles are not all grey, but for a chance few.
+                let revealed_grey = mask.iter().enumerate().filter(|&(i, &m)| !m && tile_grey(i)).count();
+                let revealed = mask.iter().filter(|&&m| !m).count();
+                assert!(
+                    revealed_grey * 4 <= revealed.max(4),
+                    "step {steps}: {revealed_grey} of {revealed}"
+                );
+                grey += mask.iter().filter(|&&m| m).count();
+            }
+            assert!(grey < grey_before, "step {steps}: {grey} masked, {grey_before} before");
+            grey_before = grey;
+        }
+    }
 }

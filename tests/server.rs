@@ -1809,3 +1809,65 @@ fn the_page_is_served_at_the_root() {
         "the page loads nothing from a network"
     );
 }
+
+#[test]
+fn a_followed_job_streams_live_previews_with_the_masked_tokens_grey_and_an_unfollowed_one_none() {
+    let s = Server::start(&[], &[]);
+    let body = r#"{"seed": 4, "count": 16, "steps": 64}"#;
+    let id = s.post("/v1/jobs", body).json()["id"].as_u64().unwrap();
+    let text = String::from_utf8(s.get(&format!("/v1/jobs/{id}/events")).body).unwrap();
+    let data: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let previews: Vec<&serde_json::Value> = data.iter().filter(|d| d.get("preview").is_some()).collect();
+    assert!(
+        previews.len() >= 2,
+        "{} previews in {} events",
+        previews.len(),
+        data.len()
+    );
+    let done = data.last().unwrap();
+    assert_eq!(done["state"], "done");
+    assert_eq!(
+        done["previews"].as_u64(),
+        Some(previews.len() as u64),
+        "each preview sent once"
+    );
+    assert_eq!(s.metric("absorb_previews_total"), previews.len() as f64);
+    let last = B64.decode(done["pngs"][0].as_str().unwrap()).unwrap();
+    let size = image::load_from_memory(&last).unwrap().to_luma8().dimensions();
+    let mut grey_before = u32::MAX;
+    for p in &previews {
+        let pv = &p["preview"];
+        assert_eq!(
+            (pv["first"].as_u64(), pv["pngs"].as_array().unwrap().len()),
+            (Some(0), 16)
+        );
+        // The masked share shrinks from preview to preview; grey pixels follow it.
+        let img = image::load_from_memory(&B64.decode(pv["pngs"][0].as_str().unwrap()).unwrap())
+            .unwrap()
+            .to_luma8();
+        assert_eq!(img.dimensions(), size);
+        let grey = img.pixels().filter(|px| px.0[0] == 128).count() as u32;
+        assert!(
+            grey < grey_before,
+            "step {}: {grey} grey pixels, {grey_before} before",
+            pv["step"]
+        );
+        grey_before = grey;
+        assert!(p["masked"].as_u64().unwrap() > 0, "a preview of a finished image");
+    }
+    assert!(
+        previews[0]["masked"].as_u64() > previews.last().unwrap()["masked"].as_u64(),
+        "{:?}",
+        previews.iter().map(|p| &p["masked"]).collect::<Vec<_>>()
+    );
+    // Nobody follows this one: no preview is decoded.
+    let id = s.post("/v1/jobs", body).json()["id"].as_u64().unwrap();
+    while job_status(&s, id)["state"] != "done" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(job_status(&s, id)["previews"], 0);
+}

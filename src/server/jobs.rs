@@ -66,12 +66,28 @@ pub struct Status {
     pub steps: usize,
     /// Tokens still masked after the last call (over all images of the job).
     pub masked: usize,
+    /// Live previews made so far.
+    pub previews: usize,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The latest live preview (sent once on the event stream).
+    #[serde(skip)]
+    pub preview: Option<Arc<Preview>>,
     /// The PNGs made (served by `GET /v1/jobs/{id}/images/{k}`).
     #[serde(skip)]
     pub answer: Option<Arc<Answer>>,
+}
+
+/// A live preview: images `first..` of a running job, still-masked tokens grey.
+#[derive(Debug)]
+pub struct Preview {
+    /// Steps that had called the transformer when it was taken.
+    pub step: usize,
+    /// The job's index of the first image.
+    pub first: usize,
+    /// The images, as PNG (without metadata: they are not results).
+    pub pngs: Vec<Vec<u8>>,
 }
 
 /// One job: its status (watched by event streams) and its cancel switch.
@@ -104,9 +120,22 @@ impl Entry {
         self.status.send_modify(|s| s.state = State::Running);
     }
 
+    /// True while an event stream follows the job: previews are made only then.
+    pub fn watched(&self) -> bool {
+        self.status.receiver_count() > 0
+    }
+
+    /// A new live preview.
+    pub fn preview(&self, preview: Arc<Preview>) {
+        self.status.send_modify(|s| {
+            s.previews += 1;
+            s.preview = Some(preview);
+        });
+    }
+
     /// After each transformer call.
     pub fn step(&self, r: &StepReport) {
-        let masked = r.chains.iter().map(|c| c.masked_count()).sum();
+        let masked = r.chains.iter().map(|c| c.still_masked()).sum();
         self.status.send_modify(|s| {
             s.step += 1;
             s.masked = masked;
@@ -174,7 +203,9 @@ impl Jobs {
                 step: 0,
                 steps,
                 masked: 0,
+                previews: 0,
                 error: None,
+                preview: None,
                 answer: None,
             }),
             cancelled: AtomicBool::new(false),
@@ -294,6 +325,7 @@ pub fn wait(shared: Arc<Shared>, id: u64, entry: Arc<Entry>, rx: oneshot::Receiv
             Ok(answer) => {
                 s.state = State::Done;
                 s.masked = 0;
+                s.preview = None;
                 s.answer = Some(Arc::new(answer));
             }
             Err((state, why)) => {

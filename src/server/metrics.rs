@@ -96,6 +96,10 @@ pub struct Metrics {
     pub jobs_queued: Gauge,
     /// Asynchronous jobs being sampled (set when /metrics is read).
     pub jobs_running: Gauge,
+    /// Live previews decoded for asynchronous jobs' event streams.
+    pub previews: Counter,
+    /// Time spent decoding and encoding live previews (added when a job is done).
+    pub preview_s: Counter<f64, AtomicU64>,
     busy_s: Counter<f64, AtomicU64>,
     images_per_s: Gauge<f64, AtomicU64>,
     steps_per_s: Gauge<f64, AtomicU64>,
@@ -132,6 +136,8 @@ impl Metrics {
             jobs_expired: Counter::default(),
             jobs_queued: Gauge::default(),
             jobs_running: Gauge::default(),
+            previews: Counter::default(),
+            preview_s: Counter::default(),
             busy_s: Counter::default(),
             images_per_s: Gauge::default(),
             steps_per_s: Gauge::default(),
@@ -256,6 +262,16 @@ impl Metrics {
             "absorb_jobs_running",
             "Asynchronous jobs being sampled",
             m.jobs_running.clone(),
+        );
+        registry.register(
+            "absorb_previews",
+            "Live previews decoded for asynchronous jobs' event streams",
+            m.previews.clone(),
+        );
+        registry.register(
+            "absorb_preview_seconds",
+            "Time spent decoding and encoding live previews",
+            m.preview_s.clone(),
         );
         Metrics { registry, ..m }
     }

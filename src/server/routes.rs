@@ -243,14 +243,22 @@ async fn job_image(State(s): State<Arc<Shared>>, Path((id, k)): Path<(String, St
 }
 
 /// `GET /v1/jobs/{id}/events`: Server-Sent Events, `status` after every change (queued,
-/// running, each transformer call), then one `done` (its images as base64 PNGs), `failed` or
-/// `cancelled`, and the stream ends. A slow reader skips to the latest status, never piles up.
+/// running, each transformer call; with a new live preview, its images as base64 PNGs in
+/// `preview`), then one `done` (its images as base64 PNGs), `failed` or `cancelled`, and the
+/// stream ends. A slow reader skips to the latest status, never piles up. Previews are made
+/// only while a stream follows the job.
 async fn job_events(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let entry = job_entry(&s, &id)?;
     let mut rx = entry.subscribe();
     rx.mark_changed();
-    let stream = futures_util::stream::unfold(Some(rx), |rx| async move {
+    let b64 = |pngs: &[Vec<u8>]| -> serde_json::Value {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        pngs.iter().map(|p| b64.encode(p)).collect()
+    };
+    // The state: the receiver (none once the job has finished) and the preview last sent.
+    let start: (Option<_>, Option<Arc<jobs::Preview>>) = (Some(rx), None);
+    let stream = futures_util::stream::unfold(start, move |(rx, sent)| async move {
         let mut rx = rx?;
         rx.changed().await.ok()?;
         let st = rx.borrow_and_update().clone();
@@ -262,12 +270,15 @@ async fn job_events(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Res
             _ => "status",
         };
         if let Some(a) = &st.answer {
-            let b64 = base64::engine::general_purpose::STANDARD;
-            json["pngs"] = a.pngs.iter().map(|p| b64.encode(p)).collect();
+            json["pngs"] = b64(&a.pngs);
+        }
+        let new = st.preview.filter(|p| !sent.as_ref().is_some_and(|s| Arc::ptr_eq(s, p)));
+        if let Some(p) = &new {
+            json["preview"] = serde_json::json!({ "step": p.step, "first": p.first, "pngs": b64(&p.pngs) });
         }
         let event = Event::default().event(name).data(json.to_string());
         let next = (!st.state.finished()).then_some(rx);
-        Some((Ok::<_, std::convert::Infallible>(event), next))
+        Some((Ok::<_, std::convert::Infallible>(event), (next, new.or(sent))))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }

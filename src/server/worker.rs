@@ -18,9 +18,9 @@ use super::metrics::Metrics;
 use super::{Limits, ServeOptions};
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
-use crate::image::{self, AnimationFormat};
+use crate::image::{self, AnimationFormat, Pixels};
 use crate::job::{Job, Start};
-use crate::{Pipeline, Progress};
+use crate::{Pipeline, PreviewSink, Progress};
 
 /// What a job's client gets: one PNG per image, then the animation when asked for.
 #[derive(Debug)]
@@ -423,11 +423,16 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
     };
     let watched: Vec<&super::jobs::Entry> = batch.iter().filter_map(|w| w.progress.as_deref()).collect();
     watched.iter().for_each(|e| e.running());
+    let mut previews = Previews {
+        watched: &watched,
+        shared,
+    };
     let made = p.run(
         job,
         &mut Progress {
             on_step: &mut |r| watched.iter().for_each(|e| e.step(r)),
             cancelled: &cancelled,
+            preview: (!watched.is_empty()).then_some(&mut previews as &mut dyn PreviewSink),
         },
     )?;
     let pngs = made
@@ -440,11 +445,36 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
         (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
         _ => None,
     };
-    shared
-        .metrics
-        .transformer_calls
-        .inc_by(made.timings.transformer_calls as u64);
+    let m = &shared.metrics;
+    m.transformer_calls.inc_by(made.timings.transformer_calls as u64);
+    m.preview_s.inc_by(made.timings.preview.as_secs_f64());
     Ok((pngs, frames))
+}
+
+/// Live previews of asynchronous jobs, while an event stream follows one of them.
+struct Previews<'a> {
+    watched: &'a [&'a super::jobs::Entry],
+    shared: &'a Shared,
+}
+
+impl PreviewSink for Previews<'_> {
+    fn wanted(&self) -> bool {
+        self.watched.iter().any(|e| e.watched())
+    }
+
+    fn preview(&mut self, first: usize, step: usize, pixels: Vec<Pixels>) {
+        let pngs = match pixels
+            .iter()
+            .map(|px| image::png_bytes(px, None))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(pngs) => pngs,
+            Err(e) => return log::warn!("a preview could not be encoded: {e:#}"),
+        };
+        let preview = Arc::new(super::jobs::Preview { step, first, pngs });
+        self.watched.iter().for_each(|e| e.preview(preview.clone()));
+        self.shared.metrics.previews.inc();
+    }
 }
 
 /// How long a reply may take: see [`Limits::timeout_ms`].
