@@ -1,7 +1,8 @@
 //! Benchmark: times a loaded pipeline the way users compare runners, and reports numbers only
 //! (it never fails on a time). Per-image time, images/s, transformer calls made vs steps, time
 //! per call, the runner's own share of the time (everything outside ONNX Runtime), decode time,
-//! an isolated transformer forward for comparison, and peak RSS.
+//! an isolated transformer forward for comparison, what live previews cost (after every call,
+//! and paced as the service paces them), and peak RSS.
 //!
 //! It does not load anything itself: the caller passes the pipeline and the load time.
 
@@ -11,8 +12,9 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::job::{self, Job, Start};
+use crate::preview::Pacer;
 use crate::sampler::Settings;
-use crate::{DecodeMode, Pipeline, Progress, Timings};
+use crate::{DecodeMode, Pipeline, PreviewSink, Progress, Timings};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -79,8 +81,48 @@ pub struct BenchReport {
     /// (calls x isolated forward + decode) / measured run time: 1.0 = the runner adds nothing.
     /// Exact at `max_batch` 1; with batching, calls feed varying row counts and this is rough.
     pub predicted_over_measured: f64,
+    /// One live preview of a run's images (decoding with masked tokens grey), milliseconds.
+    pub preview_ms: f64,
+    /// Time a preview after every transformer call adds to a run (share of its run time).
+    pub preview_every_call_share: f64,
+    /// Transformer calls per preview under the service's pacing (the measured k).
+    pub paced_calls_per_preview: f64,
+    /// Time paced previews add to a run (share of its run time).
+    pub paced_preview_share: f64,
     /// Peak resident memory of the process, MiB (Linux `VmHWM`).
     pub peak_rss_mib: Option<f64>,
+}
+
+/// Takes previews and drops them: what they cost is what is measured.
+struct Discard(Pacer);
+
+impl PreviewSink for Discard {
+    fn wanted(&self) -> bool {
+        true
+    }
+
+    fn preview(&mut self, _: usize, _: usize, _: Vec<crate::image::Pixels>) {}
+
+    fn pacer(&self) -> Pacer {
+        self.0.clone()
+    }
+}
+
+/// One run of `job` with previews paced by `pacer`: (share of the run's time they took,
+/// calls per preview, milliseconds per preview).
+fn preview_cost(p: &mut Pipeline, job: &Job, pacer: Pacer) -> Result<(f64, f64, f64)> {
+    let start = Instant::now();
+    let made = p.run(
+        job,
+        &mut Progress {
+            on_step: &mut |_| {},
+            cancelled: &|| false,
+            preview: Some(&mut Discard(pacer)),
+        },
+    )?;
+    let run_s = start.elapsed().as_secs_f64();
+    let (t, n) = (made.timings.preview.as_secs_f64(), made.timings.previews.max(1) as f64);
+    Ok((t / run_s, made.timings.transformer_calls as f64 / n, 1e3 * t / n))
 }
 
 /// Images `0..count` of `seed` on the bundle's grid with `settings`.
@@ -144,6 +186,11 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     samples.sort();
     let isolated = samples[samples.len() / 2];
 
+    // Live previews: after every call, and paced as the service does.
+    let preview_job = job(settings, b.seed + 1, b.count, b.max_batch);
+    let (every_share, _, preview_ms) = preview_cost(p, &preview_job, Pacer::every_step())?;
+    let (paced_share, paced_k, _) = preview_cost(p, &preview_job, Pacer::new())?;
+
     let run_s = total.as_secs_f64() / runs;
     let in_ort = (t.transformer + t.decode).as_secs_f64() / runs;
     let predicted = calls * isolated.as_secs_f64() + t.decode.as_secs_f64() / runs;
@@ -172,6 +219,10 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
         decode_per_image_ms: 1e3 * t.decode.as_secs_f64() / (runs * b.count as f64),
         runner_overhead: ((run_s - in_ort) / run_s).max(0.0),
         predicted_over_measured: predicted / run_s,
+        preview_ms,
+        preview_every_call_share: every_share,
+        paced_calls_per_preview: paced_k,
+        paced_preview_share: paced_share,
         peak_rss_mib: peak_rss_mib(),
     })
 }
@@ -232,6 +283,16 @@ impl BenchReport {
                 format!("{:.1}% of run time outside ONNX Runtime", 100.0 * self.runner_overhead),
             ),
             ("predicted/measured", format!("{:.3}", self.predicted_over_measured)),
+            (
+                "live previews",
+                format!(
+                    "{:.3} ms each; after every call +{:.0}% of the run, paced 1 per {:.1} calls +{:.0}%",
+                    self.preview_ms,
+                    100.0 * self.preview_every_call_share,
+                    self.paced_calls_per_preview,
+                    100.0 * self.paced_preview_share
+                ),
+            ),
             (
                 "peak RSS",
                 self.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0} MiB")),

@@ -1,6 +1,7 @@
 // The page of `absorb serve` in a real browser (Debian's Chromium, headless, driven by
 // playwright-core): generate while watching the progress events, paint a mask and inpaint,
-// outpaint, cancel a running job; every PNG the page got must equal the CLI's for the same
+// outpaint, watch the live previews reveal a generation, cancel a running job, then the same
+// on a phone's screen with touch; every PNG the page got must equal the CLI's for the same
 // parameters. `make browser-test` runs it; SHOTS=DIR saves screenshots there.
 //   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR
 import { spawn, execFileSync } from "node:child_process";
@@ -37,13 +38,29 @@ try {
   const consoleErrors = [];
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
   // Every progress text the page shows, as it shows it.
+  // And every live preview of the first image (its data URL), as the page shows it.
   await page.addInitScript(() => {
-    window.seen = [];
-    new MutationObserver(() => {
+    window.seen = []; window.previews = [];
+    new MutationObserver((changes) => {
       const t = document.getElementById("ptext");
       if (t) window.seen.push(t.textContent);
-    }).observe(document, { subtree: true, childList: true, characterData: true });
+      for (const c of changes) {
+        const live = document.querySelector("#results figure.live img");
+        if (c.type === "attributes" && c.target === live && live.src) window.previews.push(live.src);
+      }
+    }).observe(document, { subtree: true, childList: true, characterData: true, attributes: true, attributeFilter: ["src"] });
   });
+  // The share of an image's pixels that are the masked tokens' grey (128, 128, 128).
+  const greyShare = (src) => page.evaluate(async (src) => {
+    const im = new Image(); im.src = src; await im.decode();
+    const c = document.createElement("canvas"); c.width = im.width; c.height = im.height;
+    const x = c.getContext("2d"); x.drawImage(im, 0, 0);
+    const d = x.getImageData(0, 0, c.width, c.height).data;
+    let grey = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] === 128 && d[i + 1] === 128 && d[i + 2] === 128) grey++;
+    return grey / (d.length / 4);
+  }, src);
+  const finals = "#results figure:not(.live) img";
   // The bodies the page posts, to run the CLI on exactly the same input.
   const posted = [], created = [];
   page.on("request", (r) => { if (r.method() === "POST") posted.push({ url: r.url(), body: r.postData() }); });
@@ -56,9 +73,9 @@ try {
   // 1. Generate, watching the reverse process.
   await page.fill("#seed", "5"); await page.fill("#count", "3"); await page.fill("#steps", "5"); await page.fill("#temp", "0.9");
   await page.click("#go");
-  await page.waitForFunction(() => document.querySelectorAll("#results img").length === 3, null, { timeout: 60000 });
+  await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3, finals, { timeout: 60000 });
   check((await page.textContent("#ptext")).startsWith("done: "), "the progress line ends done");
-  const pngs = await page.$$eval("#results img", (imgs) => imgs.map((i) => i.src.split(",")[1]));
+  const pngs = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
   cli("generate", "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "-o", "many/");
   check(pngs.every((p, i) => same(p, `many/5-${String(i).padStart(6, "0")}.png`)), "the 3 generated PNGs = the CLI's");
   const dl = await page.$eval("#results a", (a) => a.href);
@@ -77,7 +94,7 @@ try {
   await page.mouse.up();
   posted.length = 0;
   await page.click("#inpaint");
-  await page.waitForFunction(() => document.getElementById("after").src.startsWith("data:"), null, { timeout: 60000 });
+  await page.waitForFunction(() => document.getElementById("after").dataset.final, null, { timeout: 60000 });
   const inpaintBody = JSON.parse(posted.find((p) => p.url.includes("type=inpaint")).body);
   writeFileSync(join(work, "mask.png"), Buffer.from(inpaintBody.mask, "base64"));
   cli("inpaint", "--image", "many/5-000000.png", "--mask", "mask.png", "--seed", "5", "--steps", "5", "-o", "inpainted.png");
@@ -89,21 +106,27 @@ try {
   // 3. Outpaint 4 tokens to the right.
   await page.fill("#xr", "4");
   await page.click("#outpaint");
-  await page.waitForFunction(() => document.getElementById("after").naturalWidth > document.getElementById("img").width, null, { timeout: 60000 });
+  await page.waitForFunction(() => { const a = document.getElementById("after"); return a.dataset.final && a.complete && a.naturalWidth > document.getElementById("img").width; }, null, { timeout: 60000 });
   const wide = await page.$eval("#after", (i) => i.src.split(",")[1]);
   const px = await page.evaluate(() => document.getElementById("img").width / 8 * 4);
   cli("outpaint", "--image", "many/5-000000.png", "--extend", `right=${px}`, "--seed", "5", "--steps", "5", "-o", "wide.png");
   check(same(wide, "wide.png"), "outpainting = the CLI's outpaint");
 
-  // 4. Watch a longer generation reveal itself (one event per transformer call), then cancel it:
-  // it ends as cancelled, and the worker stops.
+  // 4. Watch a longer generation reveal itself (one event per transformer call, a decoded
+  // preview every few), then cancel it: it ends as cancelled, and the worker stops.
   await page.fill("#count", "16"); await page.fill("#steps", "64"); await page.fill("#grid", "");
-  await page.evaluate(() => { window.seen = []; });
+  await page.evaluate(() => { window.seen = []; window.previews = []; });
   await page.click("#go");
   const distinct = "new Set(window.seen.filter((t) => t.startsWith('running: transformer call'))).size";
-  await page.waitForFunction(`${distinct} >= 3`, null, { timeout: 60000 }).catch(() => {});
+  await page.waitForFunction(`${distinct} >= 3 && window.previews.length >= 3`, null, { timeout: 60000 }).catch(() => {});
+  if (shots) await page.screenshot({ path: join(shots, "ui-reveal.png"), fullPage: true });
   const shown = await page.evaluate(distinct);
   check(shown >= 3, `progress shown live, call by call (${shown} distinct transformer calls before cancelling)`);
+  const previews = await page.evaluate(() => window.previews.slice());
+  const shares = [];
+  for (const src of previews) shares.push(await greyShare(src));
+  check(previews.length >= 3 && shares[0] > 0.5 && shares.every((g, i) => i === 0 || g < shares[i - 1]),
+    `the image reveals itself: ${previews.length} live previews, grey share ${shares.map((g) => g.toFixed(2)).join(" > ")}`);
   await page.click("#cancel");
   await page.waitForFunction(() => document.getElementById("error").textContent === "cancelled", null, { timeout: 10000 });
   const status = await (await page.request.get(`${base}/v1/jobs/${created.at(-1)}`)).json();
@@ -112,6 +135,38 @@ try {
   check(/absorb_jobs_cancelled_total 1\b/.test(metrics), "cancellation counted on /metrics");
   check(await page.locator("#go").isEnabled(), "the page is usable again after cancelling");
   check(consoleErrors.length === 0, `no script errors on the page (${consoleErrors.join("; ")})`);
+
+  // 5. A phone: nothing wider than the screen; generate, pick a result, paint with a finger,
+  // regenerate the painted region.
+  const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true });
+  const mobile = await phone.newPage();
+  mobile.on("pageerror", (e) => consoleErrors.push(String(e)));
+  await mobile.goto(base + "/");
+  await mobile.waitForFunction(() => document.getElementById("model").textContent.includes("bundle"));
+  const overflow = await mobile.evaluate(() => {
+    const wide = [...document.querySelectorAll("input, select, button, canvas, section")]
+      .filter((e) => { const r = e.getBoundingClientRect(); return r.left < 0 || r.right > window.innerWidth + 0.5; })
+      .map((e) => e.id || e.tagName);
+    return { scroll: document.documentElement.scrollWidth - window.innerWidth, wide };
+  });
+  check(overflow.scroll <= 0 && overflow.wide.length === 0, `on a 390 px phone nothing is wider than the screen (${JSON.stringify(overflow)})`);
+  await mobile.fill("#seed", "8"); await mobile.fill("#count", "2"); await mobile.fill("#steps", "6");
+  await mobile.tap("#go");
+  await mobile.waitForFunction((sel) => document.querySelectorAll(sel).length === 2, finals, { timeout: 60000 });
+  await mobile.tap("#results img >> nth=0");
+  await mobile.waitForFunction(() => document.getElementById("img").width > 0);
+  await mobile.locator("#stage").scrollIntoViewIfNeeded();
+  const stage = await mobile.locator("#mask").boundingBox();
+  await mobile.fill("#brush", "12");
+  for (const [fx, fy] of [[0.3, 0.3], [0.5, 0.5], [0.7, 0.6]]) await mobile.touchscreen.tap(stage.x + stage.width * fx, stage.y + stage.height * fy);
+  await mobile.tap("#inpaint");
+  await mobile.waitForFunction(() => document.getElementById("after").dataset.final || document.getElementById("error").textContent, null, { timeout: 60000 });
+  const phoneError = await mobile.textContent("#error");
+  const phoneAfter = await mobile.$eval("#after", (i) => i.src.split(",")[1] || "");
+  const phoneBefore = await mobile.$eval(finals, (i) => i.src.split(",")[1]);
+  check(!phoneError && phoneAfter && phoneAfter !== phoneBefore, `on the phone, tapping paints a mask and the region is regenerated (${phoneError || "ok"})`);
+  if (shots) await mobile.screenshot({ path: join(shots, "ui-phone.png"), fullPage: true });
+  check(consoleErrors.length === 0, `no script errors on the phone (${consoleErrors.join("; ")})`);
 } finally {
   await browser.close();
   server.kill("SIGTERM");
