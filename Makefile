@@ -21,8 +21,9 @@ $(VENV)/.installed: export/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r export/requirements.txt
 	touch $@
 
-pytest: venv
-	$(PY) -m pytest -q export/tests
+# export/tests/test_images.py trains a tiny bundle and measures it with the absorb binary.
+pytest: venv ort build
+	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m pytest -q export/tests
 
 ARCH := $(shell uname -m)
 # sha256 of each pinned wheel (onnxruntime-VERSION-cp311-...-ARCH.whl on PyPI).
@@ -49,11 +50,13 @@ FEATURES := cuda,tensorrt
 build:
 	cargo build --release --features $(FEATURES)
 
-# The demo: a grid of digits from the bundled model.
+# The demo: a grid of digits, and a scene 4x wider and 2x taller than its model was trained on.
 demo: ort build
 	mkdir -p out
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 7 --count 64 --out out/digits.png
-	@echo "open out/digits.png"
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --model models/scenes --seed 7 \
+	  --size 128x64 --count 4 --columns 1 --out out/scenes.png
+	@echo "open out/digits.png out/scenes.png"
 
 # ONNX Runtime compatibility: the oldest supported library (API level 17), the newest, and one
 # that is too old and must be refused. Kept under .ort/compat/ so the binary's own search (which
@@ -246,9 +249,12 @@ soak: ort build
 bench-paper-256:
 	$(MAKE) bench-paper PAPER_STEPS=256 PAPER_COUNT=1 PAPER_REPS=1 PAPER_THREADS=2
 
-# The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle).
+# The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle); the scenes
+# bundle's wide images and one held-out crop of each source outpainted (the split is fixed).
+SCENE_CROPS := 004_brick 003_grass 002_gravel 000_hubble_deep_field
 .PHONY: docs-pictures
 docs-pictures: ort build
+	mkdir -p out
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 3 --count 4 --steps 32 \
 	  --frames docs/reverse.gif -o out/reverse-final.png
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --seed 11 --grid 8x32 --count 4 \
@@ -256,6 +262,13 @@ docs-pictures: ort build
 	cp models/digits/eval/heldout/005_0.png docs/outpaint-in.png
 	for s in 1 2 3; do ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb outpaint \
 	  --image docs/outpaint-in.png --extend right=16,down=16 --seed $$s -o docs/outpaint-$$s.png || exit 1; done
+	@# the scenes bundle: wide images from overlapping windows, a held-out crop outpainted on all sides
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb generate --model models/scenes --seed 7 \
+	  --size 128x64 --count 4 --columns 2 -o docs/scenes-wide.png
+	for f in $(SCENE_CROPS); do cp models/scenes/eval/heldout/$$f.png docs/scenes-in-$$f.png; \
+	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb outpaint --model models/scenes \
+	  --image docs/scenes-in-$$f.png --extend left=16,right=16,up=16,down=16 --seed 1 \
+	  -o docs/scenes-out-$$f.png || exit 1; done
 
 # Quality vs steps per sampler on the digits bundle, judged by its eval classifier (README table).
 .PHONY: quality-table
