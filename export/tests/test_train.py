@@ -57,3 +57,38 @@ def test_confidence_ignores_the_reject_class():
     logits = np.array([[0.0] * 10 + [10.0], [5.0] + [0.0] * 10], dtype=np.float32)
     conf, digit = confidence(logits)
     assert conf[0] < 0.01 and digit[1] == 0 and conf[1] > 0.9
+
+
+def test_affine_augmentation_is_identity_when_off_and_seeded_when_on():
+    import dataclasses
+
+    import torch
+
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 8:24, 14:18] = 1.0  # a vertical bar
+    off = train.Config()
+    assert (off.aug_rotate, off.aug_scale, off.aug_shift) == (0, 0, 0), "augmentation is off by default"
+    assert torch.equal(train.affine_batch(x, off, torch.Generator().manual_seed(0)), x)
+    on = dataclasses.replace(off, aug_rotate=10.0, aug_scale=0.1, aug_shift=1.5)
+    a = train.affine_batch(x, on, torch.Generator().manual_seed(0))
+    b = train.affine_batch(x, on, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b), "the same generator seed gives the same maps"
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    moved = (a - x).abs().flatten(1).sum(1)
+    assert (moved > 0.5).all(), f"every image is moved: {moved}"
+    assert len(set(moved.tolist())) == 4, "each image gets its own map"
+    # mass is roughly kept: a 10% scale changes the bar's area by at most ~21%
+    assert ((a.flatten(1).sum(1) / x.flatten(1).sum(1) - 1).abs() < 0.3).all()
+
+
+def test_bf16_switch_names_bad_values():
+    import dataclasses
+
+    import pytest
+
+    cfg = train.Config()
+    assert train.use_bf16(dataclasses.replace(cfg, prior_bf16="on"))
+    assert not train.use_bf16(dataclasses.replace(cfg, prior_bf16="off"))
+    assert train.use_bf16(cfg) == train.bf16_matmul_in_hardware()
+    with pytest.raises(ValueError, match="prior_bf16"):
+        train.use_bf16(dataclasses.replace(cfg, prior_bf16="yes"))
