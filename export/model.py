@@ -2,7 +2,8 @@
 
 The VQGAN autoencoder (encoder, nearest-code quantizer, generator) and the absorbing-diffusion
 denoiser (a bidirectional pre-LN transformer). Parameter names and shapes equal the official
-checkpoints' (minus the leading "ae." / "_denoise_fn."), see /work/shared/spec sections 2-3.
+checkpoints' (minus the leading "ae." / "_denoise_fn."); docs/design.md describes the bundle they
+export to.
 This file holds no loading, exporting or training code: see export.py and train.py.
 
     from export.model import VQConfig, PriorConfig, Autoencoder, Transformer, PRESETS

@@ -699,11 +699,18 @@ fn a_variant_recorded_below_its_bar_on_this_cpu_warns_and_fails_its_check() {
     let d = tmp();
     let b = bundle_copy_with_eval(d.path());
     let bs = b.to_string_lossy().into_owned();
-    let kernel = absorb::cpu::detect().int8_kernel.name();
-    let other = if kernel == "avx512_vnni" { "amx" } else { "avx512_vnni" };
+    use absorb::cpu::Int8Kernel;
+    let here = absorb::cpu::detect().int8_kernel;
+    let kernel = here.name();
+    // Another CPU class; the warning names the CPU feature it would take (amx_int8 for amx).
+    let other = if here == Int8Kernel::Avx512Vnni {
+        Int8Kernel::Amx
+    } else {
+        Int8Kernel::Avx512Vnni
+    };
     edit_manifest(&b, |j| {
         let v = &mut j["provenance"]["metrics"]["variants"]["int8"];
-        v["agreement_by_cpu"] = serde_json::json!({kernel: 0.8, other: 0.99});
+        v["agreement_by_cpu"] = serde_json::json!({kernel: 0.8, other.name(): 0.99});
     });
     let o = absorb(d.path(), &["generate", "-m", &bs, "--variant", "int8", "-o", "x.png"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -713,7 +720,7 @@ fn a_variant_recorded_below_its_bar_on_this_cpu_warns_and_fails_its_check() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("CPUs with {other} (0.990), which this one lacks")),
+        err.contains(&format!("CPUs with {} (0.990), which this one lacks", other.feature())),
         "{err}"
     );
     // the fp32 transformer says nothing
