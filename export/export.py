@@ -366,11 +366,13 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  name: str, image_range=(0.0, 1.0), steps: int, temperature: float, source: str,
                  metrics: dict | None = None, parity_atol: float = PARITY_ATOL,
                  window_stride: tuple[int, int] | None = None,
-                 window_margin: tuple[int, int] | None = None) -> Path:
+                 window_margin: tuple[int, int] | None = None, sampler: str | None = None,
+                 temperature_end: float | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
+    assert sampler in (None, "absorbing", "even", "maskgit"), f"sampler {sampler!r} is not one absorb has"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").unlink(missing_ok=True)  # no stale manifest over half-written graphs
@@ -388,6 +390,8 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
         "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
                    for g, (f, _, _) in GRAPHS.items()},
         "sampling": {"steps": int(steps), "temperature": float(temperature),
+                     **({"temperature_end": float(temperature_end)} if temperature_end else {}),
+                     **({"sampler": sampler} if sampler else {}),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
                      **({"window_margin": [int(v) for v in window_margin]} if window_margin else {})},
         "provenance": {

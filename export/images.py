@@ -174,11 +174,7 @@ def main(argv=None):
         names, arrays, channels = load_images(args.images, args.channels)
         data = split(names, arrays, args.size, args.heldout, args.mode)
         settings = dict(PRESETS["quick" if args.quick else "small"])
-        for kv in args.set:
-            k, _, v = kv.partition("=")
-            if k not in T.Config.__dataclass_fields__:
-                raise TrainError(f"--set {kv}: no setting {k!r} in train.Config")
-            settings[k] = type(getattr(T.Config(), k))(json.loads(v)) if v else None
+        settings.update(T.overrides(args.set))
         cfg = T.Config(seed=args.seed, img_size=args.size, n_channels=channels, shift=0, **settings)
     except (TrainError, ValueError) as e:
         sys.exit(f"train: {e}")

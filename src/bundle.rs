@@ -123,8 +123,16 @@ pub struct TransformerFile {
 pub struct SamplingDefaults {
     /// Number of reverse steps S, 1..=L.
     pub steps: usize,
-    /// Softmax temperature, > 0.
+    /// Softmax temperature, > 0 (of the first step, with `temperature_end`).
     pub temperature: f32,
+    /// Temperature of the last step: a linear schedule from `temperature`; absent = constant.
+    /// Used only when a request gives no temperature of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_end: Option<f32>,
+    /// Reveal rule when a request does not name one; absent = `absorbing`, the paper's. A bundle
+    /// sets it when its own measurements favour another (models/digits: `maskgit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<crate::sampler::SamplerKind>,
     /// Window stride `[rows, cols]` for grids larger than the trained one; absent = half a
     /// window. Data that is not stationary (one centred object per image, like digits) wants
     /// the full window: overlapping windows would each ask for an object centred on them.
@@ -377,11 +385,13 @@ fn validate(m: &Manifest) -> Result<(), String> {
             s.steps
         ));
     }
-    if !(s.temperature.is_finite() && s.temperature > 0.0) {
-        return Err(format!(
-            "sampling.temperature is {}, must be a finite number > 0",
-            s.temperature
-        ));
+    for (name, t) in [
+        ("temperature", Some(s.temperature)),
+        ("temperature_end", s.temperature_end),
+    ] {
+        if let Some(t) = t.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(format!("sampling.{name} is {t}, must be a finite number > 0"));
+        }
     }
     let margin = s.window_margin.unwrap_or([0, 0]);
     if let Some([mh, mw]) = s.window_margin {
@@ -523,6 +533,24 @@ mod tests {
         v["tokens"]["extra"] = 1.into();
         let e = serde_json::from_value::<Manifest>(v).unwrap_err().to_string();
         assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn a_bundle_may_name_its_default_sampler_and_temperature_schedule() {
+        let mut j = serde_json::to_value(manifest()).unwrap();
+        j["sampling"]["sampler"] = "maskgit".into();
+        j["sampling"]["temperature_end"] = 0.5.into();
+        let parse = |j: &serde_json::Value| parse_manifest(j.to_string().as_bytes(), Path::new("model.json"));
+        let m = parse(&j).unwrap();
+        assert_eq!(m.sampling.sampler, Some(crate::sampler::SamplerKind::Maskgit));
+        assert_eq!(m.sampling.temperature_end, Some(0.5));
+        j["sampling"]["sampler"] = "greedy".into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.sampler") && e.contains("greedy"), "{e}");
+        j["sampling"]["sampler"] = "even".into();
+        j["sampling"]["temperature_end"] = (-1.0).into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.temperature_end is -1"), "{e}");
     }
 
     #[test]

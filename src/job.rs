@@ -79,13 +79,18 @@ impl Sampling {
             len,
             ..token_space(bundle)
         };
+        // A request's own temperature replaces the bundle's whole schedule.
+        let temperature_end = match self.temperature {
+            Some(_) => self.temperature_end,
+            None => self.temperature_end.or(d.temperature_end),
+        };
         Settings::new(
             self.steps.unwrap_or(d.steps),
             self.temperature.unwrap_or(d.temperature),
             &space,
         )?
-        .with_sampler(self.sampler.unwrap_or_default())
-        .with_temperature_end(self.temperature_end)
+        .with_sampler(self.sampler.or(d.sampler).unwrap_or_default())
+        .with_temperature_end(temperature_end)
     }
 }
 

@@ -337,6 +337,60 @@ fn edit_manifest(bundle: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 }
 
 #[test]
+fn the_bundles_default_sampler_and_temperature_schedule_apply_when_a_request_names_none() {
+    let d = tmp();
+    let b = bundle_copy(d.path());
+    let bs = b.to_string_lossy().into_owned();
+    edit_manifest(&b, |j| {
+        j["sampling"]["sampler"] = "even".into();
+        j["sampling"]["temperature"] = 1.1.into();
+        j["sampling"]["temperature_end"] = 0.6.into();
+    });
+    let gen = |extra: &[&str], out: &str| {
+        let mut args = vec!["generate", "-m", &bs, "--seed", "4", "--count", "2", "--steps", "8"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", out]);
+        ok(d.path(), &args);
+        let info = absorb(d.path(), &["info", out]);
+        let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        (fs::read(d.path().join(out)).unwrap(), meta)
+    };
+    let (default, meta) = gen(&[], "default.png");
+    assert_eq!(meta["sampler"], "even", "{meta}");
+    assert_eq!(
+        (meta["temperature"].as_f64(), meta["temperature_end"].as_f64()),
+        (Some(1.1), Some(0.6)),
+        "{meta}"
+    );
+    let (explicit, _) = gen(&["--sampler", "even", "-t", "1.1:0.6"], "explicit.png");
+    assert_eq!(default, explicit, "the bundle's defaults are the flags' values");
+    // A request's own sampler wins; its own temperature replaces the bundle's whole schedule.
+    let (absorbing, meta) = gen(&["--sampler", "absorbing"], "absorbing.png");
+    assert_eq!(meta["sampler"], "absorbing", "{meta}");
+    assert_ne!(absorbing, default);
+    let (_, meta) = gen(&["-t", "0.9"], "constant.png");
+    assert_eq!(
+        (meta["sampler"].as_str(), meta["temperature_end"].as_f64()),
+        (Some("even"), None),
+        "{meta}"
+    );
+    // The PNG's metadata names the sampler and schedule, so --from makes the same image.
+    ok(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "default.png", "-o", "again.png"],
+    );
+    assert_eq!(fs::read(d.path().join("again.png")).unwrap(), default);
+    // A sampler this build lacks is refused at load, naming the key.
+    edit_manifest(&b, |j| j["sampling"]["sampler"] = "greedy".into());
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "-o", "x.png"],
+        1,
+        &["model.json", "at sampling.sampler", "greedy"],
+    );
+}
+
+#[test]
 fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
     let d = tmp();
     let p = d.path();

@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from export import train
-from export.classifier import BAR, confidence, session
+from export.classifier import BAR, confidence, schedule, session
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits"
@@ -15,7 +16,8 @@ DIGITS = ROOT / "models" / "digits"
 
 def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
     out = tmp_path / "digits"
-    train.main(["--out", str(out), "--quick", "--seed", "3"])
+    ck = ["--checkpoints", str(tmp_path / "ck")]
+    train.main(["--out", str(out), "--quick", "--seed", "3", "--threads", "1", *ck])
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["name"] == "digits"
     K = train.Config().codebook_size
@@ -25,13 +27,20 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
     assert len(held) == 10 * train.Config().heldout_per_class
     assert sorted({p.stem[-1] for p in held}) == [str(d) for d in range(10)], "every digit is held out"
     q = json.loads((out / "eval" / "quality.json").read_text())
-    for key in ("real_mean_confidence", "heldout_png_psnr_db", "noise_mean_confidence",
+    for key in ("real_mean_confidence", "heldout_png_psnr_db", "noise_mean_confidence", "target",
                 "random_tokens_mean_confidence", "samples", "steps_table", "codebook_usage"):
         assert key in q, f"quality.json lacks {key}"
     assert sum(q["samples"]["class_histogram"]) == q["samples"]["count"]
     logits = session(out / "eval" / "classifier.onnx").run(None, {"image": np.zeros((3, 1, 32, 32), np.float32)})[0]
     assert logits.shape == (3, 11)
     assert (out / "samples.png").exists() and (out / "README.md").exists()
+    # the autoencoder and prior were saved; a resumed run takes them and makes the same bundle
+    again = tmp_path / "again"
+    train.main(["--out", str(again), "--quick", "--seed", "3", "--threads", "1", *ck, "--resume"])
+    for f in ("encoder.onnx", "decoder.onnx", "transformer.onnx", "eval/classifier.onnx"):
+        assert (again / f).read_bytes() == (out / f).read_bytes(), f
+    with pytest.raises(SystemExit):  # other stage 1-2 settings: refused
+        train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume", "--set", "prior_iters=5"])
 
 
 def test_committed_digits_bundle_meets_its_bar():
@@ -92,3 +101,17 @@ def test_bf16_switch_names_bad_values():
     assert train.use_bf16(cfg) == train.bf16_matmul_in_hardware()
     with pytest.raises(ValueError, match="prior_bf16"):
         train.use_bf16(dataclasses.replace(cfg, prior_bf16="yes"))
+
+
+def test_set_flags_become_typed_settings_and_bad_ones_are_named():
+    assert train.overrides(["prior_iters=8000", "sampler=maskgit", "ch_mult=[1, 2, 4]", "ema=0.99"]) == \
+        {"prior_iters": 8000, "sampler": "maskgit", "ch_mult": (1, 2, 4), "ema": 0.99}
+    with pytest.raises(ValueError, match="no setting 'prior_iter'"):
+        train.overrides(["prior_iter=8000"])
+    with pytest.raises(ValueError, match="--set prior_iters=many"):
+        train.overrides(["prior_iters=many"])
+
+
+def test_a_temperature_schedule_is_read_from_its_text():
+    assert schedule(0.7) == (0.7, None)
+    assert schedule("1.2:0.4") == (1.2, 0.4)

@@ -58,9 +58,10 @@ pub struct SamplingArgs {
     #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
     pub temperature: Option<(f32, Option<f32>)>,
     /// Reveal rule: absorbing (the paper's 1/t rule), even (exact counts per step), maskgit
-    /// (most confident first, cosine schedule).
-    #[arg(long, value_enum, default_value_t = SamplerKind::Absorbing)]
-    pub sampler: SamplerKind,
+    /// (most confident first, cosine schedule). Default: the bundle's (`absorb info`), else
+    /// absorbing.
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
 }
 
 impl SamplingArgs {
@@ -71,7 +72,7 @@ impl SamplingArgs {
             steps: self.steps,
             temperature,
             temperature_end,
-            sampler: Some(self.sampler),
+            sampler: self.sampler,
         }
     }
 }
