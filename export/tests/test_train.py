@@ -41,6 +41,9 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
         assert (again / f).read_bytes() == (out / f).read_bytes(), f
     with pytest.raises(SystemExit):  # other stage 1-2 settings: refused
         train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume", "--set", "prior_iters=5"])
+    (tmp_path / "ck" / "stages12.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):  # a broken checkpoint: refused, naming it
+        train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume"])
 
 
 def test_committed_digits_bundle_meets_its_bar():
