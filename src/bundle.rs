@@ -130,7 +130,7 @@ pub struct SamplingDefaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_end: Option<f32>,
     /// Reveal rule when a request does not name one; absent = `absorbing`, the paper's. A bundle
-    /// sets it when its own measurements favour another (models/digits: `maskgit`).
+    /// sets it when its own measurements favour another (`python -m export train-digits` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<crate::sampler::SamplerKind>,
     /// Window stride `[rows, cols]` for grids larger than the trained one; absent = half a
