@@ -367,12 +367,13 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  metrics: dict | None = None, parity_atol: float = PARITY_ATOL,
                  window_stride: tuple[int, int] | None = None,
                  window_margin: tuple[int, int] | None = None, sampler: str | None = None,
-                 temperature_end: float | None = None) -> Path:
+                 temperature_end: float | None = None, outpaint_edge: int | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
     assert sampler in (None, "absorbing", "even", "maskgit"), f"sampler {sampler!r} is not one absorb has"
+    assert not outpaint_edge or 0 < 2 * outpaint_edge < vq.token_size, f"outpaint_edge {outpaint_edge} out of range"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").unlink(missing_ok=True)  # no stale manifest over half-written graphs
@@ -393,7 +394,8 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                      **({"temperature_end": float(temperature_end)} if temperature_end else {}),
                      **({"sampler": sampler} if sampler else {}),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
-                     **({"window_margin": [int(v) for v in window_margin]} if window_margin else {})},
+                     **({"window_margin": [int(v) for v in window_margin]} if window_margin else {}),
+                     **({"outpaint_edge": int(outpaint_edge)} if outpaint_edge else {})},
         "provenance": {
             "exporter": f"absorb export {git_short_hash()}",
             "opset": OPSET,

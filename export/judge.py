@@ -31,6 +31,7 @@ JUDGE_INPUT, JUDGE_LOGITS, JUDGE_FEATURES = "image", "logits", "features"
 SAMPLERS = ("absorbing", "even", "maskgit")
 STEPS = (4, 8, 16, 32, 64)
 TEMPERATURES = (0.8, 0.9, 1.0, 1.1)
+MASKGIT_STEPS = 16  # MaskGIT's candidate step count for the defaults (a quarter of an 8x8 grid)
 SEAM_BAR = 1.3  # boundary / inside difference ratio a wide image must stay below
 # (stride, margin) candidates for wide images, in tokens, as fractions of the window side
 TILE_CANDIDATES = ((2, 8), (2, 4), (4, 8), (4, 4))  # stride = w / a, margin = w / b
@@ -239,25 +240,32 @@ def measure(bundle: Path, absorb: Path, cfg, data, seed: int, quick: bool = Fals
                                  "--temperature", temperature, "--count", count, "--seed", seed_)
             return row(imgs, sampler=sampler, steps=steps, temperature=temperature, seconds=sec), imgs
 
-        steps = cfg.steps
-        temperature = cfg.temperature
-        if not temperature:  # chosen on samples of another seed; the table's numbers are fresh samples
-            q["temperature_selection"] = [sample_row("absorbing", steps, t, seed + 1000)[0] for t in TEMPERATURES]
-            temperature = min(q["temperature_selection"], key=lambda r: r["kid_x1000"])["temperature"]
-        q["samples"], imgs = sample_row("absorbing", steps, temperature, seed)
+        # The defaults: the lowest KID among the paper's sampler at cfg.steps and MaskGIT at
+        # MASKGIT_STEPS, at each temperature, on samples of another seed (the table's are fresh).
+        sampler, steps, temperature = cfg.sampler or "absorbing", cfg.steps, cfg.temperature
+        if not temperature or not cfg.sampler:
+            cands = [(s, n, t) for s, n in (("absorbing", cfg.steps), ("maskgit", MASKGIT_STEPS))
+                     if cfg.sampler in ("", s) for t in TEMPERATURES if cfg.temperature in (0, t)]
+            if quick:
+                cands = cands[:1] + cands[-1:]
+            q["selection"] = [sample_row(s, n, t, seed + 1000)[0] for s, n, t in cands]
+            best = min(q["selection"], key=lambda r: r["kid_x1000"])
+            sampler, steps, temperature = best["sampler"], best["steps"], best["temperature"]
+        q["samples"], imgs = sample_row(sampler, steps, temperature, seed)
         to_png(grid_of(imgs[:64]), bundle / "samples.png")
         table = (8,) if quick else STEPS
-        q["table"] = [q["samples"] if (s, st) == ("absorbing", steps) else sample_row(s, st, temperature, seed)[0]
+        q["table"] = [q["samples"] if (s, st) == (sampler, steps) else sample_row(s, st, temperature, seed)[0]
                       for s in SAMPLERS for st in sorted(set(table) | {steps})]
 
         if data.mode == "crops":  # wide images: 4x the trained width, 2x its height
             size = f"{4 * S}x{2 * S}"
+            defaults = ["--sampler", sampler, "--temperature", temperature, "--steps", steps]
             cands = []
             for a, b in TILE_CANDIDATES if not quick else TILE_CANDIDATES[:1]:
                 stride, margin = max(1, grid // a), grid // b
                 wide, sec = generate(f"wide-{stride}-{margin}", "--size", size, "--stride", stride,
                                      "--window-margin", margin, "--count", 4 if quick else 16, "--seed", seed,
-                                     "--temperature", temperature, "--steps", steps)
+                                     *defaults)
                 ratios = [seam_ratio(w, S // grid, grid, stride) for w in wide]
                 cands.append({"stride": stride, "margin": margin, "seconds": sec,
                               "ratio": float(np.mean([r["ratio"] for r in ratios])),
@@ -266,8 +274,22 @@ def measure(bundle: Path, absorb: Path, cfg, data, seed: int, quick: bool = Fals
             best = min(c["ratio"] for c in cands)
             chosen = max((c for c in cands if c["ratio"] <= best + 0.02), key=lambda c: (c["stride"], -c["ratio"]))
             q["seams"] = {"size": size, "candidates": cands, **chosen, "bar": SEAM_BAR}
-            q["outpaint"] = outpaint_seams(absorb, bundle, held[:4 if quick else 16], grid, S // grid, tmp,
-                                           temperature, steps, chosen, seed)
+            n_out = 4 if quick else 16
+            q["outpaint"] = outpaint_seams(absorb, bundle, held[:n_out], grid, S // grid, tmp, defaults, chosen, seed)
+            # Does the new area continue the input? Extend held-out crops by a whole window to the
+            # right; the judge names the source of that new window alone.
+            stems = [Path(n).stem for n in data.names]
+            labels = np.array([stems.index(p.stem.split("_", 1)[1])
+                               for p in sorted((bundle / "eval" / "heldout").glob("*.png"))])
+            pick = np.arange(len(held))[:: max(1, len(held) // (16 if quick else 64))]
+            new = outpaint_right(absorb, bundle, held[pick], S, tmp, defaults, chosen, seed)
+            _, _, src = judged(new)
+            _, _, src_held = judged(held[pick])
+            q["outpaint"]["continuation"] = {
+                "count": len(pick), "extend_right_pixels": S,
+                "same_source": float((src == labels[pick]).mean()),
+                "heldout_judged_correctly": float((src_held == labels[pick]).mean()),
+                "unconditional_same_source": float((judged(imgs[:len(pick)])[2] == labels[pick]).mean())}
     return q
 
 
@@ -281,26 +303,37 @@ def shuffle_np(tokens: np.ndarray, dec, seed: int) -> np.ndarray:
     return np.clip(np.concatenate([dec.run(None, {"tokens": x[i:i + 256]})[0] for i in range(0, N, 256)]), 0, 1)
 
 
-def outpaint_seams(absorb, bundle, held, grid, f, tmp, temperature, steps, tiles, seed):
+def outpaint(absorb, bundle, x, tmp, tag, extend: str, flags, tiles, seed) -> np.ndarray:
+    """`absorb outpaint` of the (C, S, S) image x; the result (C, H, W)."""
+    src, out = Path(tmp) / f"{tag}-in.png", Path(tmp) / f"{tag}-out.png"
+    to_png(x, src)
+    cmd = [str(absorb), "outpaint", "--model", str(bundle), "--image", str(src), "--out", str(out),
+           "--extend", extend, "--seed", str(seed), *map(str, flags), "--stride", str(tiles["stride"]),
+           "--window-margin", str(tiles["margin"])]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-600:]}")
+    return read_png(out, x.shape[0])
+
+
+def outpaint_seams(absorb, bundle, held, grid, f, tmp, flags, tiles, seed):
     """Extend held-out crops by half a window on every side; the seam measure along the input's border
     (where generated pixels meet the kept input pixels) against the other token boundaries."""
     pad = (grid // 2) * f
     ratios = []
     for i, x in enumerate(held):
-        src, out = Path(tmp) / f"held-{i}.png", Path(tmp) / f"out-{i}.png"
-        to_png(x, src)
-        cmd = [str(absorb), "outpaint", "--model", str(bundle), "--image", str(src), "--out", str(out),
-               "--extend", f"left={pad},right={pad},up={pad},down={pad}", "--seed", str(seed + i),
-               "--temperature", str(temperature), "--steps", str(steps), "--stride", str(tiles["stride"]),
-               "--window-margin", str(tiles["margin"])]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-600:]}")
-        y = read_png(out, x.shape[0])
+        y = outpaint(absorb, bundle, x, tmp, f"ring-{i}", f"left={pad},right={pad},up={pad},down={pad}", flags,
+                     tiles, seed + i)
         S = x.shape[1]
         lines = {1: [pad, pad + S], 2: [pad, pad + S]}
         ratios.append(seam_ratio(y, f, grid, 1, offsets_px=lines)["ratio"])
     return {"extend_pixels_per_side": pad, "count": len(held), "ratio": float(np.mean(ratios))}
+
+
+def outpaint_right(absorb, bundle, held, S, tmp, flags, tiles, seed) -> np.ndarray:
+    """Each (C, S, S) crop extended by S pixels to the right; the new (C, S, S) part alone."""
+    return np.stack([outpaint(absorb, bundle, x, tmp, f"right-{i}", f"right={S}", flags, tiles, seed + i)[:, :, S:]
+                     for i, x in enumerate(held)])
 
 
 def grid_of(imgs: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
@@ -323,12 +356,25 @@ def readme(q: dict, source: str, name: str) -> str:
     refs = "\n".join(f"| {k.replace('_', ' ')} | {v['kid_x1000']:.1f} | {v['real_probability']:.3f} |"
                      for k, v in ref.items())
     times = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
+    ctx = q.get("prior_context_tokens", 0)
+    prior_ctx = (f"each crop encoded with {ctx} tokens of context on every side (a larger crop), then the "
+                 f"central {grid}x{grid} kept: the tokens of the inside of a larger image" if ctx else
+                 "each image encoded alone")
+    chosen = ("the lowest KID among " + ", ".join(f"{r['sampler']} {r['steps']} steps at {r['temperature']}"
+                                                  for r in q["selection"]) + ", on samples of another seed"
+              if "selection" in q else "as given")
     data = (f"random {c['img_size']}x{c['img_size']} crops of {len(q['sources'])} images ({', '.join(q['sources'])});"
             " the right-most 20% of each image is held out and never trained on" if q["mode"] == "crops" else
             f"whole {c['img_size']}x{c['img_size']} images; a fifth of the files is held out and never trained on")
     wide = ""
     if "seams" in q:
         sm, op = q["seams"], q["outpaint"]
+        ct, oe = op["continuation"], q["outpaint_edge"]
+        rings = ", ".join(f"{a:.2f}" for a in oe["ring_agreement"])
+        edge = (f"The input's own tokens are kept except the outer **{oe['edge']}** along each extended side "
+                f"(`sampling.outpaint_edge`): a crop's tokens alone agree with the same pixels' tokens inside a "
+                f"larger image this often, ring by ring from the border in: {rings}; the encoder sees nothing "
+                f"beyond the border, and the prior was trained on tokens encoded with context.\n")
         cands = ", ".join(f"stride {x['stride']} margin {x['margin']}: {x['ratio']:.3f}" for x in sm["candidates"])
         wide = f"""
 ## Larger images
@@ -343,6 +389,12 @@ The bundle's default (`sampling.window_stride` and `window_margin` in model.json
 
 Outpainting {op['count']} held-out crops by {op['extend_pixels_per_side']} pixels on every side: the same
 ratio along the input's border, where generated pixels meet the kept ones: **{op['ratio']:.3f}**.
+{edge}
+Does the new area continue the input? {ct['count']} held-out crops extended by a whole window
+({ct['extend_right_pixels']} pixels) to the right; the judge names the source of the new window alone: the
+input's own source for **{ct['same_source']:.0%}** of them (the judge names the held-out crops themselves
+correctly for {ct['heldout_judged_correctly']:.0%}; unconditional samples match those sources for
+{ct['unconditional_same_source']:.0%}, chance).
 """
     return f"""# {name}: an absorbing-diffusion bundle trained by `python -m export train`
 
@@ -355,8 +407,9 @@ Generated by `{source}` from the repository root (code: `export/images.py`, `exp
   decoder-only iterations on token grids with up to {c['token_noise']:.0%} random codes.
 - Prior: {c['n_layers']} layers, width {c['n_emb']}, {c['n_head']} heads, {c['prior_iters']} iterations at batch
   {c['prior_batch']} on the tokens of 20,000 fixed training crops.
-- Default sampling (model.json): {s['steps']} steps, temperature {s['temperature']} (the lowest KID among
-  {', '.join(map(str, TEMPERATURES))} on samples of another seed).
+- Prior tokens: {prior_ctx}.
+- Default sampling (model.json): {s['sampler']} sampler, {s['steps']} steps, temperature {s['temperature']}
+  ({chosen}).
 - Wall time ({q['threads']} torch threads, shared 2-core VM): {times}.
 
 ## Quality (the shipped graphs; samples made by the absorb binary)

@@ -142,6 +142,15 @@ pub struct SamplingDefaults {
     /// of a window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_margin: Option<[usize; 2]>,
+    /// Outpainting: how many token rows/columns of the input, along each side that is extended,
+    /// are regenerated with the new area instead of kept; absent = 0 (every input token kept).
+    /// The encoder sees nothing beyond the input's border, so its outermost tokens differ from
+    /// what the same pixels give inside a larger image; a prior trained on tokens encoded with
+    /// context reads them as another texture. `python -m export train` measures the depth (how
+    /// far in the tokens of a crop alone differ from the same crop's tokens inside a larger one).
+    /// The input's own pixels are still kept (unless `--decode-all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outpaint_edge: Option<usize>,
 }
 
 /// The three graphs of a bundle.
@@ -410,6 +419,15 @@ fn validate(m: &Manifest) -> Result<(), String> {
             ));
         }
     }
+    if let Some(e) = s.outpaint_edge {
+        if 2 * e >= t.height.min(t.width) {
+            return Err(format!(
+                "sampling.outpaint_edge is {e}, must be less than half the tokens grid {}x{} \
+                 (some of an input's tokens must stay)",
+                t.height, t.width
+            ));
+        }
+    }
     let g = &m.graphs;
     let files = [
         ("graphs.encoder", &g.encoder.file, &g.encoder.sha256),
@@ -551,6 +569,24 @@ mod tests {
         j["sampling"]["temperature_end"] = (-1.0).into();
         let e = parse(&j).unwrap_err().to_string();
         assert!(e.contains("sampling.temperature_end is -1"), "{e}");
+    }
+
+    #[test]
+    fn outpaint_edge_must_leave_some_of_the_input() {
+        let mut j = serde_json::to_value(manifest()).unwrap();
+        let parse = |j: &serde_json::Value| parse_manifest(j.to_string().as_bytes(), Path::new("model.json"));
+        assert_eq!(parse(&j).unwrap().sampling.outpaint_edge, None);
+        let side = j["tokens"]["height"]
+            .as_u64()
+            .unwrap()
+            .min(j["tokens"]["width"].as_u64().unwrap());
+        j["sampling"]["outpaint_edge"] = (side / 2 - 1).into();
+        assert_eq!(parse(&j).unwrap().sampling.outpaint_edge, Some((side / 2 - 1) as usize));
+        j["sampling"]["outpaint_edge"] = (side / 2).into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.outpaint_edge"), "{e}");
+        j["sampling"]["outpaint_edge"] = (-1).into();
+        assert!(parse(&j).is_err());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum Start {
         extend: [usize; 4],
         /// Where the image's tokens go in the grid, `[row, col]`.
         at: [usize; 2],
+        /// The input's tokens this deep along each extended side are regenerated too (the
+        /// bundle's `sampling.outpaint_edge`).
+        edge: usize,
         /// Keep the input's own pixels.
         keep_input: bool,
     },
@@ -309,6 +312,16 @@ pub fn check_codes(grids: &[Vec<i64>], grid: [usize; 2], k: usize) -> Result<()>
     Ok(())
 }
 
+/// Whether outpainting regenerates token `(r, c)` of an input of `kgrid` tokens: it lies within
+/// `edge` tokens of a side that `extend` (`[left, right, up, down]` pixels) extends.
+pub fn outpaint_edge_token(r: usize, c: usize, kgrid: [usize; 2], extend: [usize; 4], edge: usize) -> bool {
+    let [left, right, up, down] = extend;
+    (left > 0 && c < edge)
+        || (right > 0 && c + edge >= kgrid[1])
+        || (up > 0 && r < edge)
+        || (down > 0 && r + edge >= kgrid[0])
+}
+
 /// Pixels added around an image by outpainting, `[left, right, up, down]`, checked to be whole
 /// tokens; returns the new token grid and where the image's tokens go in it (`[row, col]`).
 pub fn outpaint_grid(
@@ -453,6 +466,7 @@ impl Job {
                 image,
                 extend,
                 at,
+                edge: bundle.manifest().sampling.outpaint_edge.unwrap_or(0),
                 keep_input,
             },
             decode: canvas.decode,
@@ -556,9 +570,15 @@ impl Job {
         match &self.start {
             Start::Masked => self.images.len() * h * w,
             Start::Inpaint { token_mask, .. } => token_mask.iter().filter(|&&m| m).count(),
-            Start::Outpaint { image, .. } => {
+            Start::Outpaint {
+                image, extend, edge, ..
+            } => {
                 let f = token_pixels(bundle);
-                h * w - (image.height / f[0]) * (image.width / f[1])
+                let kgrid = [image.height / f[0], image.width / f[1]];
+                let kept = (0..kgrid[0] * kgrid[1])
+                    .filter(|&i| !outpaint_edge_token(i / kgrid[1], i % kgrid[1], kgrid, *extend, *edge))
+                    .count();
+                h * w - kept
             }
             Start::Tokens(grids) => {
                 let mask_id = bundle.manifest().tokens.mask_id;
@@ -692,5 +712,29 @@ impl Job {
         }
         job.check_sheet(bundle).map_err(from_png)?;
         Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outpainting_regenerates_only_the_edge_facing_each_extended_side() {
+        let g = [4, 6];
+        let marked = |extend: [usize; 4], edge: usize| -> Vec<(usize, usize)> {
+            (0..g[0])
+                .flat_map(|r| (0..g[1]).map(move |c| (r, c)))
+                .filter(|&(r, c)| outpaint_edge_token(r, c, g, extend, edge))
+                .collect()
+        };
+        assert!(marked([8, 8, 8, 8], 0).is_empty(), "edge 0 keeps every token");
+        assert_eq!(marked([0, 8, 0, 0], 1), (0..4).map(|r| (r, 5)).collect::<Vec<_>>());
+        assert_eq!(marked([8, 0, 0, 0], 2).len(), 8, "two columns on the left");
+        assert_eq!(marked([0, 0, 8, 0], 1), (0..6).map(|c| (0, c)).collect::<Vec<_>>());
+        // All four sides, depth 1: the ring of 4 x 6 = 24 - (2 x 4) = 16 tokens.
+        let ring = marked([4, 4, 4, 4], 1);
+        assert_eq!(ring.len(), 16);
+        assert!(ring.iter().all(|&(r, c)| r == 0 || r == 3 || c == 0 || c == 5));
     }
 }

@@ -28,7 +28,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Regenerate the masked region of an image; tokens outside the mask never change.
     Inpaint(InpaintArgs),
-    /// Extend an image beyond its borders; its own tokens never change.
+    /// Extend an image beyond its borders; its tokens are kept (but a bundle's `outpaint_edge` on new sides).
     Outpaint(OutpaintArgs),
     /// Encode an image to its token grid (JSON).
     Encode(EncodeArgs),

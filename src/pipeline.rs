@@ -300,13 +300,23 @@ impl Pipeline {
                 }
                 vec![one(tokens, &chunk[0])?]
             }
-            Start::Outpaint { image, at, .. } => {
+            Start::Outpaint {
+                image,
+                at,
+                extend,
+                edge,
+                ..
+            } => {
                 let (known, kgrid) = self.encode(image)?;
                 let gw = job.grid(&self.bundle)[1];
                 let mut tokens = vec![space.mask_id; space.len];
                 for r in 0..kgrid[0] {
-                    let dst = (at[0] + r) * gw + at[1];
-                    tokens[dst..dst + kgrid[1]].copy_from_slice(&known[r * kgrid[1]..(r + 1) * kgrid[1]]);
+                    for c in 0..kgrid[1] {
+                        // The edge facing the new area was encoded without what lies beyond it.
+                        if !job::outpaint_edge_token(r, c, kgrid, *extend, *edge) {
+                            tokens[(at[0] + r) * gw + at[1] + c] = known[r * kgrid[1] + c];
+                        }
+                    }
                 }
                 let chain = one(tokens, &chunk[0])?;
                 if chain.masked_count() == 0 {

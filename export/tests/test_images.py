@@ -49,6 +49,12 @@ def test_quick_run_on_crops_writes_a_bundle_the_runtime_measures(tmp_path):
     assert all(sum(r["source_histogram"]) <= r["count"] for r in q["table"])
     assert q["seams"]["ratio"] > 0 and q["outpaint"]["count"] == 4
     assert m["sampling"]["window_stride"] == [q["seams"]["stride"]] * 2  # the measured choice is shipped
+    assert m["sampling"].get("sampler") == q["samples"]["sampler"] and len(q["selection"]) == 2
+    # the prior's crops had context (every source is big enough); the edge measured is shipped
+    assert q["prior_context_tokens"] == 4 and len(q["outpaint_edge"]["ring_agreement"]) == 4
+    assert m["sampling"].get("outpaint_edge", 0) == q["outpaint_edge"]["edge"] <= 3
+    ct = q["outpaint"]["continuation"]
+    assert ct["count"] == 16 and 0 <= ct["same_source"] <= 1
     logits, feats = session(out / "eval" / "judge.onnx").run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})
     assert logits.shape == (2, 3) and feats.shape == (2, 64)  # two sources + fake
     assert (out / "samples.png").exists() and "KID" in (out / "README.md").read_text()
@@ -121,6 +127,12 @@ def test_committed_scenes_bundle_meets_its_stated_numbers():
     m = json.loads((SCENES / "model.json").read_text())
     s = q["samples"]
     assert (s["steps"], s["temperature"]) == (m["sampling"]["steps"], m["sampling"]["temperature"])
+    assert s["sampler"] == m["sampling"].get("sampler", "absorbing")
+    assert m["sampling"].get("outpaint_edge", 0) == q["outpaint_edge"]["edge"]
+    # outpainting continues its input: the new window is judged the input's source far more often
+    # than unconditional samples match it
+    ct = q["outpaint"]["continuation"]
+    assert ct["same_source"] > ct["unconditional_same_source"] + 0.3, ct
     assert q["seams"]["ratio"] < judge.SEAM_BAR, q["seams"]
     assert m["sampling"]["window_stride"] == [q["seams"]["stride"]] * 2
     assert m["sampling"]["window_margin"] == [q["seams"]["margin"]] * 2
