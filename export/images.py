@@ -130,43 +130,6 @@ def fixed_set(data: Data, which: str, n: int, size: int, seed: int):
     return crop_batch(data.train if which == "train" else data.held, n, size, gen)
 
 
-def context_tokens(data: Data, S: int, grid: int) -> int:
-    """Tokens of context per side for the prior's crops: half a window where every source is wide
-    and tall enough for such crops (crops mode), else 0."""
-    ctx = grid // 2
-    big = S + 2 * ctx * (S // grid)
-    if data.mode != "crops" or any(min(a.shape[1:]) < big for a in data.train):
-        return 0
-    return ctx
-
-
-def interior(tokens, ctx: int, grid: int):
-    """(N, g + 2 ctx, g + 2 ctx) tokens -> the central (N, g, g)."""
-    return tokens[:, ctx:ctx + grid, ctx:ctx + grid]
-
-
-@torch.no_grad()
-def edge_depth(ae, data: Data, S: int, grid: int, ctx: int, seed: int, n: int = 512) -> dict:
-    """How deep the encoder's tokens of a crop alone differ from the same crop's tokens inside a
-    larger image (the encoder sees nothing beyond the border): the agreement of the two per ring
-    of tokens (ring 0 = the outermost), and the edge = how many outer rings agree less than 0.9
-    times the innermost ring does. Outpainting regenerates that many rows of the input along
-    every extended side (model.json sampling.outpaint_edge). No context (whole images): edge 0."""
-    if not ctx:
-        return {"edge": 0, "ring_agreement": []}
-    x, _ = fixed_set(data, "train", n, S + 2 * ctx * (S // grid), seed)
-    with_ctx = interior(T.encode_all(ae, x), ctx, grid)
-    p = ctx * (S // grid)
-    alone = T.encode_all(ae, x[:, :, p:p + S, p:p + S])
-    r = torch.arange(grid)
-    ring = torch.minimum(torch.minimum(r[:, None], r[None, :]), torch.minimum(grid - 1 - r[:, None], grid - 1 - r[None, :]))
-    agree = [float((with_ctx == alone)[:, ring == d].float().mean()) for d in range(grid // 2)]
-    edge = 0
-    while edge < grid // 2 - 1 and agree[edge] < 0.9 * agree[-1]:
-        edge += 1
-    return {"edge": edge, "ring_agreement": agree}
-
-
 # model sizes: "small" fits a 2-core CPU in about half an hour at 32x32; --quick is a smoke test
 PRESETS = {
     "small": dict(nf=32, ch_mult=(1, 2, 4), res_blocks=1, codebook_size=128, emb_dim=32, ae_iters=1200,
@@ -231,12 +194,8 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     ae = T.finetune_decoder(cfg, ae, drawer(data, S), gen)
     seconds["autoencoder"] = time.time() - t0
     n_tokens = 512 if args.quick else 20000  # a fixed set of crops, encoded once, for the prior
-    grid = cfg.vq.token_size
-    ctx = context_tokens(data, S, grid)
-    x_prior, _ = fixed_set(data, "train", n_tokens, S + 2 * ctx * (S // grid), cfg.seed + 1)
-    tokens = interior(T.encode_all(ae, x_prior), ctx, grid).flatten(1)
-    edge = edge_depth(ae, data, S, grid, ctx, cfg.seed + 2)
-    print(f"prior tokens encoded with {ctx} tokens of context per side; outpaint edge: {edge}")
+    x_prior, _ = fixed_set(data, "train", n_tokens, S, cfg.seed + 1)
+    tokens = T.encode_all(ae, x_prior).flatten(1)
     t0 = time.time()
     prior = T.train_prior(cfg, tokens, gen)
     seconds["prior"] = time.time() - t0
@@ -251,11 +210,12 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     flags = f"--images {args.images} --out {out} --size {S} --seed {cfg.seed}" + (" --quick" if args.quick else "")
     flags += "".join(f" --set {kv}" for kv in args.set)
     source = f"python -m export train {flags} at {commit}"
+    grid = cfg.vq.token_size
     # Stationary data: overlapping windows (half a window apart, a quarter-window margin) are the
     # default for larger grids; whole images of one subject are not stationary: windows must not overlap.
     tiles = J.default_tiles(data.mode, grid)
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name=name, steps=cfg.steps, temperature=cfg.temperature or 1.0,
-                 source=source, outpaint_edge=edge["edge"], **tiles)
+                 source=source, **tiles)
     J.export_judge(judge, out / "eval" / "judge.onnx", cfg.n_channels, S)
     J.save_heldout(x_held, y_held, data.names, out / "eval" / "heldout")
     seconds["export"] = time.time() - t0
@@ -266,7 +226,6 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 1)
     q = {**q, "train_seconds": seconds, "config": asdict(cfg), "mode": data.mode, "sources": data.names,
-         "prior_context_tokens": ctx, "outpaint_edge": edge,
          "commit": commit, "opset": OPSET, "threads": torch.get_num_threads()}
     measured = json.loads((out / "model.json").read_text())["graphs"]
     metrics = {"heldout_png_psnr_db": q["heldout_png_psnr_db"], "kid_x1000": q["samples"]["kid_x1000"],
@@ -276,7 +235,8 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
         tiles = dict(window_stride=(q["seams"]["stride"],) * 2, window_margin=(q["seams"]["margin"],) * 2)
     s = q["samples"]
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name=name, steps=s["steps"], temperature=s["temperature"],
-                 sampler=s["sampler"], source=source, metrics=metrics, outpaint_edge=edge["edge"], **tiles)
+                 sampler=s["sampler"], source=source, metrics=metrics,
+                 outpaint_edge=q.get("outpaint_edge", {}).get("edge"), **tiles)
     shipped = json.loads((out / "model.json").read_text())["graphs"]
     assert shipped == measured, f"re-export changed the graphs: {measured} -> {shipped}"
     (out / "eval" / "quality.json").write_text(json.dumps(q, indent=2) + "\n")

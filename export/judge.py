@@ -274,22 +274,33 @@ def measure(bundle: Path, absorb: Path, cfg, data, seed: int, quick: bool = Fals
             best = min(c["ratio"] for c in cands)
             chosen = max((c for c in cands if c["ratio"] <= best + 0.02), key=lambda c: (c["stride"], -c["ratio"]))
             q["seams"] = {"size": size, "candidates": cands, **chosen, "bar": SEAM_BAR}
-            n_out = 4 if quick else 16
-            q["outpaint"] = outpaint_seams(absorb, bundle, held[:n_out], grid, S // grid, tmp, defaults, chosen, seed)
-            # Does the new area continue the input? Extend held-out crops by a whole window to the
-            # right; the judge names the source of that new window alone.
+            # Does the new area continue the input? Held-out crops extended by a whole window to the
+            # right; the judge names the source of that new window alone. The bundle's outpaint edge
+            # (input tokens regenerated along each extended side) is the one that continues best on
+            # other held-out crops than those reported.
             stems = [Path(n).stem for n in data.names]
             labels = np.array([stems.index(p.stem.split("_", 1)[1])
                                for p in sorted((bundle / "eval" / "heldout").glob("*.png"))])
-            pick = np.arange(len(held))[:: max(1, len(held) // (16 if quick else 64))]
-            new = outpaint_right(absorb, bundle, held[pick], S, tmp, defaults, chosen, seed)
-            _, _, src = judged(new)
-            _, _, src_held = judged(held[pick])
+            step = max(1, len(held) // (8 if quick else 64))
+            chosen_on, report = np.arange(len(held))[step // 2::step], np.arange(len(held))[::step]
+
+            def continuation(pick, edge, seed_):
+                new = outpaint_right(absorb, bundle, held[pick], S, tmp, [*defaults, "--outpaint-edge", edge],
+                                     chosen, seed_)
+                return float((judged(new)[2] == labels[pick]).mean())
+
+            edges = [{"edge": e, "same_source": continuation(chosen_on, e, seed + 1000)}
+                     for e in range(grid // 4 + 1)]
+            edge = max(edges, key=lambda r: (r["same_source"], -r["edge"]))["edge"]
+            q["outpaint_edge"] = {"edge": edge, "candidates": edges, "count": len(chosen_on)}
+            flags = [*defaults, "--outpaint-edge", edge]
+            n_out = 4 if quick else 16
+            q["outpaint"] = outpaint_seams(absorb, bundle, held[:n_out], grid, S // grid, tmp, flags, chosen, seed)
             q["outpaint"]["continuation"] = {
-                "count": len(pick), "extend_right_pixels": S,
-                "same_source": float((src == labels[pick]).mean()),
-                "heldout_judged_correctly": float((src_held == labels[pick]).mean()),
-                "unconditional_same_source": float((judged(imgs[:len(pick)])[2] == labels[pick]).mean())}
+                "count": len(report), "extend_right_pixels": S,
+                "same_source": continuation(report, edge, seed),
+                "heldout_judged_correctly": float((judged(held[report])[2] == labels[report]).mean()),
+                "unconditional_same_source": float((judged(imgs[:len(report)])[2] == labels[report]).mean())}
     return q
 
 
@@ -356,10 +367,6 @@ def readme(q: dict, source: str, name: str) -> str:
     refs = "\n".join(f"| {k.replace('_', ' ')} | {v['kid_x1000']:.1f} | {v['real_probability']:.3f} |"
                      for k, v in ref.items())
     times = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
-    ctx = q.get("prior_context_tokens", 0)
-    prior_ctx = (f"each crop encoded with {ctx} tokens of context on every side (a larger crop), then the "
-                 f"central {grid}x{grid} kept: the tokens of the inside of a larger image" if ctx else
-                 "each image encoded alone")
     chosen = ("the lowest KID among " + ", ".join(f"{r['sampler']} {r['steps']} steps at {r['temperature']}"
                                                   for r in q["selection"]) + ", on samples of another seed"
               if "selection" in q else "as given")
@@ -370,11 +377,11 @@ def readme(q: dict, source: str, name: str) -> str:
     if "seams" in q:
         sm, op = q["seams"], q["outpaint"]
         ct, oe = op["continuation"], q["outpaint_edge"]
-        rings = ", ".join(f"{a:.2f}" for a in oe["ring_agreement"])
+        edges = ", ".join(f"{r['edge']}: {r['same_source']:.0%}" for r in oe["candidates"])
         edge = (f"The input's own tokens are kept except the outer **{oe['edge']}** along each extended side "
-                f"(`sampling.outpaint_edge`): a crop's tokens alone agree with the same pixels' tokens inside a "
-                f"larger image this often, ring by ring from the border in: {rings}; the encoder sees nothing "
-                f"beyond the border, and the prior was trained on tokens encoded with context.\n")
+                f"(`sampling.outpaint_edge`): the encoder sees nothing beyond an image's border, so a crop's "
+                f"outermost tokens are unlike those inside a larger image. Chosen by the measure below on "
+                f"{oe['count']} other held-out crops (edge: same source): {edges}.\n")
         cands = ", ".join(f"stride {x['stride']} margin {x['margin']}: {x['ratio']:.3f}" for x in sm["candidates"])
         wide = f"""
 ## Larger images
@@ -407,7 +414,6 @@ Generated by `{source}` from the repository root (code: `export/images.py`, `exp
   decoder-only iterations on token grids with up to {c['token_noise']:.0%} random codes.
 - Prior: {c['n_layers']} layers, width {c['n_emb']}, {c['n_head']} heads, {c['prior_iters']} iterations at batch
   {c['prior_batch']} on the tokens of 20,000 fixed training crops.
-- Prior tokens: {prior_ctx}.
 - Default sampling (model.json): {s['sampler']} sampler, {s['steps']} steps, temperature {s['temperature']}
   ({chosen}).
 - Wall time ({q['threads']} torch threads, shared 2-core VM): {times}.

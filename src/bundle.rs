@@ -144,11 +144,10 @@ pub struct SamplingDefaults {
     pub window_margin: Option<[usize; 2]>,
     /// Outpainting: how many token rows/columns of the input, along each side that is extended,
     /// are regenerated with the new area instead of kept; absent = 0 (every input token kept).
-    /// The encoder sees nothing beyond the input's border, so its outermost tokens differ from
-    /// what the same pixels give inside a larger image; a prior trained on tokens encoded with
-    /// context reads them as another texture. `python -m export train` measures the depth (how
-    /// far in the tokens of a crop alone differ from the same crop's tokens inside a larger one).
-    /// The input's own pixels are still kept (unless `--decode-all`).
+    /// The encoder sees nothing beyond the input's border, so its outermost tokens are those of a
+    /// crop's border, which the prior continues as another texture next to new area.
+    /// `python -m export train` chooses the depth by how well outpainting continues held-out
+    /// crops. The input's own pixels are still kept (unless `--decode-all`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outpaint_edge: Option<usize>,
 }

@@ -441,7 +441,8 @@ impl Job {
 
     /// Extends `image` by `extend` pixels `[left, right, up, down]` under stream (`seed`, 0),
     /// with `canvas`'s windows (its grid is the outpainted one, at most `limit` tokens a side
-    /// when a service sets one); the image's tokens never change.
+    /// when a service sets one); the image's tokens never change but `edge` of them (default: the
+    /// bundle's `sampling.outpaint_edge`, else 0) along each extended side.
     #[allow(clippy::too_many_arguments)]
     pub fn outpaint(
         bundle: &Bundle,
@@ -451,9 +452,21 @@ impl Job {
         sampling: &Sampling,
         canvas: &Canvas,
         keep_input: bool,
+        edge: Option<usize>,
         limit: Option<usize>,
     ) -> Result<Job> {
         check_tileable(&image, bundle)?;
+        let trained = trained_grid(bundle);
+        let edge = edge.or(bundle.manifest().sampling.outpaint_edge).unwrap_or(0);
+        if edge >= trained[0].min(trained[1]).div_ceil(2) {
+            return Err(Error::param(
+                "outpaint-edge",
+                format!(
+                    "{edge} must be less than half the trained grid {}x{} (some of the input's tokens must stay)",
+                    trained[0], trained[1]
+                ),
+            ));
+        }
         let max_side = limit.unwrap_or(sampler::MAX_GRID_SIDE);
         let (grid, at) = outpaint_grid([image.height, image.width], token_pixels(bundle), extend, max_side)?;
         let canvas = Canvas {
@@ -466,7 +479,7 @@ impl Job {
                 image,
                 extend,
                 at,
-                edge: bundle.manifest().sampling.outpaint_edge.unwrap_or(0),
+                edge,
                 keep_input,
             },
             decode: canvas.decode,

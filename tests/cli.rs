@@ -711,6 +711,9 @@ fn outpainting_keeps_the_input_pixels_and_bad_windows_are_rejected_with_exit_cod
     run(op("right=6"), &["extend", "multiple of 4"]);
     run(op("sideways=8"), &["sideways", "left, right, up or down"]);
     run(op("right=9000"), &["extend", "9000", "above the limit"]);
+    let mut edge = op("right=8");
+    edge.extend(["--outpaint-edge".into(), "4".into()]);
+    run(edge, &["outpaint-edge", "less than half the trained grid"]);
     assert!(!d.path().join("x.png").exists(), "nothing written on error");
 }
 

@@ -203,11 +203,12 @@ fn a_wide_image_from_overlapping_windows_has_no_visible_seams() {
 }
 
 #[test]
-fn outpainting_a_heldout_crop_keeps_its_pixels_and_its_border_is_no_worse_than_measured() {
+fn outpainting_a_heldout_crop_keeps_its_pixels_and_tokens_and_its_border_is_no_worse_than_measured() {
     let mut p = pipeline();
     let spec = p.bundle().manifest().image.clone();
     let token = job::token_pixels(p.bundle())[0];
     let pad = job::trained_grid(p.bundle())[0] / 2 * token;
+    let edge = p.bundle().manifest().sampling.outpaint_edge.unwrap_or(0);
     let mut all = Vec::new();
     for (i, path) in heldout(8).iter().enumerate() {
         let input = image::load_image(path, &spec).unwrap();
@@ -221,9 +222,26 @@ fn outpainting_a_heldout_crop_keeps_its_pixels_and_its_border_is_no_worse_than_m
             &Canvas::default(),
             true,
             None,
+            None,
         )
         .unwrap();
-        let out = run(&mut p, &job).pixels.remove(0);
+        let mut made = run(&mut p, &job);
+        // The input's tokens are kept but the bundle's edge along the four extended sides.
+        let (own, kgrid) = p.encode(&image::load_image(path, &spec).unwrap()).unwrap();
+        let at = pad / token;
+        for r in 0..kgrid[0] {
+            for c in 0..kgrid[1] {
+                if !job::outpaint_edge_token(r, c, kgrid, [pad; 4], edge) {
+                    assert_eq!(
+                        made.tokens[0][(at + r) * made.grid[1] + at + c],
+                        own[r * kgrid[1] + c],
+                        "{}: the input's token ({r}, {c}) changed",
+                        path.display()
+                    );
+                }
+            }
+        }
+        let out = made.pixels.remove(0);
         assert_eq!((out.width, out.height), (spec.width + 2 * pad, spec.height + 2 * pad));
         for y in 0..spec.height {
             let row = |x: usize| ((y + pad) * out.width + x + pad) * 3;

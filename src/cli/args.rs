@@ -190,6 +190,10 @@ pub struct OutpaintArgs {
     /// Write the decoder's output everywhere instead of keeping the input's own pixels.
     #[arg(long)]
     pub decode_all: bool,
+    /// Token rows of the input, along each extended side, regenerated with the new area (the
+    /// encoder saw nothing beyond the border). Default: the bundle's `sampling.outpaint_edge`, else 0.
+    #[arg(long, value_name = "N")]
+    pub outpaint_edge: Option<usize>,
     #[command(flatten)]
     pub windows: WindowArgs,
     #[command(flatten)]

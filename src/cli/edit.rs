@@ -61,6 +61,7 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
         &a.sampling.sampling(),
         &canvas,
         !a.decode_all,
+        a.outpaint_edge,
         None,
     )?;
     job.max_batch = a.max_batch;

@@ -49,6 +49,7 @@ struct OutpaintRequest {
     frames: Option<AnimationFormat>,
     #[serde(default)]
     decode_all: bool,
+    outpaint_edge: Option<usize>,
 }
 
 /// Pixels to add on each side (the CLI's `--extend left=..,right=..,up=..,down=..`).
@@ -126,6 +127,7 @@ enum Pending {
         sampling: Sampling,
         canvas: Canvas,
         keep: bool,
+        edge: Option<usize>,
         max_grid: usize,
     },
 }
@@ -172,12 +174,23 @@ impl Parsed {
                 sampling,
                 canvas,
                 keep,
+                edge,
                 max_grid,
             } => {
                 let f = job::token_pixels(bundle);
                 let max = [max_grid * f[1], max_grid * f[0]];
                 let image = image::image_any_from_png(&image, spec, "image", max)?;
-                Job::outpaint(bundle, image, extend, seed, &sampling, &canvas, keep, Some(max_grid))
+                Job::outpaint(
+                    bundle,
+                    image,
+                    extend,
+                    seed,
+                    &sampling,
+                    &canvas,
+                    keep,
+                    edge,
+                    Some(max_grid),
+                )
             }
         }
     }
@@ -276,6 +289,7 @@ fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
                 decode: req.decode.unwrap_or_default(),
             },
             keep: !req.decode_all,
+            edge: req.outpaint_edge,
             max_grid: limits.max_grid,
         },
         frames: req.frames,
