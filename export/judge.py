@@ -244,8 +244,9 @@ def measure(bundle: Path, absorb: Path, cfg, data, seed: int, quick: bool = Fals
         # MASKGIT_STEPS, at each temperature, on samples of another seed (the table's are fresh).
         sampler, steps, temperature = cfg.sampler or "absorbing", cfg.steps, cfg.temperature
         if not temperature or not cfg.sampler:
-            cands = [(s, n, t) for s, n in (("absorbing", cfg.steps), ("maskgit", MASKGIT_STEPS))
-                     if cfg.sampler in ("", s) for t in TEMPERATURES if cfg.temperature in (0, t)]
+            samplers = [(cfg.sampler, cfg.steps)] if cfg.sampler else [("absorbing", cfg.steps),
+                                                                        ("maskgit", MASKGIT_STEPS)]
+            cands = [(s, n, t) for s, n in samplers for t in ([cfg.temperature] if cfg.temperature else TEMPERATURES)]
             if quick:
                 cands = cands[:1] + cands[-1:]
             q["selection"] = [sample_row(s, n, t, seed + 1000)[0] for s, n, t in cands]
@@ -281,7 +282,7 @@ def measure(bundle: Path, absorb: Path, cfg, data, seed: int, quick: bool = Fals
             stems = [Path(n).stem for n in data.names]
             labels = np.array([stems.index(p.stem.split("_", 1)[1])
                                for p in sorted((bundle / "eval" / "heldout").glob("*.png"))])
-            step = max(1, len(held) // (8 if quick else 64))
+            step = max(2, len(held) // (8 if quick else 64))  # chosen on other crops than reported
             chosen_on, report = np.arange(len(held))[step // 2::step], np.arange(len(held))[::step]
 
             def continuation(pick, edge, seed_):

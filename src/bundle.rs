@@ -419,7 +419,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
         }
     }
     if let Some(e) = s.outpaint_edge {
-        if 2 * e >= t.height.min(t.width) {
+        if e >= t.height.min(t.width).div_ceil(2) {
             return Err(format!(
                 "sampling.outpaint_edge is {e}, must be less than half the tokens grid {}x{} \
                  (some of an input's tokens must stay)",
@@ -582,6 +582,9 @@ mod tests {
         j["sampling"]["outpaint_edge"] = (side / 2 - 1).into();
         assert_eq!(parse(&j).unwrap().sampling.outpaint_edge, Some((side / 2 - 1) as usize));
         j["sampling"]["outpaint_edge"] = (side / 2).into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.outpaint_edge"), "{e}");
+        j["sampling"]["outpaint_edge"] = u64::MAX.into();
         let e = parse(&j).unwrap_err().to_string();
         assert!(e.contains("sampling.outpaint_edge"), "{e}");
         j["sampling"]["outpaint_edge"] = (-1).into();

@@ -317,9 +317,9 @@ pub fn check_codes(grids: &[Vec<i64>], grid: [usize; 2], k: usize) -> Result<()>
 pub fn outpaint_edge_token(r: usize, c: usize, kgrid: [usize; 2], extend: [usize; 4], edge: usize) -> bool {
     let [left, right, up, down] = extend;
     (left > 0 && c < edge)
-        || (right > 0 && c + edge >= kgrid[1])
+        || (right > 0 && c >= kgrid[1].saturating_sub(edge))
         || (up > 0 && r < edge)
-        || (down > 0 && r + edge >= kgrid[0])
+        || (down > 0 && r >= kgrid[0].saturating_sub(edge))
 }
 
 /// Pixels added around an image by outpainting, `[left, right, up, down]`, checked to be whole
@@ -745,6 +745,21 @@ mod tests {
         assert_eq!(marked([0, 8, 0, 0], 1), (0..4).map(|r| (r, 5)).collect::<Vec<_>>());
         assert_eq!(marked([8, 0, 0, 0], 2).len(), 8, "two columns on the left");
         assert_eq!(marked([0, 0, 8, 0], 1), (0..6).map(|c| (0, c)).collect::<Vec<_>>());
+        let right2 = marked([0, 8, 0, 0], 2);
+        assert!(
+            right2.len() == 8 && right2.iter().all(|&(_, c)| c == 4 || c == 5),
+            "{right2:?}"
+        );
+        let down2 = marked([0, 0, 0, 8], 2);
+        assert!(
+            down2.len() == 12 && down2.iter().all(|&(r, _)| r == 2 || r == 3),
+            "{down2:?}"
+        );
+        assert_eq!(
+            marked([0, 8, 0, 0], usize::MAX).len(),
+            24,
+            "a huge edge does not overflow"
+        );
         // All four sides, depth 1: the ring of 4 x 6 = 24 - (2 x 4) = 16 tokens.
         let ring = marked([4, 4, 4, 4], 1);
         assert_eq!(ring.len(), 16);

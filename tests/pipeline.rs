@@ -398,6 +398,64 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
 }
 
 #[test]
+fn outpainting_regenerates_exactly_the_edge_it_is_asked_to_and_keeps_the_rest() {
+    let mut p = pipeline();
+    let spec = p.bundle().manifest().image.clone();
+    let path = &common::heldout()[3].0;
+    let known = p.encode(&image::load_image(path, &spec).unwrap()).unwrap().0;
+    // 16 pixels (4 tokens) right, 8 (2 tokens) down: a 10x12 grid, the input's 8x8 top-left.
+    for (edge, sampled) in [(0, 120 - 64), (1, 120 - 7 * 7), (2, 120 - 6 * 6), (3, 120 - 5 * 5)] {
+        let img = image::load_image(path, &spec).unwrap();
+        let job = Job::outpaint(
+            p.bundle(),
+            img,
+            [0, 16, 0, 8],
+            5,
+            &Sampling::default(),
+            &Canvas::default(),
+            true,
+            Some(edge),
+            None,
+        )
+        .unwrap();
+        assert_eq!(job.masked_tokens(p.bundle()), sampled, "edge {edge}: tokens to sample");
+        let mut revealed = 0;
+        let made = p
+            .run(&job, &mut Progress::steps(&mut |r| revealed += r.revealed))
+            .unwrap();
+        assert_eq!(revealed, sampled, "edge {edge}: tokens the run revealed");
+        let out = &made.tokens[0];
+        for r in 0..8 {
+            for c in 0..8 {
+                if r < 8 - edge && c < 8 - edge {
+                    assert_eq!(
+                        out[r * 12 + c],
+                        known[r * 8 + c],
+                        "edge {edge}: kept token ({r}, {c}) changed"
+                    );
+                }
+            }
+        }
+    }
+    let img = image::load_image(path, &spec).unwrap();
+    let refused = Job::outpaint(
+        p.bundle(),
+        img,
+        [0, 16, 0, 8],
+        5,
+        &Sampling::default(),
+        &Canvas::default(),
+        true,
+        Some(4),
+        None,
+    );
+    let Err(e) = refused else {
+        panic!("edge 4 of an 8x8 grid was accepted")
+    };
+    assert!(e.to_string().contains("outpaint-edge"), "{e}");
+}
+
+#[test]
 fn an_image_larger_than_the_bundle_encodes_tile_by_tile() {
     let mut p = pipeline();
     let spec = p.bundle().manifest().image.clone();

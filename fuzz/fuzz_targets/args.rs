@@ -1,4 +1,4 @@
-//! The CLI's textual arguments (`--grid`, `--stride`, `--extend`, `--rect`, `--temperature`,
+//! The CLI's textual arguments (`--grid`, `--stride`, `--extend` with `--outpaint-edge`, `--rect`, `--temperature`,
 //! `--shard`), each then used as the CLI uses it: the first byte picks the flag.
 #![no_main]
 
@@ -57,7 +57,20 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             if let Ok(extend) = parse_extend(text) {
-                let _ = Job::outpaint(bundle, blank(), extend, 0, &sampling, &Canvas::default(), true, None);
+                // --outpaint-edge: the bundle's, a fuzzed (maybe huge) one, and a small one
+                for edge in [None, Some(extend[0]), Some(text.len() % 5)] {
+                    let _ = Job::outpaint(
+                        bundle,
+                        blank(),
+                        extend,
+                        0,
+                        &sampling,
+                        &Canvas::default(),
+                        true,
+                        edge,
+                        None,
+                    );
+                }
             }
         }
         3 => {

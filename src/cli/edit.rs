@@ -75,7 +75,7 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     image::write_png(&a.out, pixels, Some(&meta))?;
     let windows = job.tiling.as_ref().map_or(1, |t| t.windows());
     eprintln!(
-        "extended {width}x{height} to {}x{} ({masked} new tokens, {windows} windows); wrote {}",
+        "extended {width}x{height} to {}x{} ({masked} tokens sampled, {windows} windows); wrote {}",
         pixels.width,
         pixels.height,
         a.out.display()
