@@ -374,6 +374,7 @@ def readme(q: dict, source: str) -> str:
                      for r in q["steps_table"] + q["temperature_table"])
     grid = c["img_size"] // 2 ** (len(c["ch_mult"]) - 1)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
+    on = f"; autoencoder and prior on {q['device']}" if q.get("device", "cpu") != "cpu" else ""
     chosen = "" if "selection" not in q else (
         " Sampler, steps and temperature are the most confident choice whose digits each make 5-15% of the"
         " samples (else: all present, none above 25%), on validation samples of another seed: " + ", ".join(
@@ -399,7 +400,7 @@ Everything below is also in `eval/quality.json`. Graphs: ONNX opset {q['opset']}
   {c['prior_batch']}, lr {c['prior_lr']} (warmup {c['warmup']}, cosine), EMA {c['ema']}; t ~ U{{1..{c['mask_T']}}},
   tokens masked with probability t/{c['mask_T']}, cross-entropy on masked tokens averaged per example.
 - Default sampling (model.json): the {s['sampler']} sampler, {s['steps']} steps, temperature {s['temperature']}.{chosen}
-- Wall time on a 2-core VM ({"bfloat16" if q.get("prior_bf16") else "float32"} products in the prior): {times}.
+- Wall time on a 2-core VM ({"bfloat16" if q.get("prior_bf16") else "float32"} products in the prior{on}): {times}.
 
 ## Quality (measured on the shipped graphs with onnxruntime)
 

@@ -157,6 +157,7 @@ def main(argv=None):
     p.add_argument("--heldout", type=float, default=0.2, help="fraction held out, never trained on (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help=T.DEVICE_HELP)
     p.add_argument("--absorb", type=Path, default=Path("target/release/absorb"),
                    help="the absorb binary that measures the exported bundle (default target/release/absorb)")
     p.add_argument("--quick", action="store_true", help="a few iterations only: a smoke test, not a model")
@@ -164,6 +165,7 @@ def main(argv=None):
                    help="override a training setting of train.Config (e.g. --set prior_iters=6000)")
     args = p.parse_args(argv)
     try:
+        args.dev = T.device(args.device)
         if args.size % 4 or args.size < 8:
             raise TrainError(f"--size {args.size} must be a multiple of 4 and at least 8")
         if not 0 < args.heldout < 1:
@@ -183,6 +185,7 @@ def main(argv=None):
 
 
 def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
+    """args: main's, with args.dev the checked torch device."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -190,14 +193,14 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     print(f"train {name}: {data.mode} of {len(data.names)} sources, {asdict(cfg)} at {commit}")
 
     t0 = time.time()
-    ae = T.train_autoencoder(cfg, drawer(data, S), gen)
-    ae = T.finetune_decoder(cfg, ae, drawer(data, S), gen)
+    ae = T.train_autoencoder(cfg, drawer(data, S), gen, args.dev)
+    ae = T.finetune_decoder(cfg, ae, drawer(data, S), gen, args.dev)
     seconds["autoencoder"] = time.time() - t0
     n_tokens = 512 if args.quick else 20000  # a fixed set of crops, encoded once, for the prior
     x_prior, _ = fixed_set(data, "train", n_tokens, S, cfg.seed + 1)
     tokens = T.encode_all(ae, x_prior).flatten(1)
     t0 = time.time()
-    prior = T.train_prior(cfg, tokens, gen)
+    prior = T.train_prior(cfg, tokens, gen, dev=args.dev)
     seconds["prior"] = time.time() - t0
 
     t0 = time.time()
@@ -209,6 +212,7 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     t0 = time.time()
     flags = f"--images {args.images} --out {out} --size {S} --seed {cfg.seed}" + (" --quick" if args.quick else "")
     flags += "".join(f" --set {kv}" for kv in args.set)
+    flags += f" --device {args.dev}" if args.dev.type != "cpu" else ""
     source = f"python -m export train {flags} at {commit}"
     grid = cfg.vq.token_size
     # Stationary data: overlapping windows (half a window apart, a quarter-window margin) are the
@@ -226,7 +230,7 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 1)
     q = {**q, "train_seconds": seconds, "config": asdict(cfg), "mode": data.mode, "sources": data.names,
-         "commit": commit, "opset": OPSET, "threads": torch.get_num_threads()}
+         "commit": commit, "opset": OPSET, "threads": torch.get_num_threads(), "device": str(args.dev)}
     measured = json.loads((out / "model.json").read_text())["graphs"]
     metrics = {"heldout_png_psnr_db": q["heldout_png_psnr_db"], "kid_x1000": q["samples"]["kid_x1000"],
                "heldout_kid_x1000": q["reference"]["train_crops"]["kid_x1000"]}

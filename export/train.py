@@ -25,6 +25,10 @@ import torch.nn.functional as F
 
 from .model import Autoencoder, PriorConfig, Transformer, VQConfig
 
+CPU = torch.device("cpu")
+DEVICE_HELP = ("where the autoencoder and the prior train: cpu (default), cuda, cuda:N or mps; the classifier or "
+               "judge, export and measurement run on the CPU")
+
 
 @dataclass
 class Config:
@@ -168,17 +172,42 @@ def draw_from(x_train, shift: int = 0, cfg: Config | None = None):
     return draw
 
 
-def train_autoencoder(cfg: Config, draw, gen: torch.Generator) -> Autoencoder:
-    """draw(n, gen) -> a training batch (n, C, S, S) in [0, 1]."""
-    ae = Autoencoder(cfg.vq)
+def device(name: str) -> torch.device:
+    """--device NAME -> a torch device the autoencoder and prior train on (cpu, cuda, cuda:N, mps).
+    Raises ValueError naming the flag when this torch or machine has no such device. Random draws stay
+    on the CPU generator whatever the device, so the data and masks are the same on every device."""
+    try:
+        d = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a torch device ({e}); use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                             f"False: no NVIDIA GPU or driver here, or a CPU-only torch build)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this torch sees no Apple GPU (torch.backends.mps.is_available() is False)")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: use cpu, cuda, cuda:N or mps")
+    return d
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device = CPU) -> Autoencoder:
+    """draw(n, gen) -> a training batch (n, C, S, S) in [0, 1]. Trains on `dev`, returns on the CPU."""
+    ae = Autoencoder(cfg.vq).to(dev)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9))
     K = cfg.codebook_size
-    used = torch.zeros(K, dtype=torch.bool)
+    used = torch.zeros(K, dtype=torch.bool, device=dev)
     t0 = time.time()
     for it in range(cfg.ae_iters):
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.ae_iters, cfg.ae_lr, cfg.ae_iters // 20 + 1)
-        x = draw(cfg.ae_batch, gen)  # (B, C, S, S)
+        x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
         x_rec, vq_loss, tokens = ae(x)
         rec = F.mse_loss(x_rec, x) + 0.1 * (x_rec - x).abs().mean()
         loss = rec + vq_loss
@@ -192,27 +221,29 @@ def train_autoencoder(cfg: Config, draw, gen: torch.Generator) -> Autoencoder:
                 with torch.no_grad():
                     z = ae.encode(x).permute(0, 2, 3, 1).reshape(-1, cfg.emb_dim)  # (B*h*w, D)
                     pick = torch.randint(0, len(z), (len(dead),), generator=gen)
-                    ae.quantize.embedding.weight[dead] = z[pick]
+                    ae.quantize.embedding.weight[dead] = z[pick.to(dev)]
             used.zero_()
         if it % 100 == 0 or it == cfg.ae_iters - 1:
             psnr = -10 * math.log10(F.mse_loss(x_rec.clamp(0, 1), x).item() + 1e-12)
             print(f"ae {it:5d} loss {loss.item():.4f} vq {vq_loss.item():.4f} psnr {psnr:.1f} dB "
                   f"{time.time() - t0:.0f}s")
-    return ae.eval()
+    return ae.cpu().eval()
 
 
-def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator) -> Autoencoder:
+def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, dev: torch.device = CPU) -> Autoencoder:
     """Decoder only (encoder and codebook fixed): decode token grids in which a random fraction, up to
-    cfg.token_noise, is replaced by random codes, to the clean image; sampled grids have such slips."""
+    cfg.token_noise, is replaced by random codes, to the clean image; sampled grids have such slips.
+    Trains on `dev`, returns on the CPU."""
+    ae = ae.to(dev)
     opt = torch.optim.Adam(ae.generator.parameters(), lr=cfg.ae_lr / 4, betas=(0.5, 0.9))
     K, t0 = cfg.codebook_size, time.time()
     for it in range(cfg.denoise_iters):
-        x = draw(cfg.ae_batch, gen)  # (B, C, S, S)
+        x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
         with torch.no_grad():
-            tokens = ae.quantize_tokens(ae.encode(x))  # (B, h, w)
+            tokens = ae.quantize_tokens(ae.encode(x)).cpu()  # (B, h, w)
         frac = cfg.token_noise * torch.rand(len(x), 1, 1, generator=gen)
         swap = torch.rand(tokens.shape, generator=gen) < frac
-        noisy = torch.where(swap, torch.randint(0, K, tokens.shape, generator=gen), tokens)
+        noisy = torch.where(swap, torch.randint(0, K, tokens.shape, generator=gen), tokens).to(dev)
         x_rec = ae.decode_tokens(noisy)
         loss = F.mse_loss(x_rec, x) + 0.1 * (x_rec - x).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -220,13 +251,14 @@ def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator) -
         opt.step()
         if it % 100 == 0 or it == cfg.denoise_iters - 1:
             print(f"decoder {it:5d} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-    return ae.eval()
+    return ae.cpu().eval()
 
 
 @torch.no_grad()
 def encode_all(ae: Autoencoder, x, batch: int = 256):
-    """(N, 1, S, S) -> (N, h, w) int64 tokens."""
-    return torch.cat([ae.quantize_tokens(ae.encode(x[i:i + batch])) for i in range(0, len(x), batch)])
+    """(N, C, S, S) -> (N, h, w) int64 tokens on the CPU, computed on the autoencoder's device."""
+    d = device_of(ae)
+    return torch.cat([ae.quantize_tokens(ae.encode(x[i:i + batch].to(d))).cpu() for i in range(0, len(x), batch)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +271,9 @@ def prior_loss(prior: Transformer, x0, mask_T: int, gen: torch.Generator):
     B, L = x0.shape
     K = prior.cfg.codebook_size
     t = torch.randint(1, mask_T + 1, (B, 1), generator=gen)
-    mask = torch.rand(B, L, generator=gen) < t / mask_T  # (B, L)
+    mask = torch.rand(B, L, generator=gen) < t / mask_T  # (B, L), drawn on the CPU generator
     mask[torch.arange(B), torch.randint(0, L, (B,), generator=gen)] = True  # at least one target
+    mask = mask.to(x0.device)
     x_t = torch.where(mask, torch.full_like(x0, K), x0)
     logits = prior(x_t)  # (B, L, K)
     ce = F.cross_entropy(logits.reshape(B * L, K), x0.reshape(-1), reduction="none").view(B, L)
@@ -250,8 +283,9 @@ def prior_loss(prior: Transformer, x0, mask_T: int, gen: torch.Generator):
 @torch.no_grad()
 def heldout_loss(prior: Transformer, tokens, mask_T: int, seed: int = 0) -> float:
     """prior_loss on held-out token rows with fixed masks (the same every call). (N, L) -> float"""
-    gen = torch.Generator().manual_seed(seed)
-    return float(np.mean([prior_loss(prior, tokens[i:i + 128], mask_T, gen).item() for i in range(0, len(tokens), 128)]))
+    gen, d = torch.Generator().manual_seed(seed), device_of(prior)
+    return float(np.mean([prior_loss(prior, tokens[i:i + 128].to(d), mask_T, gen).item()
+                          for i in range(0, len(tokens), 128)]))
 
 
 def bf16_matmul_in_hardware() -> bool:
@@ -280,31 +314,41 @@ def overrides(sets: list[str]) -> dict:
     return out
 
 
-def use_bf16(cfg) -> bool:
+def use_bf16(cfg, dev: torch.device = None) -> bool:
+    """bf16 autocast for the prior: "auto" = where the device multiplies bf16 in hardware (CPU: AMX
+    or AVX-512 BF16; CUDA: compute capability 8 or more; MPS: no)."""
     mode = getattr(cfg, "prior_bf16", "off")
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"prior_bf16 is {mode!r}, must be auto, on or off")
-    return mode == "on" or (mode == "auto" and bf16_matmul_in_hardware())
+    kind = (dev or CPU).type
+    def cuda_bf16():  # Ampere and later multiply bf16 natively (is_bf16_supported() also counts emulation)
+        return torch.cuda.get_device_capability(dev)[0] >= 8
+
+    hardware = {"cpu": bf16_matmul_in_hardware, "cuda": cuda_bf16}.get(kind, lambda: False)
+    return mode == "on" or (mode == "auto" and hardware())
 
 
-def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=None) -> Transformer:
+def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=None,
+                dev: torch.device = CPU) -> Transformer:
     """tokens: (N, L) int64. token_aug: optional fn(batch_tokens, gen) -> batch_tokens. held: optional
-    (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss."""
-    prior = Transformer(cfg.prior)
-    ema = Transformer(cfg.prior)
+    (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss. Trains on
+    `dev`, returns the EMA weights on the CPU."""
+    prior = Transformer(cfg.prior).to(dev)
+    ema = Transformer(cfg.prior).to(dev)
     ema.load_state_dict(prior.state_dict())
     decay = [p for n, p in prior.named_parameters() if p.dim() >= 2 and "emb" not in n]
     other = [p for n, p in prior.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.prior_lr, betas=(0.9, 0.99))
-    t0, avg, bf16 = time.time(), None, use_bf16(cfg)
-    print(f"prior: {sum(p.numel() for p in prior.parameters())} parameters, {'bfloat16' if bf16 else 'float32'} products")
+    t0, avg, bf16 = time.time(), None, use_bf16(cfg, dev)
+    print(f"prior: {sum(p.numel() for p in prior.parameters())} parameters on {dev}, "
+          f"{'bfloat16' if bf16 else 'float32'} products")
     for it in range(cfg.prior_iters):
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.prior_iters, cfg.prior_lr, cfg.warmup)
         idx = torch.randint(0, len(tokens), (cfg.prior_batch,), generator=gen)
-        x0 = tokens[idx] if token_aug is None else token_aug(tokens[idx], gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x0 = (tokens[idx] if token_aug is None else token_aug(tokens[idx], gen)).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = prior_loss(prior, x0, cfg.mask_T, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -317,7 +361,7 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
         if it % 250 == 0 or it == cfg.prior_iters - 1:
             val = "" if held is None else f" held-out {heldout_loss(ema, held, cfg.mask_T):.4f}"
             print(f"prior {it:5d} loss {avg:.4f}{val} {time.time() - t0:.0f}s")
-    return ema.eval()
+    return ema.cpu().eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +387,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few iterations only: a smoke test, not a model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--data", type=Path, help="where export/data.py keeps the MNIST file (default ~/.cache/absorb/data)")
     p.add_argument("--absorb", type=Path, default=Path(os.environ.get("ABSORB_BIN", "target/release/absorb")),
                    help="the absorb binary that measures the samples (default $ABSORB_BIN or target/release/absorb)")
@@ -358,6 +403,7 @@ def main(argv=None):
         p.error(f"--absorb {args.absorb} does not exist: build it first (make build)")
     try:
         cfg = Config(seed=args.seed, **{**(QUICK if args.quick else {}), **overrides(args.set)})
+        dev = device(args.device)
     except ValueError as e:
         p.error(str(e))
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -384,20 +430,22 @@ def main(argv=None):
         ae.load_state_dict(saved["ae"])
         prior.load_state_dict(saved["prior"])
         ae, prior, seconds = ae.eval(), prior.eval(), dict(saved["seconds"])
+        trained_on = saved.get("trained_on", {"device": "cpu", "prior_bf16": use_bf16(cfg)})
         print(f"resumed stages 1-2 from {ckpt}")
     else:
         t0 = time.time()
-        ae = train_autoencoder(cfg, draw_from(x_train, cfg.shift, cfg), gen)
-        ae = finetune_decoder(cfg, ae, draw_from(x_train, 0, cfg), gen)
+        ae = train_autoencoder(cfg, draw_from(x_train, cfg.shift, cfg), gen, dev)
+        ae = finetune_decoder(cfg, ae, draw_from(x_train, 0, cfg), gen, dev)
         seconds["autoencoder"] = time.time() - t0
         copies = [x_train] + [affine_batch(x_train, cfg, gen) for _ in range(cfg.prior_copies - 1)]
         tokens = torch.cat([encode_all(ae, x) for x in copies]).flatten(1)  # (copies * N, L)
         t0 = time.time()
-        prior = train_prior(cfg, tokens, gen, held=encode_all(ae, x_held).flatten(1))
+        prior = train_prior(cfg, tokens, gen, held=encode_all(ae, x_held).flatten(1), dev=dev)
         seconds["prior"] = time.time() - t0
+        trained_on = {"device": str(dev), "prior_bf16": use_bf16(cfg, dev)}
         ckpt.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": stage12, "ae": ae.state_dict(), "prior": prior.state_dict(), "seconds": seconds},
-                   ckpt / "stages12.pt.tmp")
+        torch.save({"config": stage12, "ae": ae.state_dict(), "prior": prior.state_dict(), "seconds": seconds,
+                    "trained_on": trained_on}, ckpt / "stages12.pt.tmp")
         os.replace(ckpt / "stages12.pt.tmp", ckpt / "stages12.pt")
         print(f"saved stages 1-2 to {ckpt} (python -m export train-digits ... --resume takes them from there)")
     t0 = time.time()
@@ -408,6 +456,7 @@ def main(argv=None):
 
     t0 = time.time()
     flags = f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
+    flags += f" --device {trained_on['device']}" if trained_on["device"] != "cpu" else ""
     source = f"python -m export train-digits {flags} at {commit}"
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name="digits", steps=cfg.steps,
                  temperature=cfg.temperature or 1.0, source=source)  # measure() may choose the temperature
@@ -424,7 +473,7 @@ def main(argv=None):
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 1)
     q = {**q, "train_seconds": seconds, "config": asdict(cfg), "commit": commit, "opset": OPSET,
-         "prior_bf16": use_bf16(cfg)}
+         **trained_on}
     (out / "eval" / "quality.json").write_text(json.dumps(q, indent=2) + "\n")
     C.save_png(C.grid_image(imgs[:64]), out / "samples.png", scale=2)
     metrics = {k: q[k] for k in ("heldout_png_psnr_db", "real_mean_confidence", "codebook_usage")}

@@ -3,6 +3,7 @@ measures of judge.py; plus the committed scenes bundle against its stated number
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,12 @@ def test_crops_never_come_from_the_held_out_columns():
     ({"a.png": (32, 32, True), "b.png": (40, 40, True)}, ["--mode", "whole"], "needs every image 32x32"),
     ({"a.png": (64, 64, True)}, ["--size", "30"], "multiple of 4"),
     ({"a.png": (64, 64, True)}, ["--set", "nope=1"], "no setting 'nope'"),
+    ({"a.png": (64, 64, True)}, ["--device", "tpu"], "--device tpu"),
 ])
 def test_bad_folders_and_flags_are_refused_naming_the_problem(tmp_path, capsys, specs, flags, message):
     src = folder(tmp_path, specs)
     with pytest.raises(SystemExit) as e:
-        images.main(["--images", str(src), "--out", str(tmp_path / "o"), "--absorb", "/bin/true", *flags])
+        images.main(["--images", str(src), "--out", str(tmp_path / "o"), "--absorb", sys.executable, *flags])
     assert message in str(e.value)
     assert not (tmp_path / "o").exists()
 

@@ -2,10 +2,12 @@
 models/digits bundle against its bar."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from export import train
 from export.classifier import BAR, confidence, schedule, session
@@ -118,3 +120,23 @@ def test_set_flags_become_typed_settings_and_bad_ones_are_named():
 def test_a_temperature_schedule_is_read_from_its_text():
     assert schedule(0.7) == (0.7, None)
     assert schedule("1.2:0.4") == (1.2, 0.4)
+
+
+def test_devices_are_checked_before_training_and_named(tmp_path, capsys):
+    T = train
+    assert T.device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device tpu"):
+        T.device("tpu")
+    with pytest.raises(ValueError, match="--device nonsense"):
+        T.device("nonsense")
+    if not torch.cuda.is_available():  # this machine: refused, saying why
+        with pytest.raises(ValueError, match="--device cuda: this torch sees no CUDA device"):
+            T.device("cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            T.device(f"cuda:{torch.cuda.device_count()}")
+    # the whole command refuses it before anything is written, naming it
+    with pytest.raises(SystemExit):
+        T.main(["--out", str(tmp_path / "o"), "--quick", "--device", "tpu", "--absorb", sys.executable])
+    assert "--device tpu" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
