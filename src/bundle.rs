@@ -152,6 +152,12 @@ pub struct SamplingDefaults {
     pub outpaint_edge: Option<usize>,
 }
 
+/// Whether an outpaint edge of `edge` tokens leaves some of an input whose grid is at least the
+/// trained `grid` `[h, w]`: less than half its smaller side (no arithmetic on `edge`).
+pub fn outpaint_edge_fits(edge: usize, grid: [usize; 2]) -> bool {
+    edge < grid[0].min(grid[1]).div_ceil(2)
+}
+
 /// The three graphs of a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GraphKind {
@@ -419,7 +425,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
         }
     }
     if let Some(e) = s.outpaint_edge {
-        if e >= t.height.min(t.width).div_ceil(2) {
+        if !outpaint_edge_fits(e, [t.height, t.width]) {
             return Err(format!(
                 "sampling.outpaint_edge is {e}, must be less than half the tokens grid {}x{} \
                  (some of an input's tokens must stay)",

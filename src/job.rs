@@ -458,7 +458,7 @@ impl Job {
         check_tileable(&image, bundle)?;
         let trained = trained_grid(bundle);
         let edge = edge.or(bundle.manifest().sampling.outpaint_edge).unwrap_or(0);
-        if edge >= trained[0].min(trained[1]).div_ceil(2) {
+        if !crate::bundle::outpaint_edge_fits(edge, trained) {
             return Err(Error::param(
                 "outpaint-edge",
                 format!(
