@@ -100,7 +100,7 @@ ZIG_VENV     := $(HOME)/.cache/absorb/zig-0.17.0
 ORT_SHA256_1.31.1_aarch64 := da05378364c44d4407e463982d2bf8d5e4cfea873283757e48beeb41df97b7f3
 ORT_ARM_LIB  := .ort/aarch64/$(ORT_VERSION)/libonnxruntime.so
 
-.PHONY: cross cross-tools cross-test
+.PHONY: cross cross-tools cross-test goldens-avx2
 cross-tools: $(ZIG_VENV)/.installed
 	rustup target list --installed | grep -qx $(CROSS_TARGET) || rustup target add $(CROSS_TARGET)
 $(ZIG_VENV)/.installed:
@@ -125,6 +125,21 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
 test: lint rust-test fuzz-smoke browser-test pytest cross-test verify-unit verify-k8s
+
+# The golden bytes of the AVX2 family (x86-64 without AVX-512: tests/golden/*-x86_64-avx2.json) on
+# any x86-64 machine: the golden tests run their absorb processes under qemu-user emulating an AMD
+# EPYC Rome (AVX2 and FMA, no AVX-512), whose kernels ONNX Runtime picks by CPUID (checked: it
+# reproduces, hash for hash, what an AVX2 EPYC wrote, wide.png included, which AVX-512 rounds
+# differently). Needs qemu 7.2 or newer (AVX2 in its emulator; the test checks the family the binary
+# sees). About 10 minutes. Compares; `make goldens-avx2 GOLDEN_WRITE=1` rewrites the files (after a
+# change meant to alter bytes, e.g. a retrained bundle).
+goldens-avx2: ort
+	command -v qemu-x86_64 >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user; }
+	ABSORB_TEST_RUNNER="qemu-x86_64 -cpu EPYC-Rome" ABSORB_TEST_GOLDEN_KEY=x86_64-avx2 \
+	  $(if $(filter 1,$(GOLDEN_WRITE)),ABSORB_GOLDEN_WRITE=1) \
+	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) cargo test --release --features $(FEATURES) \
+	  --test cli --test server golden_bytes -- --test-threads 1
 
 # The page of `absorb serve` in a real browser (tests/browser/ui.mjs): Debian's Chromium (apt, as
 # root) driven headless by playwright-core (npm, pinned by tests/browser/package-lock.json, into

@@ -47,7 +47,7 @@ impl Server {
                     .push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         });
-        let mut child = Command::new(env!("CARGO_BIN_EXE_absorb"))
+        let mut child = common::absorb_command()
             .args(["serve", "-m", &model_arg(), "--listen", "127.0.0.1:0", "--threads", "1"])
             .args(extra)
             .env("NOTIFY_SOCKET", &sock)
@@ -203,7 +203,8 @@ impl Reply {
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let minutes = if common::under_runner() { 30 } else { 2 };
+    s.set_read_timeout(Some(Duration::from_secs(60 * minutes))).unwrap();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -1109,7 +1110,13 @@ fn larger_grids_outpainting_and_previews_answer_with_the_cli_bytes() {
 /// `golden_bytes_of_every_kind_of_output` cases of tests/cli.rs, as HTTP requests.
 #[test]
 fn golden_bytes_of_every_kind_of_answer() {
-    let s = Server::start(&[], &[]);
+    // Under an emulator (`make goldens-avx2`) a request takes minutes, not the 60 s default.
+    let slow: &[&str] = if common::under_runner() {
+        &["--timeout-ms", "1800000"]
+    } else {
+        &[]
+    };
+    let s = Server::start(slow, &[]);
     let digit = B64.encode(std::fs::read(&common::heldout()[0].0).unwrap());
     let cases: Vec<(&str, &str, String)> = vec![
         ("generate", "/v1/generate", r#"{"seed": 7}"#.into()),

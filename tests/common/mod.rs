@@ -106,9 +106,31 @@ pub fn heldout_tensors(p: &Pipeline) -> Vec<Tensor> {
         .collect()
 }
 
+/// The absorb binary as a command. `ABSORB_TEST_RUNNER` (a program and its flags, e.g.
+/// `qemu-x86_64 -cpu EPYC-Rome`) runs it under that program, so that this machine can make the
+/// bytes of another CPU family (`make goldens-avx2`); unset, the binary runs as it is. Only the
+/// tests that go through this function (`absorb`, the service's `Server::start`) honour it.
+pub fn absorb_command() -> Command {
+    let runner = std::env::var("ABSORB_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(env!("CARGO_BIN_EXE_absorb"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_absorb")),
+    }
+}
+
+/// Whether the binary runs under `ABSORB_TEST_RUNNER` (an emulator: every call is 10-50x slower).
+pub fn under_runner() -> bool {
+    std::env::var("ABSORB_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+}
+
 /// The absorb binary, run in `dir`, with stdin closed.
 pub fn absorb(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_absorb"))
+    absorb_command()
         .args(args)
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
@@ -130,16 +152,49 @@ pub fn sha256(bytes: &[u8]) -> String {
     absorb::bundle::sha256_hex(bytes)
 }
 
+/// `{arch}-{int8 kernel}` of the CPU the absorb binary sees: this machine's, or under
+/// `ABSORB_TEST_RUNNER` the emulated one's (as `absorb info` reports it), which must then equal
+/// `ABSORB_TEST_GOLDEN_KEY`: an emulator that drops a feature (qemu before 7.2 has no AVX2) or a
+/// host flag read from /proc/cpuinfo (AMX) would otherwise file the bytes under another family.
+pub fn golden_key() -> String {
+    if under_runner() {
+        let o = absorb_command()
+            .args(["info", "-m", &model_arg()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run absorb info under ABSORB_TEST_RUNNER");
+        assert!(
+            o.status.success(),
+            "absorb info under ABSORB_TEST_RUNNER: {}",
+            stderr(&o)
+        );
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).expect("absorb info prints JSON");
+        let cpu = &info["cpu"];
+        let key = format!(
+            "{}-{}",
+            cpu["arch"].as_str().unwrap(),
+            cpu["int8_kernel"].as_str().unwrap()
+        );
+        let want = std::env::var("ABSORB_TEST_GOLDEN_KEY").expect("ABSORB_TEST_RUNNER needs ABSORB_TEST_GOLDEN_KEY");
+        assert_eq!(
+            key, want,
+            "the binary under ABSORB_TEST_RUNNER sees CPU family {key}, not {want}"
+        );
+        return key;
+    }
+    let cpu = absorb::cpu::detect();
+    format!("{}-{}", cpu.arch, cpu.int8_kernel.name())
+}
+
 /// Compares `got` (case -> sha256 of the bytes made) with `tests/golden/SUITE-KEY.json`, where
-/// KEY is this machine's `{arch}-{int8 kernel}`: PNG bytes are promised only for the same build,
+/// KEY is `golden_key()`, the CPU family the binary ran on: PNG bytes are promised only for the same build,
 /// provider and CPU family (ONNX Runtime's float kernels differ in the last bits between AVX2,
 /// AVX-512 and NEON, and a decoder value near a rounding boundary moves). No file for this CPU
 /// family: the hashes are written under target/ to be committed, and nothing is compared.
 /// `ABSORB_GOLDEN_WRITE=1` rewrites the committed file (only for a change that is meant to
 /// alter bytes: say so in the changelog).
 pub fn check_golden(suite: &str, got: &std::collections::BTreeMap<String, String>) {
-    let cpu = absorb::cpu::detect();
-    let key = format!("{}-{}", cpu.arch, cpu.int8_kernel.name());
+    let key = golden_key();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("tests/golden").join(format!("{suite}-{key}.json"));
     let text = serde_json::to_string_pretty(got).unwrap() + "\n";
