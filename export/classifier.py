@@ -404,7 +404,7 @@ Everything below is also in `eval/quality.json`. Graphs: ONNX opset {q['opset']}
 
 ## Quality (measured on the shipped graphs with onnxruntime)
 
-- Reconstruction PSNR (encode, decode, clamp) on the 100 held-out PNGs: {q['heldout_png_psnr_db']:.2f} dB
+- Reconstruction PSNR (encode, decode, clamp) on the {10 * c['heldout_per_class']} held-out PNGs: {q['heldout_png_psnr_db']:.2f} dB
   (the same digits before 8-bit rounding: {q['heldout_psnr_db']:.2f} dB; train set: {q['train_png_psnr_db']:.2f} dB).
 - Codebook usage on the train set: {q['codebook_usage']:.3f} of the codes, perplexity {q['codebook_perplexity']:.1f}.
 - Classifier `eval/classifier.onnx` (11 classes, 10 = "not a digit"; confidence = max digit probability

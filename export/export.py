@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -360,6 +361,17 @@ def git_short_hash() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def clear_stale(out_dir: Path) -> None:
+    """Before a trainer writes a bundle over an older one: remove what belongs to the old weights and
+    would be read with the new ones, since the trainer does not rewrite it (held-out images of
+    another split, which the measurements read back from disk; precision variants of the old
+    transformer and their probe rows). Everything else is rewritten."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir / "eval" / "heldout", ignore_errors=True)
+    for f in [*out_dir.glob("transformer.*.onnx"), out_dir / "eval" / "variant-probe.json"]:
+        f.unlink(missing_ok=True)
 
 
 def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *,

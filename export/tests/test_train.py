@@ -19,7 +19,15 @@ DIGITS = ROOT / "models" / "digits"
 def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
     out = tmp_path / "digits"
     ck = ["--checkpoints", str(tmp_path / "ck")]
+    # written over an older bundle: its held-out images and variants must not survive (they were
+    # read back by the measurements: a stale held-out digit lowered "real" confidence)
+    (out / "eval" / "heldout").mkdir(parents=True)
+    stale = [out / "eval" / "heldout" / "999_7.png", out / "transformer.int8.onnx",
+             out / "eval" / "variant-probe.json"]
+    for f in stale:
+        f.write_bytes(b"old")
     train.main(["--out", str(out), "--quick", "--seed", "3", "--threads", "1", *ck])
+    assert not any(f.exists() for f in stale), [f for f in stale if f.exists()]
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["name"] == "digits"
     K = train.Config().codebook_size
