@@ -217,8 +217,13 @@ fn a_damaged_directory_is_repaired_and_foreign_files_are_moved_aside() {
         err.contains("7-000001.png: pixel data") || err.contains("7-000001.png: not a readable PNG"),
         "{err}"
     );
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&fs::read(common::model_dir().join("model.json")).unwrap()).unwrap();
+    let default_temperature = bundle["sampling"]["temperature"].as_f64().unwrap();
     assert!(
-        err.contains("a PNG of another request (its temperature is 1.0, this run's 0.7)"),
+        err.contains(&format!(
+            "a PNG of another request (its temperature is 1.0, this run's {default_temperature:?})"
+        )),
         "{err}"
     );
     assert_eq!(files(&out, ".png"), good, "every image is this request's again");
