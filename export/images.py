@@ -144,7 +144,7 @@ PRESETS = {
 
 def main(argv=None):
     from . import judge as J
-    from .export import OPSET, clear_stale, write_bundle
+    from .export import OPSET, write_bundle
 
     p = argparse.ArgumentParser(prog="python -m export train", description=__doc__.split("\n")[0])
     p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG images (not recursive)")
@@ -218,6 +218,8 @@ def run(cfg, data: Data, args, name: str, absorb: Path, J, write_bundle, OPSET):
     # Stationary data: overlapping windows (half a window apart, a quarter-window margin) are the
     # default for larger grids; whole images of one subject are not stationary: windows must not overlap.
     tiles = J.default_tiles(data.mode, grid)
+    from .export import clear_stale
+
     clear_stale(out)
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name=name, steps=cfg.steps, temperature=cfg.temperature or 1.0,
                  source=source, **tiles)
