@@ -379,11 +379,13 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  metrics: dict | None = None, parity_atol: float = PARITY_ATOL,
                  window_stride: tuple[int, int] | None = None,
                  window_margin: tuple[int, int] | None = None, sampler: str | None = None,
-                 temperature_end: float | None = None, outpaint_edge: int | None = None) -> Path:
+                 temperature_end: float | None = None, outpaint_edge: int | None = None,
+                 top_p: float | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
+    assert top_p is None or 0 < top_p <= 1, f"top_p {top_p} must be in (0, 1]"
     assert sampler in (None, "absorbing", "even", "maskgit"), f"sampler {sampler!r} is not one absorb has"
     assert not outpaint_edge or 0 < 2 * outpaint_edge < vq.token_size, f"outpaint_edge {outpaint_edge} out of range"
     out_dir = Path(out_dir)
@@ -404,6 +406,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                    for g, (f, _, _) in GRAPHS.items()},
         "sampling": {"steps": int(steps), "temperature": float(temperature),
                      **({"temperature_end": float(temperature_end)} if temperature_end else {}),
+                     **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
                      **({"sampler": sampler} if sampler else {}),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
                      **({"window_margin": [int(v) for v in window_margin]} if window_margin else {}),

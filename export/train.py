@@ -80,6 +80,7 @@ class Config:
     # seed (the paper samples at 0.9 / 0.85)
     temperature: float = 0.0
     temperature_end: float = 0.0  # > 0: a linear schedule from temperature to this (with temperature set)
+    top_p: float = 0.0  # in (0, 1): nucleus sampling (absorb --top-p), with temperature set; 0 = none
     sampler: str = ""
 
     @property
@@ -96,7 +97,7 @@ class Config:
 
 
 # Settings that do not touch the autoencoder or the prior (the sampling defaults): --resume may change them.
-SAMPLING_SETTINGS = ("steps", "temperature", "temperature_end", "sampler")
+SAMPLING_SETTINGS = ("steps", "temperature", "temperature_end", "top_p", "sampler")
 QUICK = dict(prior_copies=1, denoise_iters=2, ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
 
@@ -488,7 +489,7 @@ def main(argv=None):
     tiles = dict(window_stride=(cfg.vq.token_size, cfg.vq.token_size), window_margin=(0, 0))
     t0, t1 = C.schedule(q["samples"]["temperature"])
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name="digits", steps=q["samples"]["steps"], temperature=t0,
-                 temperature_end=t1, sampler=q["samples"]["sampler"], source=source, metrics=metrics, **tiles)  # again, now with the measured numbers in provenance
+                 temperature_end=t1, top_p=C.nucleus(q["samples"]["temperature"]), sampler=q["samples"]["sampler"], source=source, metrics=metrics, **tiles)  # again, now with the measured numbers in provenance
     shipped = json.loads((out / "model.json").read_text())["graphs"]
     assert shipped == measured, f"re-export changed the graphs: {measured} -> {shipped}"
     (out / "README.md").write_text(C.readme(q, source))

@@ -236,6 +236,9 @@ pub struct Entry {
     /// Temperature of the last step of a schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_end: Option<f32>,
+    /// Nucleus (top-p) truncation, when below 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
     /// Execution provider that made the file (from its metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -261,6 +264,7 @@ impl Entry {
             steps: expected.steps.unwrap_or_default(),
             temperature: expected.temperature.unwrap_or_default(),
             temperature_end: expected.temperature_end,
+            top_p: expected.top_p,
             provider: made.provider.clone(),
             absorb: made.absorb.clone(),
         }

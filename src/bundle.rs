@@ -129,6 +129,9 @@ pub struct SamplingDefaults {
     /// Used only when a request gives no temperature of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_end: Option<f32>,
+    /// Nucleus (top-p) truncation in (0, 1] when a request does not give its own; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
     /// Reveal rule when a request does not name one; absent = `absorbing`, the paper's. A bundle
     /// sets it when its own measurements favour another (`python -m export train-digits` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,6 +409,9 @@ fn validate(m: &Manifest) -> Result<(), String> {
         if let Some(t) = t.filter(|t| !(t.is_finite() && *t > 0.0)) {
             return Err(format!("sampling.{name} is {t}, must be a finite number > 0"));
         }
+    }
+    if let Some(p) = s.top_p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
+        return Err(format!("sampling.top_p is {p}, must be a number > 0 and <= 1"));
     }
     let margin = s.window_margin.unwrap_or([0, 0]);
     if let Some([mh, mw]) = s.window_margin {

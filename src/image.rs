@@ -374,6 +374,9 @@ pub struct Metadata {
     /// Temperature of the last step of a linear schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_end: Option<f32>,
+    /// Nucleus (top-p) truncation, when below 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
     /// Execution provider that ran the graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -716,6 +719,7 @@ mod tests {
             steps: Some(5),
             temperature: Some(0.9),
             temperature_end: None,
+            top_p: None,
             provider: Some("cpu".into()),
             variant: None,
             grid: Some([8, 16]),

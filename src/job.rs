@@ -70,6 +70,8 @@ pub struct Sampling {
     pub temperature: Option<f32>,
     /// Temperature of the last step: a linear schedule.
     pub temperature_end: Option<f32>,
+    /// Nucleus (top-p) truncation, in (0, 1]; 1 turns a bundle's default off.
+    pub top_p: Option<f32>,
     /// Reveal rule.
     pub sampler: Option<SamplerKind>,
 }
@@ -93,7 +95,8 @@ impl Sampling {
             &space,
         )?
         .with_sampler(self.sampler.or(d.sampler).unwrap_or_default())
-        .with_temperature_end(temperature_end)
+        .with_temperature_end(temperature_end)?
+        .with_top_p(self.top_p.or(d.top_p))
     }
 }
 
@@ -627,6 +630,7 @@ impl Job {
             steps: None,
             temperature: None,
             temperature_end: None,
+            top_p: None,
             provider: Some(provider.to_string()),
             variant: bundle.variant().map(str::to_string),
             grid: None,
@@ -641,6 +645,7 @@ impl Job {
         meta.steps = Some(self.settings.steps);
         meta.temperature = Some(self.settings.temperature);
         meta.temperature_end = self.settings.temperature_end;
+        meta.top_p = self.settings.top_p;
         let (seed, index) = self.images.get(k).copied().unwrap_or_default();
         meta.seed = Some(seed);
         meta.index = Some(index);
@@ -700,6 +705,8 @@ impl Job {
             steps: m.steps,
             temperature: m.temperature,
             temperature_end: m.temperature_end,
+            // Made before top-p existed, or without it: no truncation (not the bundle's default).
+            top_p: Some(m.top_p.unwrap_or(1.0)),
             sampler: Some(sampler),
         };
         let canvas = Canvas {

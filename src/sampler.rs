@@ -30,6 +30,11 @@
 //!   revealed per step, none after the last.
 //! - A linear temperature schedule `start:end` sets step s's temperature to
 //!   `start + (end - start) s / (S - 1)` (computed in f64).
+//! - Nucleus (top-p) truncation, when set below 1: after the temperature, only the most probable
+//!   codes whose mass first reaches `p` of the total are kept (every code whose weight equals the
+//!   smallest kept one as well), the others get weight 0, and the draw is the same inverse CDF over
+//!   what is left (still one `u64`). MaskGIT's confidence is the log-probability under the
+//!   truncated distribution. Unset (or 1), nothing changes.
 //!
 //! - Larger grids ([`run_tiled`]): the same draws over the big grid's positions in raster order;
 //!   a position's distribution is the mean of its voting windows' softmax probabilities (f64,
@@ -64,6 +69,9 @@ pub struct Settings {
     pub temperature: f32,
     /// Temperature of the last step for a linear schedule; `None` = constant.
     pub temperature_end: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of most probable codes holding this much of the
+    /// probability, in (0, 1]; `None` (or 1) = no truncation.
+    pub top_p: Option<f32>,
     /// Which reveal rule.
     pub sampler: SamplerKind,
 }
@@ -135,8 +143,31 @@ impl Settings {
             steps,
             temperature,
             temperature_end: None,
+            top_p: None,
             sampler: SamplerKind::Absorbing,
         })
+    }
+
+    /// With nucleus (top-p) truncation: `p` finite in (0, 1]; 1 is stored as `None`.
+    pub fn with_top_p(self, p: Option<f32>) -> Result<Settings> {
+        if let Some(p) = p {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(Error::param(
+                    "top_p",
+                    format!("{p} is out of range: must be a number > 0 and <= 1"),
+                ));
+            }
+        }
+        // 1 keeps every code: the same as none, and recorded as none.
+        Ok(Settings {
+            top_p: p.filter(|&p| p < 1.0),
+            ..self
+        })
+    }
+
+    /// The top-p of every step as the draw uses it (1 = off).
+    fn nucleus(&self) -> f64 {
+        self.top_p.map_or(1.0, f64::from)
     }
 
     /// With another sampler.
@@ -332,7 +363,7 @@ pub fn run(
     let mut stats = RunStats::default();
     let mut input: Vec<i64> = Vec::with_capacity(chains.len() * l);
     let mut logits: Vec<f32> = Vec::new();
-    let mut weights: Vec<f64> = vec![0.0; k];
+    let mut weights: Vec<f64> = vec![0.0; 2 * k]; // draw's scratch
     let mut rows: Vec<usize> = Vec::with_capacity(chains.len());
     let maskgit = settings.sampler == SamplerKind::Maskgit;
     for t in (1..=settings.steps as u32).rev() {
@@ -593,7 +624,7 @@ pub fn run_tiled(
     let nw = tiling.windows();
     let mut stats = RunStats::default();
     let mut combined: Vec<f32> = vec![0.0; big * k];
-    let mut weights: Vec<f64> = vec![0.0; k];
+    let mut weights: Vec<f64> = vec![0.0; 2 * k]; // draw's scratch
     let mut acc: Vec<f64> = vec![0.0; k];
     // Row of (chain, window) in this step's logits, if fed.
     let mut row_of: Vec<Option<usize>> = vec![None; chains.len() * nw];
@@ -659,7 +690,7 @@ pub fn run_tiled(
                     let local = (r - r0) * tiling.window[1] + (col - c0);
                     let row = row_of[c * nw + w as usize].unwrap_or(0);
                     let x = &logits[(row * l + local) * k..(row * l + local + 1) * k];
-                    softmax_into(x, &mut weights);
+                    softmax_into(x, &mut weights[..k]);
                     for (a, &q) in acc.iter_mut().zip(weights.iter()) {
                         *a += q;
                     }
@@ -714,14 +745,23 @@ fn softmax_into(x: &[f32], out: &mut [f64]) {
 fn advance(chain: &mut Chain, logits: &[f32], t: u32, settings: &Settings, mask_id: i64, weights: &mut [f64]) -> usize {
     let step = settings.steps - t as usize;
     let temperature = settings.temperature_at(step);
+    let top_p = settings.nucleus();
     if settings.sampler == SamplerKind::Maskgit {
-        return maskgit_step(chain, logits, temperature, step, settings.steps, mask_id, weights);
+        return maskgit_step(
+            chain,
+            logits,
+            (temperature, top_p),
+            step,
+            settings.steps,
+            mask_id,
+            weights,
+        );
     }
     let k = logits.len() / chain.tokens.len();
     let n = chain.pending_at(t).len();
     for i in chain.cursor..chain.cursor + n {
         let p = chain.reveals[i].1 as usize;
-        let (token, _) = draw(&logits[p * k..(p + 1) * k], temperature, weights, &mut chain.rng);
+        let (token, _) = draw(&logits[p * k..(p + 1) * k], temperature, top_p, weights, &mut chain.rng);
         chain.tokens[p] = token as i64;
     }
     chain.cursor += n;
@@ -733,7 +773,7 @@ fn advance(chain: &mut Chain, logits: &[f32], t: u32, settings: &Settings, mask_
 fn maskgit_step(
     chain: &mut Chain,
     logits: &[f32],
-    temperature: f64,
+    (temperature, top_p): (f64, f64),
     step: usize,
     steps: usize,
     mask_id: i64,
@@ -754,7 +794,7 @@ fn maskgit_step(
         .iter()
         .map(|&p| {
             let p = p as usize;
-            let (token, logp) = draw(&logits[p * k..(p + 1) * k], temperature, weights, &mut chain.rng);
+            let (token, logp) = draw(&logits[p * k..(p + 1) * k], temperature, top_p, weights, &mut chain.rng);
             (logp, p as u32, token as i64)
         })
         .collect();
@@ -774,9 +814,11 @@ fn maskgit_step(
     n_reveal
 }
 
-/// One categorical draw from softmax(logits / temperature), by inverse CDF. Returns the code and
-/// its log-probability. `weights` is scratch space of length K.
-fn draw(logits: &[f32], temperature: f64, weights: &mut [f64], rng: &mut ChaCha20Rng) -> (usize, f64) {
+/// One categorical draw from softmax(logits / temperature), truncated to its top-p nucleus when
+/// `top_p` < 1, by inverse CDF. Returns the code and its log-probability (under the truncated
+/// distribution). `scratch` has length 2K: weights, then a sorted copy for the nucleus.
+fn draw(logits: &[f32], temperature: f64, top_p: f64, scratch: &mut [f64], rng: &mut ChaCha20Rng) -> (usize, f64) {
+    let (weights, sorted) = scratch.split_at_mut(logits.len());
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     let inv_t = 1.0 / temperature;
     let mut sum = 0.0f64;
@@ -788,6 +830,9 @@ fn draw(logits: &[f32], temperature: f64, weights: &mut [f64], rng: &mut ChaCha2
             libm::exp((x - max) as f64 * inv_t)
         };
         sum += *w;
+    }
+    if top_p < 1.0 {
+        sum = truncate_to_nucleus(weights, &mut sorted[..logits.len()], sum, top_p);
     }
     let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     let target = u * sum;
@@ -807,6 +852,32 @@ fn draw(logits: &[f32], temperature: f64, weights: &mut [f64], rng: &mut ChaCha2
     // Rounding can leave target == acc at the very end: the last code with weight wins.
     let i = chosen.unwrap_or(last_nonzero);
     (i, libm::log(weights[i] / sum))
+}
+
+/// Zeroes every weight outside the nucleus: the largest weights, in decreasing order, until their
+/// sum reaches `top_p * sum`, and any weight equal to the last one taken. Returns the new sum (in
+/// index order, like the draw's). `sorted` is scratch of the same length.
+fn truncate_to_nucleus(weights: &mut [f64], sorted: &mut [f64], sum: f64, top_p: f64) -> f64 {
+    sorted.copy_from_slice(weights);
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let goal = top_p * sum;
+    let mut acc = 0.0f64;
+    let mut threshold = 0.0f64;
+    for &w in sorted.iter() {
+        acc += w;
+        threshold = w;
+        if acc >= goal {
+            break;
+        }
+    }
+    let mut kept = 0.0f64;
+    for w in weights.iter_mut() {
+        if *w < threshold {
+            *w = 0.0;
+        }
+        kept += *w;
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -958,12 +1029,12 @@ mod tests {
     #[test]
     fn categorical_draws_match_the_softmax() {
         let logits = [0.0f32, 1.0, 2.0, f32::NEG_INFINITY];
-        let mut weights = vec![0.0; 4];
+        let mut weights = vec![0.0; 8];
         let mut rng = image_rng(3, 0);
         let mut counts = [0usize; 4];
         let n = 40_000;
         for _ in 0..n {
-            counts[draw(&logits, 1.0, &mut weights, &mut rng).0] += 1;
+            counts[draw(&logits, 1.0, 1.0, &mut weights, &mut rng).0] += 1;
         }
         let z: f64 = [0.0f64, 1.0, 2.0].iter().map(|x| x.exp()).sum();
         for (i, &count) in counts.iter().take(3).enumerate() {
@@ -977,18 +1048,92 @@ mod tests {
     #[test]
     fn high_temperature_flattens_and_low_sharpens() {
         let logits = [0.0f32, 3.0];
-        let mut weights = vec![0.0; 2];
+        let mut weights = vec![0.0; 4];
         let share = |t: f32| {
             let mut rng = image_rng(11, 0);
             let mut w = weights.clone();
             (0..10_000)
-                .filter(|_| draw(&logits, t as f64, &mut w, &mut rng).0 == 0)
+                .filter(|_| draw(&logits, t as f64, 1.0, &mut w, &mut rng).0 == 0)
                 .count() as f64
                 / 10_000.0
         };
         assert!(share(50.0) > 0.45);
         assert!(share(0.1) < 0.001);
         weights.clear();
+    }
+
+    #[test]
+    fn the_nucleus_keeps_the_most_probable_codes_and_renormalises() {
+        // softmax of ln(w): probabilities 0.5, 0.3, 0.15, 0.05 (shuffled over the indices).
+        let logits = [0.15f32, 0.5, 0.05, 0.3].map(|p| p.ln());
+        let mut scratch = vec![0.0; 8];
+        let n = 40_000;
+        for (top_p, kept) in [
+            (0.5, vec![1]),
+            (0.6, vec![1, 3]),
+            (0.8, vec![1, 3]),
+            (0.81, vec![0, 1, 3]),
+            (1.0, vec![0, 1, 2, 3]),
+        ] {
+            let mut rng = image_rng(5, 0);
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                let (i, logp) = draw(&logits, 1.0, top_p, &mut scratch, &mut rng);
+                counts[i] += 1;
+                let mass: f64 = kept.iter().map(|&j| logits[j].exp() as f64).sum();
+                assert!(
+                    (logp - (logits[i].exp() as f64 / mass).ln()).abs() < 1e-6,
+                    "top_p {top_p}: log-prob of {i}"
+                );
+            }
+            let mass: f64 = kept.iter().map(|&j| logits[j].exp() as f64).sum();
+            for (i, &c) in counts.iter().enumerate() {
+                let want = if kept.contains(&i) {
+                    logits[i].exp() as f64 / mass
+                } else {
+                    0.0
+                };
+                let f = c as f64 / n as f64;
+                assert!(
+                    (f - want).abs() < 0.01,
+                    "top_p {top_p}: code {i} drawn {f}, expected {want}"
+                );
+            }
+        }
+        // Ties with the smallest kept weight stay in: two equal codes, either may be drawn.
+        let tied = [0.0f32, 0.0, -5.0];
+        let mut rng = image_rng(6, 0);
+        let drawn: std::collections::BTreeSet<usize> = (0..200)
+            .map(|_| draw(&tied, 1.0, 0.3, &mut scratch[..6], &mut rng).0)
+            .collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn top_p_one_or_unset_changes_no_token_and_below_one_does() {
+        for kind in [SamplerKind::Absorbing, SamplerKind::Maskgit] {
+            let base = Settings::new(8, 1.0, &SPACE).unwrap().with_sampler(kind);
+            let run_with = |s: Settings| {
+                let mut chains: Vec<Chain> = (0..4).map(|i| Chain::masked(&SPACE, &s, 21, i).unwrap()).collect();
+                run(&mut chains, &SPACE, &s, &mut fake, &mut |_| {}).unwrap();
+                chains.into_iter().map(Chain::into_tokens).collect::<Vec<_>>()
+            };
+            let plain = run_with(base);
+            assert_eq!(plain, run_with(base.with_top_p(Some(1.0)).unwrap()), "{kind:?}");
+            assert_ne!(plain, run_with(base.with_top_p(Some(0.3)).unwrap()), "{kind:?}");
+            assert_eq!(
+                run_with(base.with_top_p(Some(0.3)).unwrap()),
+                run_with(base.with_top_p(Some(0.3)).unwrap())
+            );
+        }
+        for bad in [0.0, -0.5, 1.01, f32::NAN, f32::INFINITY] {
+            let e = Settings::new(8, 1.0, &SPACE)
+                .unwrap()
+                .with_top_p(Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("top_p"), "{e}");
+        }
     }
 
     fn generate_with(kind: SamplerKind, seeds: &[(u64, u64)], steps: usize) -> (Vec<Vec<i64>>, RunStats, Vec<usize>) {

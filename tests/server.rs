@@ -365,6 +365,20 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         mg.body == std::fs::read(d.path().join("mg.png")).unwrap(),
         "maskgit: service PNG != CLI PNG"
     );
+    // Nucleus sampling: the CLI's `--top-p 0.6`, echoed in a header.
+    let tp = s.post("/v1/generate", r#"{"seed": 9, "steps": 8, "top_p": 0.6}"#);
+    assert_eq!(tp.status, 200, "{}", String::from_utf8_lossy(&tp.body));
+    assert_eq!(tp.header("x-absorb-top-p"), Some("0.6"));
+    cli(
+        d.path(),
+        &[
+            "generate", "-m", &m, "--seed", "9", "--steps", "8", "--top-p", "0.6", "-o", "tp.png",
+        ],
+    );
+    assert!(
+        tp.body == std::fs::read(d.path().join("tp.png")).unwrap(),
+        "top_p: service PNG != CLI PNG"
+    );
 
     // inpaint: a rectangle, and the same region as a mask PNG, both = the CLI's bytes.
     let (side, _) = shape(&s);
@@ -405,13 +419,13 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
     assert_eq!(s.get("/healthz").json()["status"], "ok");
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/generate",status="200"}"#),
-        3.0
+        4.0
     );
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
         2.0
     );
-    assert_eq!(s.metric("absorb_images_total"), 7.0);
+    assert_eq!(s.metric("absorb_images_total"), 8.0);
     assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
     assert!(s.metric("absorb_images_per_second") > 0.0);
 
@@ -555,6 +569,22 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             r#"{"temperature_end": 0}"#.into(),
             400,
             "temperature",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"top_p": 1.5}"#.into(),
+            400,
+            "top_p",
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"top_p": 0}"#.into(),
+            400,
+            "top_p",
             "out of range",
         ),
         ("POST", "/v1/generate", r#"{"count": 0}"#.into(), 400, "count", "1..=4"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export import train
-from export.classifier import BAR, confidence, schedule, session
+from export.classifier import BAR, confidence, nucleus, sampling_flags, schedule, session
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits"
@@ -63,7 +63,9 @@ def test_committed_digits_bundle_meets_its_bar():
     s = q["samples"]
     manifest = json.loads((DIGITS / "model.json").read_text())
     defaults = manifest["sampling"]
-    assert (s["steps"], s["temperature"]) == (defaults["steps"], defaults["temperature"]), \
+    measured = (s["steps"], *schedule(s["temperature"]), nucleus(s["temperature"]))
+    assert measured == (defaults["steps"], defaults["temperature"], defaults.get("temperature_end"),
+                        defaults.get("top_p")), \
         f"quality.json measures {s['steps']} steps at {s['temperature']}, model.json's defaults are {defaults}"
     ratio = s["mean_confidence"] / q["real_mean_confidence"]
     bar = BAR["min_confidence_ratio"]
@@ -128,6 +130,11 @@ def test_set_flags_become_typed_settings_and_bad_ones_are_named():
 def test_a_temperature_schedule_is_read_from_its_text():
     assert schedule(0.7) == (0.7, None)
     assert schedule("1.2:0.4") == (1.2, 0.4)
+    assert schedule("1.2:0.4@0.9") == (1.2, 0.4) and nucleus("1.2:0.4@0.9") == 0.9
+    assert schedule("1.1@0.85") == (1.1, None) and nucleus("1.1@0.85") == 0.85
+    assert nucleus(1.0) is None and nucleus("1.2:0.4") is None
+    assert sampling_flags("1.1@0.9") == ["--temperature", "1.1", "--top-p", "0.9"]
+    assert sampling_flags(0.7) == ["--temperature", "0.7"]
 
 
 def test_devices_are_checked_before_training_and_named(tmp_path, capsys):

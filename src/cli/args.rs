@@ -57,6 +57,10 @@ pub struct SamplingArgs {
     /// the steps, e.g. 1.2:0.6.
     #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
     pub temperature: Option<(f32, Option<f32>)>,
+    /// Nucleus (top-p) sampling: draw each token only among the most probable codes that hold
+    /// this share of the probability, in (0, 1] (default: the bundle's, else 1 = all codes).
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
+    pub top_p: Option<f32>,
     /// Reveal rule: absorbing (the paper's 1/t rule), even (exact counts per step), maskgit
     /// (most confident first, cosine schedule). Default: the bundle's (`absorb info`), else
     /// absorbing.
@@ -72,6 +76,7 @@ impl SamplingArgs {
             steps: self.steps,
             temperature,
             temperature_end,
+            top_p: self.top_p,
             sampler: self.sampler,
         }
     }
@@ -102,7 +107,7 @@ pub struct GenerateArgs {
     pub max_batch: usize,
     /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
     /// temperature from its metadata).
-    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "count", "first_index", "columns"])]
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "count", "first_index", "columns"])]
     pub from: Option<PathBuf>,
     /// Also write the generated token grids as JSON (one entry per image, with its index).
     #[arg(long, value_name = "JSON")]
@@ -287,6 +292,9 @@ pub struct EvalArgs {
     /// Temperature or START:END schedule (default: the bundle's).
     #[arg(long, short = 't', value_parser = parse_temperature, allow_hyphen_values = true)]
     pub temperature: Option<(f32, Option<f32>)>,
+    /// Nucleus (top-p) share in (0, 1] (default: the bundle's).
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
+    pub top_p: Option<f32>,
     /// Images per row of the table.
     #[arg(long, short = 'n', default_value_t = 256, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,

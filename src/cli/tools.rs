@@ -179,6 +179,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 steps: Some(s),
                 temperature: t0,
                 temperature_end: t1,
+                top_p: a.top_p,
                 sampler: Some(kind),
             };
             let mut job = Job::generate(p.bundle(), a.seed, 0, a.count, &sampling, &Default::default(), None)?;
@@ -204,7 +205,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             );
             rows.push(serde_json::json!({
                 "sampler": kind.name(), "steps": s, "temperature": settings.temperature,
-                "temperature_end": settings.temperature_end, "count": v.count,
+                "temperature_end": settings.temperature_end, "top_p": settings.top_p, "count": v.count,
                 "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,
                 "meets_bar": meets,
             }));

@@ -22,6 +22,7 @@ struct GenerateRequest {
     steps: Option<usize>,
     temperature: Option<f32>,
     temperature_end: Option<f32>,
+    top_p: Option<f32>,
     sampler: Option<SamplerKind>,
     /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
     grid: Option<[usize; 2]>,
@@ -42,6 +43,7 @@ struct OutpaintRequest {
     steps: Option<usize>,
     temperature: Option<f32>,
     temperature_end: Option<f32>,
+    top_p: Option<f32>,
     sampler: Option<SamplerKind>,
     stride: Option<[usize; 2]>,
     window_margin: Option<[usize; 2]>,
@@ -77,6 +79,7 @@ struct InpaintRequest {
     steps: Option<usize>,
     temperature: Option<f32>,
     temperature_end: Option<f32>,
+    top_p: Option<f32>,
     sampler: Option<SamplerKind>,
     #[serde(default)]
     decode_all: bool,
@@ -304,6 +307,7 @@ macro_rules! sampling_of {
             steps: $req.steps,
             temperature: $req.temperature,
             temperature_end: $req.temperature_end,
+            top_p: $req.top_p,
             sampler: $req.sampler,
         }
     };

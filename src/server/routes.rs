@@ -354,6 +354,9 @@ async fn answer(
         "temperature_end": settings.temperature_end,
         "sampler": settings.sampler,
     });
+    if let Some(p) = settings.top_p {
+        json["top_p"] = serde_json::json!(p);
+    }
     if canvas {
         json["grid"] = serde_json::json!(grid);
     }
@@ -457,6 +460,9 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
         .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
     {
         h.insert("x-absorb-temperature-end", v);
+    }
+    if let Some(v) = settings.top_p.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+        h.insert("x-absorb-top-p", v);
     }
     h.insert("x-absorb-sampler", HeaderValue::from_static(settings.sampler.name()));
     r
