@@ -379,6 +379,54 @@ def git_describe() -> str:
     return head + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode else "")
 
 
+def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commit: str):
+    """--remeasure: choose the sampling defaults of the bundle at `out` again and measure it, without
+    touching its graphs. Rewrites eval/quality.json, README.md, samples.png and model.json's
+    `sampling` (and its samples' confidence in provenance); the graphs, variants and their records stay."""
+    from . import classifier as C
+
+    old = json.loads((out / "eval" / "quality.json").read_text())
+    trained = {k: v for k, v in old["config"].items() if k not in SAMPLING_SETTINGS}
+    now = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_SETTINGS}
+    if json.loads(json.dumps(now)) != trained:  # through JSON: tuples and lists compare equal
+        differ = sorted(k for k in now if json.loads(json.dumps(now[k])) != trained.get(k))
+        raise SystemExit(f"--remeasure: {out} was trained with other settings ({', '.join(differ)}); "
+                         "pass the same --set flags, or only sampling ones")
+    t0 = time.time()
+    choose = cfg.temperature == 0 or not cfg.sampler
+    candidates = [(s, n, t) for s, n, t in (C.QUICK_CANDIDATES if args.quick else C.CANDIDATES)
+                  if (cfg.sampler in ("", s)) and (cfg.temperature in (0, t))] if choose else None
+    q, imgs = C.measure(out, cfg, x_train, x_held, cfg.seed, absorb, n_samples=16 if args.quick else 256,
+                        table=(2,) if args.quick else (2, 4, 8, 16, 32), candidates=candidates)
+    seconds = {**old["train_seconds"], "measure": round(time.time() - t0, 1)}
+    seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
+    flags = f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
+    q = {**q, "train_seconds": seconds, "config": asdict(cfg), "commit": old["commit"], "opset": old["opset"],
+         "device": old.get("device", "cpu"), "prior_bf16": old.get("prior_bf16"),
+         "remeasured": f"python -m export train-digits {flags} --remeasure at {commit}"}
+    manifest_path = out / "model.json"
+    manifest = json.loads(manifest_path.read_text())
+    s = q["samples"]
+    t0_, t1_ = C.schedule(s["temperature"])
+    top_p = C.nucleus(s["temperature"])
+    keep = {k: v for k, v in manifest["sampling"].items() if k not in ("steps", "temperature", "temperature_end",
+                                                                       "top_p", "sampler")}
+    manifest["sampling"] = {"steps": int(s["steps"]), "temperature": float(t0_),
+                            **({"temperature_end": float(t1_)} if t1_ else {}),
+                            **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
+                            "sampler": s["sampler"], **keep}
+    manifest["provenance"]["metrics"]["samples_mean_confidence"] = s["mean_confidence"]
+    for path, text in ((out / "eval" / "quality.json", json.dumps(q, indent=2) + "\n"),
+                       (manifest_path, json.dumps(manifest, indent=2) + "\n"),
+                       (out / "README.md", C.readme(q, manifest["provenance"]["source"]))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    C.save_png(C.grid_image(imgs[:64]), out / "samples.png", scale=2)
+    print(f"remeasured {out}: defaults {manifest['sampling']}; {s['mean_confidence'] / q['real_mean_confidence']:.3f} x real; "
+          f"bar met: {q['bar']['meets_bar']}; target met: {q['target']['meets_target']}")
+
+
 def main(argv=None):
     import argparse
 
@@ -400,6 +448,9 @@ def main(argv=None):
                    help="where the trained autoencoder and prior are saved (default ~/.cache/absorb/checkpoints/digits-seedN)")
     p.add_argument("--resume", action="store_true",
                    help="take the autoencoder and prior from --checkpoints (same settings) and run the later stages")
+    p.add_argument("--remeasure", action="store_true",
+                   help="keep the bundle at --out as it is (graphs, variants, classifier) and only choose its "
+                        "sampling defaults and measure again (after a sampler change in absorb)")
     args = p.parse_args(argv)
     absorb = args.absorb.resolve()
     if not absorb.is_file():
@@ -416,6 +467,8 @@ def main(argv=None):
     out, commit, seconds = args.out, git_describe(), {}
     print(f"train-digits: {asdict(cfg)} at {commit}")
     x_train, y_train, x_held, y_held = load_split(cfg, args.data)
+    if args.remeasure:
+        return remeasure(out, cfg, x_train, x_held, absorb, args, commit)
 
     # Stages 1 and 2 are saved with the settings they depend on; --resume takes them from there
     # (the classifier has its own seeded generator, so a resumed run equals a whole one).

@@ -51,6 +51,21 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
         assert (again / f).read_bytes() == (out / f).read_bytes(), f
     with pytest.raises(SystemExit):  # other stage 1-2 settings: refused
         train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume", "--set", "prior_iters=5"])
+    # --remeasure: new defaults and numbers on the same graphs, variants and classifier
+    graphs = {f.name: f.read_bytes() for f in again.glob("*.onnx")}
+    (again / "eval" / "quality.json").write_text(json.dumps({**json.loads((again / "eval" / "quality.json").read_text()),
+                                                            "samples": None}))
+    train.main(["--out", str(again), "--quick", "--seed", "3", "--threads", "1", "--remeasure"])
+    assert {f.name: f.read_bytes() for f in again.glob("*.onnx")} == graphs
+    q = json.loads((again / "eval" / "quality.json").read_text())
+    m = json.loads((again / "model.json").read_text())
+    assert q["samples"]["sampler"] == m["sampling"]["sampler"] and "--remeasure" in q["remeasured"]
+    assert (q["samples"]["steps"], *schedule(q["samples"]["temperature"]), nucleus(q["samples"]["temperature"])) == \
+        (m["sampling"]["steps"], m["sampling"]["temperature"], m["sampling"].get("temperature_end"),
+         m["sampling"].get("top_p"))
+    assert "--remeasure" in (again / "README.md").read_text()
+    with pytest.raises(SystemExit, match="other settings"):  # a bundle trained otherwise: refused
+        train.main(["--out", str(again), "--quick", "--seed", "3", "--remeasure", "--set", "n_emb=64"])
     (tmp_path / "ck" / "stages12.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit):  # a broken checkpoint: refused, naming it
         train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume"])
