@@ -379,6 +379,18 @@ def git_describe() -> str:
     return head + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode else "")
 
 
+def choose_and_measure(out: Path, cfg: Config, x_train, x_held, absorb: Path, quick: bool):
+    """classifier.measure on the bundle at `out`, choosing the sampling defaults among the candidates
+    that cfg's sampler and temperature allow (none if both are set). -> (quality dict, 64 sample images)"""
+    from . import classifier as C
+
+    choose = cfg.temperature == 0 or not cfg.sampler
+    candidates = [(s, n, t) for s, n, t in (C.QUICK_CANDIDATES if quick else C.CANDIDATES)
+                  if (cfg.sampler in ("", s)) and (cfg.temperature in (0, t))] if choose else None
+    return C.measure(out, cfg, x_train, x_held, cfg.seed, absorb, n_samples=16 if quick else 256,
+                     table=(2,) if quick else (2, 4, 8, 16, 32), candidates=candidates)
+
+
 def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commit: str):
     """--remeasure: choose the sampling defaults of the bundle at `out` again and measure it, without
     touching its graphs. Rewrites eval/quality.json, README.md, samples.png and model.json's
@@ -393,11 +405,7 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
         raise SystemExit(f"--remeasure: {out} was trained with other settings ({', '.join(differ)}); "
                          "pass the same --set flags, or only sampling ones")
     t0 = time.time()
-    choose = cfg.temperature == 0 or not cfg.sampler
-    candidates = [(s, n, t) for s, n, t in (C.QUICK_CANDIDATES if args.quick else C.CANDIDATES)
-                  if (cfg.sampler in ("", s)) and (cfg.temperature in (0, t))] if choose else None
-    q, imgs = C.measure(out, cfg, x_train, x_held, cfg.seed, absorb, n_samples=16 if args.quick else 256,
-                        table=(2,) if args.quick else (2, 4, 8, 16, 32), candidates=candidates)
+    q, imgs = choose_and_measure(out, cfg, x_train, x_held, absorb, args.quick)
     seconds = {**old["train_seconds"], "measure": round(time.time() - t0, 1)}
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
     flags = f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
@@ -521,11 +529,7 @@ def main(argv=None):
     C.save_heldout(x_held, y_held, out / "eval" / "heldout")
     seconds["export"] = time.time() - t0
     t0 = time.time()
-    choose = cfg.temperature == 0 or not cfg.sampler
-    candidates = [(s, n, t) for s, n, t in (C.QUICK_CANDIDATES if args.quick else C.CANDIDATES)
-                  if (cfg.sampler in ("", s)) and (cfg.temperature in (0, t))] if choose else None
-    q, imgs = C.measure(out, cfg, x_train, x_held, cfg.seed, absorb, n_samples=16 if args.quick else 256,
-                        table=(2,) if args.quick else (2, 4, 8, 16, 32), candidates=candidates)
+    q, imgs = choose_and_measure(out, cfg, x_train, x_held, absorb, args.quick)
     seconds["measure"] = time.time() - t0
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(sum(seconds.values()), 1)
