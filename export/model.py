@@ -241,8 +241,9 @@ class Autoencoder(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head attention with no mask: the official `CausalSelfAttention` at causal=False."""
 
-    def __init__(self, pc: PriorConfig):
+    def __init__(self, pc: PriorConfig, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout  # the reference's attn_pdrop and resid_pdrop (0 in its configs)
         d, nh = pc.bert_n_emb, pc.bert_n_head
         assert d % nh == 0, f"bert_n_emb {d} is not divisible by bert_n_head {nh}"
         self.n_head, self.head_size = nh, d // nh
@@ -258,16 +259,24 @@ class SelfAttention(nn.Module):
         q = self.query(x).view(B, L, self.n_head, hs).transpose(1, 2)
         v = self.value(x).view(B, L, self.n_head, hs).transpose(1, 2)
         att = F.softmax(q @ k.transpose(-2, -1) * (1.0 / math.sqrt(hs)), dim=-1)  # (B, nh, L, L)
+        att = drop(att, self.dropout, self.training)
         y = (att @ v).transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        return self.proj(y)
+        return drop(self.proj(y), self.dropout, self.training)
+
+
+def drop(x, p: float, training: bool):
+    """Dropout only while training with p > 0: at p = 0 no op is traced, so exported graphs are
+    the same with or without the option."""
+    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 class Block(nn.Module):
-    def __init__(self, pc: PriorConfig):
+    def __init__(self, pc: PriorConfig, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         self.ln1 = nn.LayerNorm(pc.bert_n_emb)
         self.ln2 = nn.LayerNorm(pc.bert_n_emb)
-        self.attn = SelfAttention(pc)
+        self.attn = SelfAttention(pc, dropout)
         self.mlp = nn.Sequential(
             nn.Linear(pc.bert_n_emb, 4 * pc.bert_n_emb),
             nn.GELU(),  # exact (erf) form
@@ -276,20 +285,24 @@ class Block(nn.Module):
 
     def forward(self, x):  # (B, L, D)
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        return x + drop(self.mlp(self.ln2(x)), self.dropout, self.training)
 
 
 class Transformer(nn.Module):
     """Masked tokens -> logits over the codebook. Not conditioned on t; keys == `_denoise_fn.*`."""
 
-    def __init__(self, pc: PriorConfig):
+    def __init__(self, pc: PriorConfig, dropout: float = 0.0):
+        """dropout: on the embeddings, attention weights and residual branches while training
+        (the reference's embd/attn/resid_pdrop as one number); no parameters, so checkpoints and
+        exported graphs do not depend on it."""
         super().__init__()
         self.cfg = pc
+        self.dropout = dropout
         d = pc.bert_n_emb
         self.tok_emb = nn.Embedding(pc.codebook_size + 1, d)  # + 1 row for the mask token
         self.pos_emb = nn.Parameter(torch.zeros(1, pc.block_size, d))
         self.start_tok = nn.Parameter(torch.zeros(1, 1, d))  # autoregressive baseline only; unused
-        self.blocks = nn.Sequential(*[Block(pc) for _ in range(pc.bert_n_layers)])
+        self.blocks = nn.Sequential(*[Block(pc, dropout) for _ in range(pc.bert_n_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, pc.codebook_size, bias=False)  # no logit for the mask id
         # the official _init_weights is never applied; for training from scratch use GPT's init
@@ -304,6 +317,6 @@ class Transformer(nn.Module):
         L = tokens.shape[1]
         if not torch.jit.is_tracing():
             assert L <= self.cfg.block_size, f"length {L} > block_size {self.cfg.block_size}"
-        x = self.tok_emb(tokens) + self.pos_emb[:, :L, :]  # (B, L, D)
+        x = drop(self.tok_emb(tokens) + self.pos_emb[:, :L, :], self.dropout, self.training)  # (B, L, D)
         x = self.ln_f(self.blocks(x))
         return self.head(x)  # (B, L, K)

@@ -69,6 +69,7 @@ class Config:
     # hardware (AMX or AVX-512 BF16: 1.8-2.0x faster per iteration on 2 cores), else float32 ("on" / "off" force it)
     prior_bf16: str = "auto"
     prior_batch: int = 48
+    prior_dropout: float = 0.0  # on embeddings, attention and residual branches while training (the reference: 0)
     prior_lr: float = 2e-3
     warmup: int = 200
     mask_T: int = 256  # t ~ U{1..T}, each token masked with prob t/T (spec section 5)
@@ -336,8 +337,8 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
     """tokens: (N, L) int64. token_aug: optional fn(batch_tokens, gen) -> batch_tokens. held: optional
     (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss. Trains on
     `dev`, returns the EMA weights on the CPU."""
-    prior = Transformer(cfg.prior).to(dev)
-    ema = Transformer(cfg.prior).to(dev)
+    prior = Transformer(cfg.prior, dropout=cfg.prior_dropout).to(dev)
+    ema = Transformer(cfg.prior).to(dev)  # evaluated only: no dropout
     ema.load_state_dict(prior.state_dict())
     decay = [p for n, p in prior.named_parameters() if p.dim() >= 2 and "emb" not in n]
     other = [p for n, p in prior.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
@@ -379,6 +380,15 @@ def git_describe() -> str:
     return head + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode else "")
 
 
+def settings_differ(saved: dict, now: dict) -> list[str]:
+    """The settings of `now` (stage 1-2 settings) that `saved` (a checkpoint's or quality.json's
+    config) has otherwise, compared through JSON (tuples = lists); a setting added since then
+    counts as its default."""
+    def norm(v):
+        return json.loads(json.dumps(v))
+    return sorted(k for k in now if norm(saved.get(k, getattr(Config(), k))) != norm(now[k]))
+
+
 def choose_and_measure(out: Path, cfg: Config, x_train, x_held, absorb: Path, quick: bool):
     """classifier.measure on the bundle at `out`, choosing the sampling defaults among the candidates
     that cfg's sampler and temperature allow (none if both are set). -> (quality dict, 64 sample images)"""
@@ -398,10 +408,8 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
     from . import classifier as C
 
     old = json.loads((out / "eval" / "quality.json").read_text())
-    trained = {k: v for k, v in old["config"].items() if k not in SAMPLING_SETTINGS}
-    now = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_SETTINGS}
-    if json.loads(json.dumps(now)) != trained:  # through JSON: tuples and lists compare equal
-        differ = sorted(k for k in now if json.loads(json.dumps(now[k])) != trained.get(k))
+    differ = settings_differ(old["config"], {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_SETTINGS})
+    if differ:
         raise SystemExit(f"--remeasure: {out} was trained with other settings ({', '.join(differ)}); "
                          "pass the same --set flags, or only sampling ones")
     t0 = time.time()
@@ -487,8 +495,8 @@ def main(argv=None):
             saved = torch.load(ckpt / "stages12.pt", weights_only=True)
         except Exception as e:  # missing, truncated, not ours: say which file and why
             p.error(f"--resume: cannot read {ckpt / 'stages12.pt'} ({type(e).__name__}: {e}); train without --resume first")
-        if saved["config"] != stage12:
-            differ = sorted(k for k in stage12 if saved["config"].get(k) != stage12[k])
+        differ = settings_differ(saved["config"], stage12)
+        if differ:
             p.error(f"--resume: {ckpt} was trained with other settings ({', '.join(differ)})")
         ae, prior = Autoencoder(cfg.vq), Transformer(cfg.prior)
         ae.load_state_dict(saved["ae"])

