@@ -374,6 +374,15 @@ def clear_stale(out_dir: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def sampling_defaults(steps: int, temperature: float, temperature_end: float | None = None,
+                      top_p: float | None = None, sampler: str | None = None) -> dict:
+    """model.json's sampler keys of `sampling`, absent ones left out (top_p 1 = none)."""
+    return {"steps": int(steps), "temperature": float(temperature),
+            **({"temperature_end": float(temperature_end)} if temperature_end else {}),
+            **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
+            **({"sampler": sampler} if sampler else {})}
+
+
 def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *,
                  name: str, image_range=(0.0, 1.0), steps: int, temperature: float, source: str,
                  metrics: dict | None = None, parity_atol: float = PARITY_ATOL,
@@ -404,10 +413,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                    "mask_id": pc.mask_id},
         "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
                    for g, (f, _, _) in GRAPHS.items()},
-        "sampling": {"steps": int(steps), "temperature": float(temperature),
-                     **({"temperature_end": float(temperature_end)} if temperature_end else {}),
-                     **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
-                     **({"sampler": sampler} if sampler else {}),
+        "sampling": {**sampling_defaults(steps, temperature, temperature_end, top_p, sampler),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
                      **({"window_margin": [int(v) for v in window_margin]} if window_margin else {}),
                      **({"outpaint_edge": int(outpaint_edge)} if outpaint_edge else {})},

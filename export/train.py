@@ -406,6 +406,7 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
     touching its graphs. Rewrites eval/quality.json, README.md, samples.png and model.json's
     `sampling` (and its samples' confidence in provenance); the graphs, variants and their records stay."""
     from . import classifier as C
+    from .export import sampling_defaults
 
     old = json.loads((out / "eval" / "quality.json").read_text())
     differ = settings_differ(old["config"], {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_SETTINGS})
@@ -427,10 +428,7 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
     top_p = C.nucleus(s["temperature"])
     keep = {k: v for k, v in manifest["sampling"].items() if k not in ("steps", "temperature", "temperature_end",
                                                                        "top_p", "sampler")}
-    manifest["sampling"] = {"steps": int(s["steps"]), "temperature": float(t0_),
-                            **({"temperature_end": float(t1_)} if t1_ else {}),
-                            **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
-                            "sampler": s["sampler"], **keep}
+    manifest["sampling"] = {**sampling_defaults(s["steps"], t0_, t1_, top_p, s["sampler"]), **keep}
     manifest["provenance"]["metrics"]["samples_mean_confidence"] = s["mean_confidence"]
     for path, text in ((out / "eval" / "quality.json", json.dumps(q, indent=2) + "\n"),
                        (manifest_path, json.dumps(manifest, indent=2) + "\n"),
