@@ -1913,27 +1913,31 @@ fn a_followed_job_streams_live_previews_with_the_masked_tokens_grey_and_an_unfol
     assert_eq!(s.metric("absorb_previews_total"), previews.len() as f64);
     let last = B64.decode(done["pngs"][0].as_str().unwrap()).unwrap();
     let size = image::load_from_memory(&last).unwrap().to_luma8().dimensions();
-    let mut grey_before = u32::MAX;
+    let (mut grey_before, mut grey_first) = (u32::MAX, None);
     for p in &previews {
         let pv = &p["preview"];
         assert_eq!(
             (pv["first"].as_u64(), pv["pngs"].as_array().unwrap().len()),
             (Some(0), 16)
         );
-        // The masked share shrinks from preview to preview; grey pixels follow it.
+        // The masked share never grows from preview to preview; grey pixels follow it. (The
+        // paper's sampler may reveal none of image 0's tokens between two previews: previews
+        // are paced by time, so which steps they show depends on the machine.)
         let img = image::load_from_memory(&B64.decode(pv["pngs"][0].as_str().unwrap()).unwrap())
             .unwrap()
             .to_luma8();
         assert_eq!(img.dimensions(), size);
         let grey = img.pixels().filter(|px| px.0[0] == 128).count() as u32;
         assert!(
-            grey < grey_before,
+            grey <= grey_before,
             "step {}: {grey} grey pixels, {grey_before} before",
             pv["step"]
         );
+        grey_first.get_or_insert(grey);
         grey_before = grey;
         assert!(p["masked"].as_u64().unwrap() > 0, "a preview of a finished image");
     }
+    assert!(grey_first > Some(grey_before), "grey pixels never shrank: {grey_before}");
     assert!(
         previews[0]["masked"].as_u64() > previews.last().unwrap()["masked"].as_u64(),
         "{:?}",
