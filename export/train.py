@@ -99,6 +99,10 @@ class Config:
 
 # Settings that do not touch the autoencoder or the prior (the sampling defaults): --resume may change them.
 SAMPLING_SETTINGS = ("steps", "temperature", "temperature_end", "top_p", "sampler")
+# Settings of stage 2 alone: --resume with other values of these keeps the saved autoencoder and
+# trains the prior again (stage 2 starts from its own seeds, so that equals a whole run).
+PRIOR_SETTINGS = ("n_emb", "n_head", "n_layers", "prior_iters", "prior_bf16", "prior_batch", "prior_dropout",
+                  "prior_lr", "warmup", "mask_T", "ema", "prior_copies")
 QUICK = dict(prior_copies=1, denoise_iters=2, ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
 
@@ -461,7 +465,8 @@ def main(argv=None):
     p.add_argument("--checkpoints", type=Path,
                    help="where the trained autoencoder and prior are saved (default ~/.cache/absorb/checkpoints/digits-seedN)")
     p.add_argument("--resume", action="store_true",
-                   help="take the autoencoder and prior from --checkpoints (same settings) and run the later stages")
+                   help="take the autoencoder and prior from --checkpoints (same settings) and run the later stages; "
+                        "when only prior settings differ, take the autoencoder and train the prior again")
     p.add_argument("--remeasure", action="store_true",
                    help="keep the bundle at --out as it is (graphs, variants, classifier) and only choose its "
                         "sampling defaults and measure again (after a sampler change in absorb)")
@@ -484,29 +489,40 @@ def main(argv=None):
     if args.remeasure:
         return remeasure(out, cfg, x_train, x_held, absorb, args, commit)
 
-    # Stages 1 and 2 are saved with the settings they depend on; --resume takes them from there
-    # (the classifier has its own seeded generator, so a resumed run equals a whole one).
+    # Stages 1 and 2 are saved with the settings they depend on; --resume takes them from there:
+    # both when every setting is the same, the autoencoder alone when only PRIOR_SETTINGS differ
+    # (stage 2 and the classifier start from their own seeds, so a resumed run equals a whole one).
     ckpt = args.checkpoints or Path.home() / ".cache" / "absorb" / "checkpoints" / f"digits-seed{cfg.seed}"
     stage12 = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_SETTINGS}
+    prior = None
     if args.resume:
         try:
             saved = torch.load(ckpt / "stages12.pt", weights_only=True)
         except Exception as e:  # missing, truncated, not ours: say which file and why
             p.error(f"--resume: cannot read {ckpt / 'stages12.pt'} ({type(e).__name__}: {e}); train without --resume first")
         differ = settings_differ(saved["config"], stage12)
-        if differ:
-            p.error(f"--resume: {ckpt} was trained with other settings ({', '.join(differ)})")
-        ae, prior = Autoencoder(cfg.vq), Transformer(cfg.prior)
+        stage1 = [k for k in differ if k not in PRIOR_SETTINGS]
+        if stage1:
+            p.error(f"--resume: {ckpt} was trained with other autoencoder settings ({', '.join(stage1)})")
+        ae = Autoencoder(cfg.vq)
         ae.load_state_dict(saved["ae"])
-        prior.load_state_dict(saved["prior"])
-        ae, prior, seconds = ae.eval(), prior.eval(), dict(saved["seconds"])
-        trained_on = saved.get("trained_on", {"device": "cpu", "prior_bf16": use_bf16(cfg)})
-        print(f"resumed stages 1-2 from {ckpt}")
+        ae, seconds = ae.eval(), {"autoencoder": saved["seconds"]["autoencoder"]}
+        if differ:
+            print(f"resumed stage 1 from {ckpt}; the prior is trained again ({', '.join(differ)} differ)")
+        else:
+            prior = Transformer(cfg.prior)
+            prior.load_state_dict(saved["prior"])
+            prior, seconds = prior.eval(), dict(saved["seconds"])
+            trained_on = saved.get("trained_on", {"device": "cpu", "prior_bf16": use_bf16(cfg)})
+            print(f"resumed stages 1-2 from {ckpt}")
     else:
         t0 = time.time()
         ae = train_autoencoder(cfg, draw_from(x_train, cfg.shift, cfg), gen, dev)
         ae = finetune_decoder(cfg, ae, draw_from(x_train, 0, cfg), gen, dev)
         seconds["autoencoder"] = time.time() - t0
+    if prior is None:
+        torch.manual_seed(cfg.seed)  # stage 2 from its own seeds, whatever stage 1 drew
+        gen = torch.Generator().manual_seed(cfg.seed)
         copies = [x_train] + [affine_batch(x_train, cfg, gen) for _ in range(cfg.prior_copies - 1)]
         tokens = torch.cat([encode_all(ae, x) for x in copies]).flatten(1)  # (copies * N, L)
         t0 = time.time()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits"
 
 
-def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
+def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path, capsys):
     out = tmp_path / "digits"
     ck = ["--checkpoints", str(tmp_path / "ck")]
     # written over an older bundle: its held-out images and variants must not survive (they were
@@ -50,8 +50,17 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path):
     train.main(["--out", str(again), "--quick", "--seed", "3", "--threads", "1", *ck, "--resume"])
     for f in ("encoder.onnx", "decoder.onnx", "transformer.onnx", "eval/classifier.onnx"):
         assert (again / f).read_bytes() == (out / f).read_bytes(), f
-    with pytest.raises(SystemExit):  # other stage 1-2 settings: refused
-        train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume", "--set", "prior_iters=5"])
+    with pytest.raises(SystemExit):  # other stage 1 settings: refused
+        train.main(["--out", str(again), "--quick", "--seed", "3", *ck, "--resume", "--set", "ae_iters=5"])
+    assert "other autoencoder settings (ae_iters)" in capsys.readouterr().err
+    # other prior settings: the saved autoencoder, a prior trained again, the same as a whole run
+    prior_only, whole = tmp_path / "prior-only", tmp_path / "whole"
+    five = ["--quick", "--seed", "3", "--threads", "1", "--set", "prior_iters=5"]
+    train.main(["--out", str(prior_only), *five, *ck, "--resume"])
+    train.main(["--out", str(whole), *five, "--checkpoints", str(tmp_path / "ck-whole")])
+    for f in ("encoder.onnx", "decoder.onnx", "transformer.onnx"):
+        assert (prior_only / f).read_bytes() == (whole / f).read_bytes(), f
+    assert (prior_only / "transformer.onnx").read_bytes() != (out / "transformer.onnx").read_bytes()
     # --remeasure: new defaults and numbers on the same graphs, variants and classifier
     graphs = {f.name: f.read_bytes() for f in again.glob("*.onnx")}
     (again / "eval" / "quality.json").write_text(json.dumps({**json.loads((again / "eval" / "quality.json").read_text()),
