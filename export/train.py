@@ -69,7 +69,9 @@ class Config:
     # hardware (AMX or AVX-512 BF16: 1.8-2.0x faster per iteration on 2 cores), else float32 ("on" / "off" force it)
     prior_bf16: str = "auto"
     prior_batch: int = 48
-    prior_dropout: float = 0.0  # on embeddings, attention and residual branches while training (the reference: 0)
+    # on embeddings, attention and residual branches while training (the reference: 0); measured at 0.1
+    # over 15,000 iterations: held-out loss 1.486 (none: 1.433 at 22,500), digits less evenly spread
+    prior_dropout: float = 0.0
     prior_lr: float = 2e-3
     warmup: int = 200
     mask_T: int = 256  # t ~ U{1..T}, each token masked with prob t/T (spec section 5)
