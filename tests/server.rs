@@ -1937,7 +1937,10 @@ fn a_followed_job_streams_live_previews_with_the_masked_tokens_grey_and_an_unfol
         grey_before = grey;
         assert!(p["masked"].as_u64().unwrap() > 0, "a preview of a finished image");
     }
-    assert!(grey_first > Some(grey_before), "grey pixels never shrank: {grey_before}");
+    assert!(
+        grey_first > Some(grey_before),
+        "grey pixels never shrank: {grey_before}"
+    );
     assert!(
         previews[0]["masked"].as_u64() > previews.last().unwrap()["masked"].as_u64(),
         "{:?}",
