@@ -407,6 +407,11 @@ def choose_and_measure(out: Path, cfg: Config, x_train, x_held, absorb: Path, qu
                      table=(2,) if quick else (2, 4, 8, 16, 32), candidates=candidates)
 
 
+def command_flags(out: Path, cfg: Config, args) -> str:
+    """The flags of this train-digits run that decide what it writes (for provenance)."""
+    return f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
+
+
 def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commit: str):
     """--remeasure: choose the sampling defaults of the bundle at `out` again and measure it, without
     touching its graphs. Rewrites eval/quality.json, README.md, samples.png and model.json's
@@ -423,7 +428,7 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
     q, imgs = choose_and_measure(out, cfg, x_train, x_held, absorb, args.quick)
     seconds = {**old["train_seconds"], "measure": round(time.time() - t0, 1)}
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
-    flags = f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
+    flags = command_flags(out, cfg, args)
     q = {**q, "train_seconds": seconds, "config": asdict(cfg), "commit": old["commit"], "opset": old["opset"],
          "device": old.get("device", "cpu"), "prior_bf16": old.get("prior_bf16"),
          "remeasured": f"python -m export train-digits {flags} --remeasure at {commit}"}
@@ -432,8 +437,7 @@ def remeasure(out: Path, cfg: Config, x_train, x_held, absorb: Path, args, commi
     s = q["samples"]
     t0_, t1_ = C.schedule(s["temperature"])
     top_p = C.nucleus(s["temperature"])
-    keep = {k: v for k, v in manifest["sampling"].items() if k not in ("steps", "temperature", "temperature_end",
-                                                                       "top_p", "sampler")}
+    keep = {k: v for k, v in manifest["sampling"].items() if k not in SAMPLING_SETTINGS}
     manifest["sampling"] = {**sampling_defaults(s["steps"], t0_, t1_, top_p, s["sampler"]), **keep}
     manifest["provenance"]["metrics"]["samples_mean_confidence"] = s["mean_confidence"]
     for path, text in ((out / "eval" / "quality.json", json.dumps(q, indent=2) + "\n"),
@@ -543,7 +547,7 @@ def main(argv=None):
     seconds["classifier"] = time.time() - t0
 
     t0 = time.time()
-    flags = f"--out {out} --seed {cfg.seed}" + (" --quick" if args.quick else "") + "".join(f" --set {kv}" for kv in args.set)
+    flags = command_flags(out, cfg, args)
     flags += f" --device {trained_on['device']}" if trained_on["device"] != "cpu" else ""
     source = f"python -m export train-digits {flags} at {commit}"
     clear_stale(out)
