@@ -130,6 +130,20 @@ def test_affine_augmentation_is_identity_when_off_and_seeded_when_on():
     assert ((a.flatten(1).sum(1) / x.flatten(1).sum(1) - 1).abs() < 0.3).all()
 
 
+def test_prior_shift_moves_whole_pixels_and_is_a_prior_setting():
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 8:24, 14:18] = 0.5  # a vertical bar inside the zero margin
+    a = train.shift_batch(x, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(a, train.shift_batch(x, 1, torch.Generator().manual_seed(0))), "seeded"
+    assert set(a.unique().tolist()) == {0.0, 0.5}, "whole pixels: no blurred values"
+    assert torch.equal(a.flatten(1).sum(1), x.flatten(1).sum(1)), "the bar stays inside the image"
+    moved = {(int(m[0]) - 8, int(m[1]) - 14) for m in (torch.nonzero(img[0])[0] for img in a)}
+    assert moved == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}, f"every offset in +-1: {moved}"
+    assert torch.equal(train.shift_batch(x, 0, torch.Generator().manual_seed(0)), x)
+    assert train.Config().prior_shift == 0, "off by default: the committed bundle's tokens are kept"
+    assert "prior_shift" in train.PRIOR_SETTINGS, "--resume retrains only the prior for it"
+
+
 def test_bf16_switch_names_bad_values():
     import dataclasses
 
