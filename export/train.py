@@ -111,6 +111,7 @@ SAMPLING_SETTINGS = ("steps", "temperature", "temperature_end", "top_p", "sample
 PRIOR_SETTINGS = ("n_emb", "n_head", "n_layers", "prior_iters", "prior_bf16", "prior_batch", "prior_dropout",
                   "prior_lr", "warmup", "mask_T", "ema", "prior_copies", "prior_shift")
 QUICK = dict(prior_copies=1, denoise_iters=2, ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
+PIXEL_SHIFTS = ("shift", "prior_shift")  # shift_batch's range: whole pixels, each way
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
 
 
@@ -326,6 +327,8 @@ def overrides(sets: list[str]) -> dict:
             out[k] = v if isinstance(default, str) else type(default)(json.loads(v))
         except (TypeError, ValueError) as e:
             raise ValueError(f"--set {kv}: {v!r} is not a {type(default).__name__} ({e})") from None
+        if k in PIXEL_SHIFTS and out[k] < 0:  # shift_batch draws offsets in [-N, N]
+            raise ValueError(f"--set {kv}: a shift is a number of pixels, 0 or more")
     return out
 
 

@@ -164,6 +164,8 @@ def test_set_flags_become_typed_settings_and_bad_ones_are_named():
         train.overrides(["prior_iter=8000"])
     with pytest.raises(ValueError, match="--set prior_iters=many"):
         train.overrides(["prior_iters=many"])
+    with pytest.raises(ValueError, match="--set prior_shift=-1: a shift is a number of pixels, 0 or more"):
+        train.overrides(["prior_shift=-1"])
 
 
 def test_a_temperature_schedule_is_read_from_its_text():
