@@ -28,6 +28,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
+from export.feed import CLASS_INPUT, TRANSFORMER_INPUT
 from export.model import PRESETS, Autoencoder, PriorConfig, Transformer, VQConfig
 
 # Graph I/O names, mirrored as consts in src/graphs/mod.rs.
@@ -35,7 +36,6 @@ ENCODER_INPUT = "image"
 ENCODER_OUTPUT = "tokens"
 DECODER_INPUT = "tokens"
 DECODER_OUTPUT = "image"
-TRANSFORMER_INPUT = "tokens"
 TRANSFORMER_OUTPUT = "logits"
 OPSET = 17  # JetPack's ORT 1.17 / TensorRT 8.6 read opset 17; the dynamo exporter emits opset 20
 FORMAT = "absorb-bundle/1"
@@ -51,7 +51,8 @@ DYNAMIC_AXES = {
         DECODER_INPUT: {0: "batch", 1: "h", 2: "w"},
         DECODER_OUTPUT: {0: "batch", 2: "H", 3: "W"},
     },
-    "transformer": {TRANSFORMER_INPUT: {0: "batch"}, TRANSFORMER_OUTPUT: {0: "batch"}},
+    "transformer": {TRANSFORMER_INPUT: {0: "batch"}, TRANSFORMER_OUTPUT: {0: "batch"},
+                    CLASS_INPUT: {0: "batch"}},  # the last only in a conditional graph
 }
 PARITY_ATOL = 1e-4  # max abs difference allowed between onnxruntime and torch float outputs
 
@@ -91,7 +92,7 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
     if quantizer != "nearest":
         raise ExportError(f"hparams: quantizer {quantizer!r} is not supported: the encoder graph "
                           f"holds the nearest-code quantizer (quantizer \"nearest\")")
-    known = set(HPARAM_KEYS) | {"norm_groups"}
+    known = set(HPARAM_KEYS) | {"norm_groups", "n_classes"}
     ignored = sorted(set(hp) - known - {"sampler", "quantizer"})
     for k in ignored:
         close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
@@ -113,7 +114,10 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
             raise ExportError(f"hparams: {k} must hold positive integers, got {v!r}")
     vq = VQConfig(**{k: tuple(hp[k]) if k in LIST_KEYS else hp[k] for k in VQ_KEYS},
                   norm_groups=hp.get("norm_groups", 32))
-    pc = PriorConfig(codebook_size=hp["codebook_size"], **{k: hp[k] for k in PRIOR_KEYS})
+    n_classes = hp.get("n_classes", 0)
+    if type(n_classes) is not int or n_classes < 0:
+        raise ExportError(f"hparams: n_classes must be an integer >= 0, got {n_classes!r}")
+    pc = PriorConfig(codebook_size=hp["codebook_size"], n_classes=n_classes, **{k: hp[k] for k in PRIOR_KEYS})
     check_configs(vq, pc)
     h = vq.token_size
     if hp["latent_shape"] != [1, h, h]:
@@ -147,6 +151,8 @@ def hparams_of(vq: VQConfig, pc: PriorConfig) -> dict:
     hp.pop("beta")
     hp["latent_shape"] = [1, vq.token_size, vq.token_size]
     hp.update({k: getattr(pc, k) for k in PRIOR_KEYS})
+    if pc.n_classes:  # a class-conditional prior (not the paper's); absent = 0
+        hp["n_classes"] = pc.n_classes
     return hp
 
 
@@ -231,14 +237,23 @@ def graph_modules(ae: Autoencoder, prior: Transformer) -> dict:
 
 
 def example_inputs(vq: VQConfig, pc: PriorConfig, batch: int, wide: bool = False) -> dict:
-    """Fixed, seeded inputs per graph; `wide` doubles the width of the decoder's token grid."""
+    """Fixed, seeded inputs per graph, each a tuple of the graph's inputs; `wide` doubles the width
+    of the decoder's token grid. A conditional transformer also takes classes (-1 = none among them)."""
     g = torch.Generator().manual_seed(batch + 10 * wide)
     s, h = vq.img_size, vq.token_size
+    tokens = torch.randint(0, pc.mask_id + 1, (batch, pc.block_size), generator=g)
+    classes = (torch.arange(batch) % (pc.n_classes + 1) - 1,) if pc.n_classes else ()
     return {
-        "encoder": torch.rand(batch, vq.n_channels, s, s, generator=g),
-        "decoder": torch.randint(0, vq.codebook_size, (batch, h, h * (1 + wide)), generator=g),
-        "transformer": torch.randint(0, pc.mask_id + 1, (batch, pc.block_size), generator=g),
+        "encoder": (torch.rand(batch, vq.n_channels, s, s, generator=g),),
+        "decoder": (torch.randint(0, vq.codebook_size, (batch, h, h * (1 + wide)), generator=g),),
+        "transformer": (tokens, *classes),
     }
+
+
+def input_names(graph: str, pc: PriorConfig) -> list[str]:
+    """The graph's input names: the conditional transformer has a second one."""
+    names = [GRAPHS[graph][1]]
+    return names + [CLASS_INPUT] if graph == "transformer" and pc.n_classes else names
 
 
 def output_dims(graph: str, vq: VQConfig, pc: PriorConfig) -> list:
@@ -253,7 +268,9 @@ def output_dims(graph: str, vq: VQConfig, pc: PriorConfig) -> list:
 def export_graphs(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir):
     inputs = example_inputs(vq, pc, batch=2)
     for graph, module in graph_modules(ae, prior).items():
-        file, input_name, output_name = GRAPHS[graph]
+        file, _, output_name = GRAPHS[graph]
+        names = input_names(graph, pc)
+        axes = {k: v for k, v in DYNAMIC_AXES[graph].items() if k in names or k == output_name}
         path = str(out_dir / file)
         with torch.no_grad(), warnings.catch_warnings():
             # the legacy exporter is deliberate (see OPSET); its deprecation notice, its note on
@@ -263,8 +280,8 @@ def export_graphs(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCo
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
                                     module="torch.nn.functional")
-            torch.onnx.export(module, (inputs[graph],), path, input_names=[input_name],
-                              output_names=[output_name], dynamic_axes=DYNAMIC_AXES[graph],
+            torch.onnx.export(module, inputs[graph], path, input_names=names,
+                              output_names=[output_name], dynamic_axes=axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
         model = onnx.load(path, load_external_data=False)
         # The tracer names output dims after internal ops (and once even "batch" at dim 1): state
@@ -297,16 +314,22 @@ def check_parity(out_dir, ae: Autoencoder, prior: Transformer, vq: VQConfig, pc:
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     modules = graph_modules(ae, prior)
     wide = example_inputs(vq, pc, 1, wide=True)["decoder"]
-    cases = [example_inputs(vq, pc, 1), example_inputs(vq, pc, 2), {"decoder": wide}]
+    cases = [example_inputs(vq, pc, 1), example_inputs(vq, pc, 2), {"decoder": wide},
+             *([{"transformer": example_inputs(vq, pc, pc.n_classes + 1)["transformer"]}] if pc.n_classes else [])]
     report = {}
-    for graph, (file, input_name, _) in GRAPHS.items():
+    for graph, (file, _, _) in GRAPHS.items():
         sess = ort.InferenceSession(str(Path(out_dir) / file), opts,
                                     providers=["CPUExecutionProvider"])
+        names = input_names(graph, pc)
+        got_names = [i.name for i in sess.get_inputs()]
+        if got_names != names:
+            raise ExportError(f"parity: graph {graph!r} has inputs {got_names}, expected {names}")
         max_diff, mismatches, ties = 0.0, 0, 0
-        for x in [case[graph] for case in cases if graph in case]:
+        for xs in [case[graph] for case in cases if graph in case]:
+            x = xs[0]
             with torch.no_grad():
-                want = modules[graph](x).numpy()
-            got = sess.run(None, {input_name: x.numpy()})[0]
+                want = modules[graph](*xs).numpy()
+            got = sess.run(None, {n: v.numpy() for n, v in zip(names, xs)})[0]
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise ExportError(f"parity: graph {graph!r} gives {got.dtype}{list(got.shape)}, "
                                   f"torch {want.dtype}{list(want.shape)}, input {list(x.shape)}")
@@ -389,7 +412,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  window_stride: tuple[int, int] | None = None,
                  window_margin: tuple[int, int] | None = None, sampler: str | None = None,
                  temperature_end: float | None = None, outpaint_edge: int | None = None,
-                 top_p: float | None = None) -> Path:
+                 top_p: float | None = None, classes: list[str] | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
@@ -397,6 +420,10 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
     assert top_p is None or 0 < top_p <= 1, f"top_p {top_p} must be in (0, 1]"
     assert sampler in (None, "absorbing", "even", "maskgit"), f"sampler {sampler!r} is not one absorb has"
     assert not outpaint_edge or 0 < 2 * outpaint_edge < vq.token_size, f"outpaint_edge {outpaint_edge} out of range"
+    if pc.n_classes and (classes is None or len(classes) != pc.n_classes):
+        raise ExportError(f"a prior of {pc.n_classes} classes needs their {pc.n_classes} names (classes=)")
+    if classes and not pc.n_classes:
+        raise ExportError("class names given for a prior without classes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").unlink(missing_ok=True)  # no stale manifest over half-written graphs
@@ -413,6 +440,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                    "mask_id": pc.mask_id},
         "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
                    for g, (f, _, _) in GRAPHS.items()},
+        **({"classes": [str(c) for c in classes]} if classes else {}),
         "sampling": {**sampling_defaults(steps, temperature, temperature_end, top_p, sampler),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
                      **({"window_margin": [int(v) for v in window_margin]} if window_margin else {}),

@@ -177,7 +177,10 @@ def main(argv=None):
         data = split(names, arrays, args.size, args.heldout, args.mode)
         settings = dict(PRESETS["quick" if args.quick else "small"])
         settings.update(T.overrides(args.set))
-        cfg = T.Config(seed=args.seed, img_size=args.size, n_channels=channels, shift=0, **settings)
+        if settings.get("conditional"):
+            raise TrainError("--set conditional=true: a folder of images has no labels; this trainer's prior is unconditional")
+        cfg = T.Config(seed=args.seed, img_size=args.size, n_channels=channels, shift=0,
+                       **{**settings, "conditional": False})
     except (TrainError, ValueError) as e:
         sys.exit(f"train: {e}")
     name = args.name or args.out.resolve().name

@@ -45,6 +45,9 @@ class PriorConfig:
     bert_n_head: int = 8
     bert_n_layers: int = 24
     block_size: int = 256  # = L = h*w
+    # > 0: a class-conditional prior (not the paper's): one more input, the class of each row, whose
+    # embedding is added at every position; -1 = no class (its own row, learned too)
+    n_classes: int = 0
 
     @property
     def mask_id(self) -> int:
@@ -312,11 +315,20 @@ class Transformer(nn.Module):
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos_emb, std=0.02)
+        if pc.n_classes:  # created last, so an unconditional prior's initial weights stay as they were
+            self.class_emb = nn.Embedding(pc.n_classes + 1, d)  # + 1 row for "no class"
+            nn.init.normal_(self.class_emb.weight, std=0.02)
 
-    def forward(self, tokens):  # (B, L) int64 in 0..=K -> (B, L, K) float32
+    def forward(self, tokens, classes=None):  # (B, L) int64 in 0..=K, (B,) in 0..=C -> (B, L, K) float32
         L = tokens.shape[1]
         if not torch.jit.is_tracing():
             assert L <= self.cfg.block_size, f"length {L} > block_size {self.cfg.block_size}"
-        x = drop(self.tok_emb(tokens) + self.pos_emb[:, :L, :], self.dropout, self.training)  # (B, L, D)
+        x = self.tok_emb(tokens) + self.pos_emb[:, :L, :]  # (B, L, D)
+        if self.cfg.n_classes:
+            if classes is None:
+                classes = torch.full(tokens.shape[:1], -1, dtype=torch.long, device=tokens.device)
+            # -1 (export/feed.py's NO_CLASS) is the last row: callers need not know the class count
+            x = x + self.class_emb(torch.where(classes < 0, self.cfg.n_classes, classes))[:, None, :]
+        x = drop(x, self.dropout, self.training)
         x = self.ln_f(self.blocks(x))
         return self.head(x)  # (B, L, K)

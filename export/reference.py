@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.feed import transformer_feed
+
 # No torch (or export.export, which imports it) at module level: importing torch alone adds ~500 MB
 # of RSS, which would be charged to the onnxruntime peer (b).
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,10 +141,8 @@ def worker(kind: str, bundle: Path, args):
             file = m["graphs"]["transformer"]["variants"][args.variant]["file"]
         s = ort_session(bundle / file, args.threads)
 
-        name = s.get_inputs()[0].name  # `tokens`, export.py's TRANSFORMER_INPUT
-
-        def denoise(x):
-            return s.run(None, {name: x})[0]
+        def denoise(x):  # a conditional graph gets "no class" for every row
+            return s.run(None, transformer_feed(s, x))[0]
 
         def sample(seed):
             rng = np.random.default_rng(seed)
@@ -171,7 +171,7 @@ def worker(kind: str, bundle: Path, args):
             with torch.inference_mode():
                 want = prior(torch.from_numpy(x)).numpy()
             s = ort_session(bundle / m["graphs"]["transformer"]["file"], args.threads)
-            got = s.run(None, {s.get_inputs()[0].name: x})[0]
+            got = s.run(None, transformer_feed(s, x))[0]
             out.write(json.dumps({"max_abs_diff": float(np.abs(got - want).max()),
                                   "atol": PARITY_ATOL}) + "\n")
 

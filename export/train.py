@@ -67,9 +67,15 @@ class Config:
     n_emb: int = 160
     n_head: int = 5
     n_layers: int = 6
-    # 22,500: the committed bundle (held-out loss 1.545 at 7,500, 1.439 at 15,000, 1.433 at 22,500,
-    # while the training loss falls to 1.29: it overfits the 4,500 digits from about 15,000 on)
-    prior_iters: int = 22500
+    # 10,000 for the class-conditional prior (held-out loss 1.494 at 4,750, 1.445 at 6,500, 1.404 at
+    # 10,000: below the unconditional prior's 1.433 after 22,500, which overfit the 4,500 digits from
+    # about 15,000 on); 30 minutes on 2 cores with bf16
+    prior_iters: int = 10000
+    # a class-conditional prior (model.PriorConfig.n_classes): the digit's label is one more input of
+    # the transformer; prior_uncond of the training rows get "no class" instead, so that inpainting
+    # and outpainting, which have no label, run on the same prior
+    conditional: bool = True
+    prior_uncond: float = 0.1
     # bfloat16 autocast for the prior's matrix products: "auto" = where the CPU multiplies bf16 in
     # hardware (AMX or AVX-512 BF16: 1.8-2.0x faster per iteration on 2 cores), else float32 ("on" / "off" force it)
     prior_bf16: str = "auto"
@@ -101,7 +107,7 @@ class Config:
     def prior(self) -> PriorConfig:
         L = self.vq.token_size ** 2
         return PriorConfig(codebook_size=self.codebook_size, bert_n_emb=self.n_emb, bert_n_head=self.n_head,
-                           bert_n_layers=self.n_layers, block_size=L)
+                           bert_n_layers=self.n_layers, block_size=L, n_classes=N_CLASSES if self.conditional else 0)
 
 
 # Settings that do not touch the autoencoder or the prior (the sampling defaults): --resume may change them.
@@ -109,7 +115,11 @@ SAMPLING_SETTINGS = ("steps", "temperature", "temperature_end", "top_p", "sample
 # Settings of stage 2 alone: --resume with other values of these keeps the saved autoencoder and
 # trains the prior again (stage 2 starts from its own seeds, so that equals a whole run).
 PRIOR_SETTINGS = ("n_emb", "n_head", "n_layers", "prior_iters", "prior_bf16", "prior_batch", "prior_dropout",
-                  "prior_lr", "warmup", "mask_T", "ema", "prior_copies", "prior_shift")
+                  "prior_lr", "warmup", "mask_T", "ema", "prior_copies", "prior_shift", "conditional", "prior_uncond")
+N_CLASSES = 10  # the digits
+# Settings whose default changed when they were added: a checkpoint or quality.json without one was
+# made with this value (the priors before `conditional` were unconditional).
+LEGACY = {"conditional": False}
 QUICK = dict(prior_copies=1, denoise_iters=2, ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
 PIXEL_SHIFTS = ("shift", "prior_shift")  # shift_batch's range: whole pixels, each way
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
@@ -281,9 +291,10 @@ def encode_all(ae: Autoencoder, x, batch: int = 256):
 # stage 2: absorbing-diffusion prior
 
 
-def prior_loss(prior: Transformer, x0, mask_T: int, gen: torch.Generator):
+def prior_loss(prior: Transformer, x0, mask_T: int, gen: torch.Generator, classes=None):
     """Spec section 5: t ~ U{1..T}, mask each token with prob t/T, CE at masked positions.
-    The CE is averaged per example over its masked tokens, then over the batch. (B, L) -> scalar"""
+    The CE is averaged per example over its masked tokens, then over the batch. (B, L) -> scalar;
+    classes: (B,) for a conditional prior (None: no class)"""
     B, L = x0.shape
     K = prior.cfg.codebook_size
     t = torch.randint(1, mask_T + 1, (B, 1), generator=gen)
@@ -291,16 +302,19 @@ def prior_loss(prior: Transformer, x0, mask_T: int, gen: torch.Generator):
     mask[torch.arange(B), torch.randint(0, L, (B,), generator=gen)] = True  # at least one target
     mask = mask.to(x0.device)
     x_t = torch.where(mask, torch.full_like(x0, K), x0)
-    logits = prior(x_t)  # (B, L, K)
+    logits = prior(x_t, classes)  # (B, L, K)
     ce = F.cross_entropy(logits.reshape(B * L, K), x0.reshape(-1), reduction="none").view(B, L)
     return ((ce * mask).sum(1) / mask.sum(1)).mean()
 
 
 @torch.no_grad()
-def heldout_loss(prior: Transformer, tokens, mask_T: int, seed: int = 0) -> float:
-    """prior_loss on held-out token rows with fixed masks (the same every call). (N, L) -> float"""
+def heldout_loss(prior: Transformer, tokens, mask_T: int, seed: int = 0, labels=None) -> float:
+    """prior_loss on held-out token rows with fixed masks (the same every call), given their labels
+    when the prior is conditional. (N, L), (N,) -> float"""
     gen, d = torch.Generator().manual_seed(seed), device_of(prior)
-    return float(np.mean([prior_loss(prior, tokens[i:i + 128].to(d), mask_T, gen).item()
+    def classes(i):
+        return None if labels is None else labels[i:i + 128].to(d)
+    return float(np.mean([prior_loss(prior, tokens[i:i + 128].to(d), mask_T, gen, classes(i)).item()
                           for i in range(0, len(tokens), 128)]))
 
 
@@ -347,10 +361,14 @@ def use_bf16(cfg, dev: torch.device = None) -> bool:
 
 
 def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=None,
-                dev: torch.device = CPU) -> Transformer:
+                dev: torch.device = CPU, labels=None, held_labels=None) -> Transformer:
     """tokens: (N, L) int64. token_aug: optional fn(batch_tokens, gen) -> batch_tokens. held: optional
-    (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss. Trains on
-    `dev`, returns the EMA weights on the CPU."""
+    (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss. labels (N,) and
+    held_labels (M,): the classes, for a conditional prior (cfg.conditional). Trains on `dev`,
+    returns the EMA weights on the CPU."""
+    n_classes = cfg.prior.n_classes
+    if n_classes and (labels is None or (held is not None and held_labels is None)):
+        raise ValueError("a conditional prior (conditional=true) trains on labelled tokens")
     prior = Transformer(cfg.prior, dropout=cfg.prior_dropout).to(dev)
     ema = Transformer(cfg.prior).to(dev)  # evaluated only: no dropout
     ema.load_state_dict(prior.state_dict())
@@ -366,8 +384,12 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
             g["lr"] = lr_at(it, cfg.prior_iters, cfg.prior_lr, cfg.warmup)
         idx = torch.randint(0, len(tokens), (cfg.prior_batch,), generator=gen)
         x0 = (tokens[idx] if token_aug is None else token_aug(tokens[idx], gen)).to(dev)
+        classes = None
+        if n_classes:  # a fraction of the rows learn without their class (drawn only then: no other stream moves)
+            none = torch.rand(len(idx), generator=gen) < cfg.prior_uncond
+            classes = torch.where(none, n_classes, labels[idx]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = prior_loss(prior, x0, cfg.mask_T, gen)
+            loss = prior_loss(prior, x0, cfg.mask_T, gen, classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
@@ -377,7 +399,7 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
                 pe.lerp_(p, 1.0 - cfg.ema)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if it % 250 == 0 or it == cfg.prior_iters - 1:
-            val = "" if held is None else f" held-out {heldout_loss(ema, held, cfg.mask_T):.4f}"
+            val = "" if held is None else f" held-out {heldout_loss(ema, held, cfg.mask_T, labels=held_labels):.4f}"
             print(f"prior {it:5d} loss {avg:.4f}{val} {time.time() - t0:.0f}s")
     return ema.cpu().eval()
 
@@ -400,7 +422,9 @@ def settings_differ(saved: dict, now: dict) -> list[str]:
     counts as its default."""
     def norm(v):
         return json.loads(json.dumps(v))
-    return sorted(k for k in now if norm(saved.get(k, getattr(Config(), k))) != norm(now[k]))
+    def before(k):  # what a setting's absence means
+        return LEGACY.get(k, getattr(Config(), k))
+    return sorted(k for k in now if norm(saved.get(k, before(k))) != norm(now[k]))
 
 
 def choose_and_measure(out: Path, cfg: Config, x_train, x_held, absorb: Path, quick: bool):
@@ -541,7 +565,9 @@ def main(argv=None):
                               for _ in range(cfg.prior_copies - 1)]
         tokens = torch.cat([encode_all(ae, x) for x in copies]).flatten(1)  # (copies * N, L)
         t0 = time.time()
-        prior = train_prior(cfg, tokens, gen, held=encode_all(ae, x_held).flatten(1), dev=dev)
+        labels = y_train.repeat(cfg.prior_copies) if cfg.conditional else None  # the copies' order
+        prior = train_prior(cfg, tokens, gen, held=encode_all(ae, x_held).flatten(1), dev=dev, labels=labels,
+                            held_labels=y_held if cfg.conditional else None)
         seconds["prior"] = time.time() - t0
         trained_on = {"device": str(dev), "prior_bf16": use_bf16(cfg, dev)}
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -560,8 +586,9 @@ def main(argv=None):
     flags += f" --device {trained_on['device']}" if trained_on["device"] != "cpu" else ""
     source = f"python -m export train-digits {flags} at {commit}"
     clear_stale(out)
+    classes = [str(d) for d in range(N_CLASSES)] if cfg.conditional else None
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name="digits", steps=cfg.steps,
-                 temperature=cfg.temperature or 1.0, source=source)  # measure() may choose the temperature
+                 temperature=cfg.temperature or 1.0, source=source, classes=classes)  # measure() may choose the temperature
     C.export_classifier(clf, out / "eval" / "classifier.onnx", cfg.img_size)
     C.save_heldout(x_held, y_held, out / "eval" / "heldout")
     seconds["export"] = time.time() - t0
@@ -583,7 +610,7 @@ def main(argv=None):
     tiles = dict(window_stride=(cfg.vq.token_size, cfg.vq.token_size), window_margin=(0, 0))
     t0, t1 = C.schedule(q["samples"]["temperature"])
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name="digits", steps=q["samples"]["steps"], temperature=t0,
-                 temperature_end=t1, top_p=C.nucleus(q["samples"]["temperature"]), sampler=q["samples"]["sampler"], source=source, metrics=metrics, **tiles)  # again, now with the measured numbers in provenance
+                 temperature_end=t1, top_p=C.nucleus(q["samples"]["temperature"]), sampler=q["samples"]["sampler"], source=source, metrics=metrics, classes=classes, **tiles)  # again, now with the measured numbers in provenance
     shipped = json.loads((out / "model.json").read_text())["graphs"]
     assert shipped == measured, f"re-export changed the graphs: {measured} -> {shipped}"
     (out / "README.md").write_text(C.readme(q, source))

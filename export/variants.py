@@ -28,9 +28,8 @@ import onnx
 import onnxruntime as ort
 
 from export.classifier import sample_tokens
-from export.export import (
-    OPSET, TRANSFORMER_INPUT, TRANSFORMER_OUTPUT, ExportError, sha256_of,
-)
+from export.export import OPSET, TRANSFORMER_OUTPUT, ExportError, sha256_of
+from export.feed import is_conditional, transformer_feed
 
 # Measurement inputs (the probe): ROWS samples of the fp32 model itself (its default sampler at
 # SAMPLE_STEPS steps), row i re-masked at rate (i + 0.5) / ROWS, so every masking level from ~0 to
@@ -146,22 +145,36 @@ def int8_kernel() -> str:
     return "sse"
 
 
+def probe_classes(fp32: ort.InferenceSession, n_classes: int, rows: int):
+    """The class of each probe row of a conditional graph: row i has class i mod n (every class
+    alike, as generation draws them); None for an unconditional graph."""
+    if not is_conditional(fp32):
+        return None
+    if n_classes < 1:
+        raise ExportError("the transformer takes a class but model.json lists no classes")
+    return np.arange(rows) % n_classes
+
+
 def probe_inputs(fp32: ort.InferenceSession, tokens: dict, temperature: float, rows: int = ROWS,
-                 seed: int = SEED):
-    """(rows, L) tokens from the fp32 model's own samples, partially re-masked; and the mask."""
+                 seed: int = SEED, classes=None):
+    """(rows, L) tokens from the fp32 model's own samples (of `classes`, one per row, when the
+    graph is conditional), partially re-masked; and the mask."""
     L, K = tokens["height"] * tokens["width"], tokens["codebook_size"]
     rng = np.random.default_rng(seed)
-    x = sample_tokens(fp32, rows, L, K, SAMPLE_STEPS, temperature, rng)  # (rows, L)
+    x = sample_tokens(fp32, rows, L, K, SAMPLE_STEPS, temperature, rng, classes)  # (rows, L)
     rate = (np.arange(rows) + 0.5) / rows
     masked = rng.random((rows, L)) < rate[:, None]
     masked[:, 0] |= ~masked.any(1)  # every row draws at least one position
     return np.where(masked, tokens["mask_id"], x), masked
 
 
-def logits_of(s: ort.InferenceSession, x, chunk: int = 32):
-    """(R, L) tokens -> (R, L, K) logits, `chunk` rows per call (paper-size rows are big)."""
-    return np.concatenate([s.run([TRANSFORMER_OUTPUT], {TRANSFORMER_INPUT: x[i:i + chunk]})[0]
-                           for i in range(0, len(x), chunk)])
+def logits_of(s: ort.InferenceSession, x, chunk: int = 32, classes=None):
+    """(R, L) tokens (and (R,) classes) -> (R, L, K) logits, `chunk` rows per call (paper-size rows
+    are big)."""
+    def part(i):
+        c = None if classes is None else classes[i:i + chunk]
+        return s.run([TRANSFORMER_OUTPUT], transformer_feed(s, x[i:i + chunk], c))[0]
+    return np.concatenate([part(i) for i in range(0, len(x), chunk)])
 
 
 def compare(want, got, masked) -> dict:
@@ -195,8 +208,10 @@ def write_variants(bundle: Path, names: list, threads: int = 1, rows: int = ROWS
         raise ExportError(f"{src}: missing, or its sha256 differs from model.json's; re-export the "
                           f"bundle before making variants of it")
     fp32 = session(src, threads)
-    x, masked = probe_inputs(fp32, manifest["tokens"], manifest["sampling"]["temperature"], rows)
-    want = logits_of(fp32, x)
+    classes = probe_classes(fp32, len(manifest.get("classes", [])), rows)
+    x, masked = probe_inputs(fp32, manifest["tokens"], manifest["sampling"]["temperature"], rows,
+                             classes=classes)
+    want = logits_of(fp32, x, classes=classes)
     kernel = int8_kernel()
     old = manifest["provenance"].get("metrics", {}).get("variants", {})
     made = {}
@@ -207,7 +222,7 @@ def write_variants(bundle: Path, names: list, threads: int = 1, rows: int = ROWS
         maker(src, tmp)
         s = session(tmp, threads)
         check_contract(tmp, s, fp32)
-        got = logits_of(s, x)
+        got = logits_of(s, x, classes=classes)
         metrics = compare(want, got, masked)
         need = BAR[name] if bar is None else bar
         if metrics["argmax_agreement"] < need:
@@ -232,8 +247,9 @@ def write_variants(bundle: Path, names: list, threads: int = 1, rows: int = ROWS
     probe = bundle / PROBE_FILE
     probe.parent.mkdir(exist_ok=True)
     tmp = probe.with_name(probe.name + ".tmp")
-    tmp.write_text(json.dumps({"seed": SEED, "sample_steps": SAMPLE_STEPS,
-                               "rows": x.tolist()}, separators=(",", ":")) + "\n")
+    tmp.write_text(json.dumps({"seed": SEED, "sample_steps": SAMPLE_STEPS, "rows": x.tolist(),
+                               **({} if classes is None else {"classes": classes.tolist()})},
+                              separators=(",", ":")) + "\n")
     os.replace(tmp, probe)
     manifest = json.loads(manifest_path.read_text())
     variants = manifest["graphs"]["transformer"].setdefault("variants", {})

@@ -24,6 +24,18 @@ const ROWS_PER_CALL: usize = 16;
 #[derive(Deserialize)]
 struct Probe {
     rows: Vec<Vec<i64>>,
+    /// The class of each row (a class-conditional bundle's); absent: none.
+    #[serde(default)]
+    classes: Option<Vec<i64>>,
+}
+
+/// A bundle's probe: token rows and the class of each (-1 = none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRows {
+    /// Token rows of the bundle's grid, mask id included.
+    pub rows: Vec<Vec<i64>>,
+    /// One class per row.
+    pub classes: Vec<i64>,
 }
 
 /// The result of [`measure`].
@@ -52,8 +64,9 @@ impl Agreement {
     }
 }
 
-/// Reads `dir`'s probe rows and checks them against the bundle's token space.
-pub fn read_probe(dir: &Path, len: usize, mask_id: i64) -> Result<Vec<Vec<i64>>> {
+/// Reads `dir`'s probe rows and checks them against the bundle's token space and its `classes`
+/// (0: unconditional).
+pub fn read_probe(dir: &Path, len: usize, mask_id: i64, classes: usize) -> Result<ProbeRows> {
     let path = dir.join(PROBE_FILE);
     let bytes = std::fs::read(&path).map_err(|error| Error::Io {
         path: path.clone(),
@@ -78,7 +91,25 @@ pub fn read_probe(dir: &Path, len: usize, mask_id: i64) -> Result<Vec<Vec<i64>>>
             return Err(bad(format!("row {i} holds token {t}, outside 0..={mask_id}")));
         }
     }
-    Ok(probe.rows)
+    let row_classes = match probe.classes {
+        None => vec![crate::sampler::NO_CLASS; probe.rows.len()],
+        Some(_) if classes == 0 => {
+            return Err(bad("lists classes, but the bundle is not class-conditional".into()));
+        }
+        Some(c) if c.len() != probe.rows.len() => {
+            return Err(bad(format!("{} classes for {} rows", c.len(), probe.rows.len())));
+        }
+        Some(c) => {
+            if let Some((i, k)) = c.iter().enumerate().find(|(_, &k)| !(-1..classes as i64).contains(&k)) {
+                return Err(bad(format!("row {i} has class {k}, outside -1..{classes}")));
+            }
+            c
+        }
+    };
+    Ok(ProbeRows {
+        rows: probe.rows,
+        classes: row_classes,
+    })
 }
 
 /// Runs `fp32` and `variant` (the same bundle loaded with and without `--variant`) on the
@@ -91,17 +122,20 @@ pub fn measure(fp32: &mut Pipeline, variant: &mut Pipeline, rows: Option<usize>)
         .ok_or_else(|| Error::param("variant", "name the variant to measure, e.g. --variant int8"))?
         .to_string();
     let space = crate::job::token_space(fp32.bundle());
-    let all = read_probe(fp32.bundle().dir(), space.len, space.mask_id)?;
+    let probe = read_probe(fp32.bundle().dir(), space.len, space.mask_id, fp32.classes())?;
+    let all = &probe.rows;
     let n = rows.unwrap_or(all.len()).clamp(1, all.len());
     // Row i of the probe is masked at rate (i + 0.5) / len: every k-th keeps the spread.
-    let rows: Vec<Vec<i64>> = (0..n).map(|j| all[j * all.len() / n].clone()).collect();
+    let picked: Vec<usize> = (0..n).map(|j| j * all.len() / n).collect();
+    let rows: Vec<Vec<i64>> = picked.iter().map(|&i| all[i].clone()).collect();
+    let classes: Vec<i64> = picked.iter().map(|&i| probe.classes[i]).collect();
     let k = space.codebook_size;
     let (mut want, mut got) = (Vec::new(), Vec::new());
     let (mut same, mut positions) = (0usize, 0usize);
-    for chunk in rows.chunks(ROWS_PER_CALL) {
+    for (chunk, classes) in rows.chunks(ROWS_PER_CALL).zip(classes.chunks(ROWS_PER_CALL)) {
         let flat = chunk.concat();
-        fp32.forward(&flat, chunk.len(), &mut want)?;
-        variant.forward(&flat, chunk.len(), &mut got)?;
+        fp32.forward(&flat, classes, &mut want)?;
+        variant.forward(&flat, classes, &mut got)?;
         for (p, &t) in flat.iter().enumerate() {
             if t != space.mask_id {
                 continue;
@@ -157,17 +191,40 @@ mod tests {
         std::fs::create_dir(dir.path().join("eval")).unwrap();
         let write = |text: &str| std::fs::write(dir.path().join(PROBE_FILE), text).unwrap();
         write(r#"{"rows": [[0, 1, 4, 4]]}"#);
-        assert_eq!(read_probe(dir.path(), 4, 4).unwrap(), vec![vec![0, 1, 4, 4]]);
+        let probe = read_probe(dir.path(), 4, 4, 0).unwrap();
+        assert_eq!((probe.rows, probe.classes), (vec![vec![0, 1, 4, 4]], vec![-1]));
         write(r#"{"rows": [[0, 1, 4]]}"#);
-        let e = read_probe(dir.path(), 4, 4).unwrap_err().to_string();
+        let e = read_probe(dir.path(), 4, 4, 0).unwrap_err().to_string();
         assert!(e.contains("row 0 has 3 tokens"), "{e}");
         write(r#"{"rows": [[0, 1, 5, 4]]}"#);
-        let e = read_probe(dir.path(), 4, 4).unwrap_err().to_string();
+        let e = read_probe(dir.path(), 4, 4, 0).unwrap_err().to_string();
         assert!(e.contains("token 5, outside 0..=4"), "{e}");
         write(r#"{"rows": []}"#);
-        assert!(read_probe(dir.path(), 4, 4)
+        assert!(read_probe(dir.path(), 4, 4, 0)
             .unwrap_err()
             .to_string()
             .contains("no rows"));
+    }
+
+    #[test]
+    fn probe_classes_belong_to_a_conditional_bundle_one_per_row_and_in_range() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("eval")).unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join(PROBE_FILE), text).unwrap();
+        write(r#"{"rows": [[0, 4], [4, 4]], "classes": [2, -1]}"#);
+        assert_eq!(read_probe(dir.path(), 2, 4, 3).unwrap().classes, vec![2, -1]);
+        let e = read_probe(dir.path(), 2, 4, 0).unwrap_err().to_string();
+        assert!(e.contains("not class-conditional"), "{e}");
+        let e = read_probe(dir.path(), 2, 4, 2).unwrap_err().to_string();
+        assert!(e.contains("row 0 has class 2, outside -1..2"), "{e}");
+        write(r#"{"rows": [[0, 4], [4, 4]], "classes": [1]}"#);
+        let e = read_probe(dir.path(), 2, 4, 3).unwrap_err().to_string();
+        assert!(e.contains("1 classes for 2 rows"), "{e}");
+        write(r#"{"rows": [[0, 4]]}"#);
+        assert_eq!(
+            read_probe(dir.path(), 2, 4, 3).unwrap().classes,
+            vec![-1],
+            "an older probe: no class"
+        );
     }
 }

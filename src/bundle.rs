@@ -34,6 +34,10 @@ pub struct Manifest {
     pub tokens: TokenSpec,
     /// The three graph files.
     pub graphs: GraphFiles,
+    /// The class names of a class-conditional transformer (one more input, `class`); absent for
+    /// the paper's unconditional one. Generation without a class takes them in turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
     /// Default sampling settings.
     pub sampling: SamplingDefaults,
     /// Free-form: exporter, opset, source checkpoints, measured metrics.
@@ -439,6 +443,24 @@ fn validate(m: &Manifest) -> Result<(), String> {
             ));
         }
     }
+    if let Some(names) = &m.classes {
+        if names.is_empty() || names.len() > MAX_CLASSES {
+            return Err(format!(
+                "classes lists {} names, must be 1..={MAX_CLASSES} (leave it out for an unconditional model)",
+                names.len()
+            ));
+        }
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+                return Err(format!(
+                    "classes[{i}] is {name:?}: a name is 1-64 characters, none a control character"
+                ));
+            }
+            if names[..i].contains(name) {
+                return Err(format!("classes[{i}] is {name:?}, which is listed twice"));
+            }
+        }
+    }
     let g = &m.graphs;
     let files = [
         ("graphs.encoder", &g.encoder.file, &g.encoder.sha256),
@@ -455,6 +477,42 @@ fn validate(m: &Manifest) -> Result<(), String> {
         check_sha(&field, &v.sha256)?;
     }
     Ok(())
+}
+
+/// Most classes a manifest may list.
+pub const MAX_CLASSES: usize = 10_000;
+
+impl Manifest {
+    /// Classes of the transformer (0: unconditional).
+    pub fn class_count(&self) -> usize {
+        self.classes.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The class a request names: one of `classes` by name, else by index; an error saying
+    /// which there are when the model has no such class.
+    pub fn class_index(&self, given: &str) -> std::result::Result<usize, String> {
+        let Some(names) = &self.classes else {
+            return Err(format!(
+                "this model ({}) is not class-conditional: it takes no class",
+                self.name
+            ));
+        };
+        if let Some(i) = names.iter().position(|n| n == given) {
+            return Ok(i);
+        }
+        match given.parse::<usize>() {
+            Ok(i) if i < names.len() => Ok(i),
+            _ => {
+                let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+                let more = if names.len() > 20 { ", ..." } else { "" };
+                Err(format!(
+                    "{given:?} is not a class of this model: one of {}{more} (or its index 0..{})",
+                    shown.join(", "),
+                    names.len()
+                ))
+            }
+        }
+    }
 }
 
 fn check_sha(field: &str, sha: &str) -> Result<(), String> {
@@ -601,6 +659,33 @@ mod tests {
         assert!(e.contains("sampling.outpaint_edge"), "{e}");
         j["sampling"]["outpaint_edge"] = (-1).into();
         assert!(parse(&j).is_err());
+    }
+
+    #[test]
+    fn classes_are_optional_named_once_each_and_looked_up_by_name_or_index() {
+        let mut j = serde_json::to_value(manifest()).unwrap();
+        let parse = |j: &serde_json::Value| parse_manifest(j.to_string().as_bytes(), Path::new("model.json"));
+        let m = parse(&j).unwrap();
+        assert_eq!(m.class_count(), 0);
+        assert!(m.class_index("3").unwrap_err().contains("not class-conditional"));
+        j["classes"] = serde_json::json!(["cat", "dog", "7"]);
+        let m = parse(&j).unwrap();
+        assert_eq!(m.class_count(), 3);
+        assert_eq!(m.class_index("dog"), Ok(1));
+        assert_eq!(m.class_index("7"), Ok(2), "a name wins over an index");
+        assert_eq!(m.class_index("0"), Ok(0));
+        let e = m.class_index("3").unwrap_err();
+        assert!(e.contains("cat, dog, 7") && e.contains("0..3"), "{e}");
+        for (bad, says) in [
+            (serde_json::json!([]), "0 names"),
+            (serde_json::json!(["a", "a"]), "listed twice"),
+            (serde_json::json!(["a", ""]), "classes[1]"),
+            (serde_json::json!(["a\nb"]), "control"),
+        ] {
+            j["classes"] = bad;
+            let e = parse(&j).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

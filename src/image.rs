@@ -395,6 +395,10 @@ pub struct Metadata {
     /// How a larger grid was decoded: `tiles` or `whole`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<String>,
+    /// The class asked for (a class-conditional bundle's, by name); absent when none was given
+    /// (generation drew each image's class from its stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
 }
 
 /// Files absorb writes are readable by everyone (0644), like any other tool's output; the
@@ -726,6 +730,7 @@ mod tests {
             stride: Some([4, 4]),
             window_margin: Some([1, 1]),
             decode: Some("tiles".into()),
+            class: Some("7".into()),
         };
         write_png(&path, &p, Some(&meta)).unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);

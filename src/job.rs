@@ -74,9 +74,41 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Reveal rule.
     pub sampler: Option<SamplerKind>,
+    /// The class to make, an index into a class-conditional bundle's `classes` ([`class_index`]
+    /// reads a name). Absent: generation gives the classes in turn ([`sampler::spread_class`]),
+    /// edits use none.
+    pub class: Option<usize>,
+}
+
+/// The class a request names (`--class`, the service's `class`), by name or index, as an
+/// index into `bundle`'s classes.
+pub fn class_index(bundle: &Bundle, given: &str) -> Result<usize> {
+    bundle
+        .manifest()
+        .class_index(given)
+        .map_err(|m| Error::param("class", m))
 }
 
 impl Sampling {
+    /// The request's class, checked against `bundle`.
+    pub fn class(&self, bundle: &Bundle) -> Result<Option<usize>> {
+        let n = bundle.manifest().class_count();
+        match self.class {
+            Some(_) if n == 0 => Err(Error::param(
+                "class",
+                format!(
+                    "this model ({}) is not class-conditional: it takes no class",
+                    bundle.manifest().name
+                ),
+            )),
+            Some(c) if c >= n => Err(Error::param(
+                "class",
+                format!("class index {c} is out of range: this model has {n} classes (0..{n})"),
+            )),
+            c => Ok(c),
+        }
+    }
+
     /// Validated settings for sampling a grid of `len` tokens of `bundle`.
     pub fn settings(&self, bundle: &Bundle, len: usize) -> Result<Settings> {
         let d = &bundle.manifest().sampling;
@@ -124,6 +156,9 @@ pub struct Job {
     pub images: Vec<(u64, u64)>,
     /// Validated sampler settings.
     pub settings: Settings,
+    /// The class of every image (a class-conditional bundle's); `None`: generation gives the
+    /// classes in turn ([`sampler::spread_class`]), edits use none.
+    pub class: Option<usize>,
     /// Windows over a grid larger than the bundle's; `None` = the bundle's grid.
     pub tiling: Option<Tiling>,
     /// How a larger grid is decoded.
@@ -141,6 +176,8 @@ pub struct Job {
 pub struct Made {
     /// The token grids, one per image (row-major, `grid`).
     pub tokens: Vec<Vec<i64>>,
+    /// Each image's class (a class-conditional bundle's; `None`: none).
+    pub classes: Vec<Option<usize>>,
     /// The images, input pixels kept where the job says so.
     pub pixels: Vec<Pixels>,
     /// The token grid size.
@@ -405,6 +442,7 @@ impl Job {
             start: Start::Masked,
             images: (0..count as u64).map(|i| (seed, first + i)).collect(),
             settings: sampling.settings(bundle, grid[0] * grid[1])?,
+            class: sampling.class(bundle)?,
             tiling,
             decode: canvas.decode,
             frames: false,
@@ -438,6 +476,7 @@ impl Job {
                 token_mask,
                 keep_input,
             },
+            class: sampling.class(bundle)?,
             ..Job::one(seed, sampling.settings(bundle, grid[0] * grid[1])?, None)
         })
     }
@@ -486,6 +525,7 @@ impl Job {
                 keep_input,
             },
             decode: canvas.decode,
+            class: sampling.class(bundle)?,
             ..Job::one(seed, sampling.settings(bundle, grid[0] * grid[1])?, tiling)
         })
     }
@@ -562,6 +602,7 @@ impl Job {
             start: Start::Masked,
             images: vec![(seed, 0)],
             settings,
+            class: None,
             tiling,
             decode: DecodeMode::default(),
             frames: false,
@@ -637,6 +678,7 @@ impl Job {
             stride: None,
             window_margin: None,
             decode: None,
+            class: None,
         };
         if matches!(self.start, Start::Tokens(_)) {
             return meta;
@@ -646,6 +688,8 @@ impl Job {
         meta.temperature = Some(self.settings.temperature);
         meta.temperature_end = self.settings.temperature_end;
         meta.top_p = self.settings.top_p;
+        let names = bundle.manifest().classes.as_deref().unwrap_or_default();
+        meta.class = self.class.and_then(|c| names.get(c).cloned());
         let (seed, index) = self.images.get(k).copied().unwrap_or_default();
         meta.seed = Some(seed);
         meta.index = Some(index);
@@ -708,6 +752,16 @@ impl Job {
             // Made before top-p existed, or without it: no truncation (not the bundle's default).
             top_p: Some(m.top_p.unwrap_or(1.0)),
             sampler: Some(sampler),
+            // Absent: spread over the images again, by seed and index.
+            class: m
+                .class
+                .as_deref()
+                .map(|c| class_index(bundle, c))
+                .transpose()
+                .map_err(|e| match e {
+                    Error::Param { message, .. } => bad(format!("its metadata's class: {message}")),
+                    e => e,
+                })?,
         };
         let canvas = Canvas {
             grid: m.grid,

@@ -19,12 +19,13 @@
 //! let space = TokenSpace { len: 16, codebook_size: 8, mask_id: 8 };
 //! let settings = Settings::new(4, 1.0, &space)?;
 //! let mut chains = vec![Chain::masked(&space, &settings, 42, 0)?];
-//! let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| {
+//! // one class per row (a class-conditional bundle's; `sampler::NO_CLASS` here)
+//! let mut denoise = |tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>| {
 //!     logits.clear();
-//!     for _ in 0..rows * 16 {
+//!     for _ in 0..classes.len() * 16 {
 //!         logits.extend((0..8).map(|k| if k == 3 { 30.0 } else { 0.0 }));
 //!     }
-//!     assert_eq!(tokens.len(), rows * 16);
+//!     assert_eq!(tokens.len(), classes.len() * 16);
 //!     Ok(())
 //! };
 //! let stats = sampler::run(&mut chains, &space, &settings, &mut denoise, &mut |_| {})?;

@@ -158,6 +158,7 @@ impl Pipeline {
             None => job.max_batch,
         };
         let mut tokens = Vec::with_capacity(job.images.len());
+        let mut classes = Vec::with_capacity(job.images.len());
         let known = match &job.start {
             // Nothing masked: decoding only (`absorb decode`).
             Start::Tokens(grids) if !grids.iter().flatten().any(|&t| t == space.mask_id) => Some(grids),
@@ -166,6 +167,7 @@ impl Pipeline {
         for (n, chunk) in job.images.chunks(per_run).enumerate() {
             if let Some(grids) = known {
                 tokens.extend_from_slice(&grids[n * per_run..n * per_run + chunk.len()]);
+                classes.extend(chunk.iter().map(|_| None));
                 continue;
             }
             if (progress.cancelled)() {
@@ -176,6 +178,7 @@ impl Pipeline {
                 let frames = job.frames.then_some(&mut snapshots);
                 self.sample(&mut chains, job, n * per_run, progress, frames, &mut timings)?;
             }
+            classes.extend(chains.iter().map(|c| usize::try_from(c.class()).ok()));
             tokens.extend(chains.into_iter().map(Chain::into_tokens));
         }
         // (3)
@@ -212,6 +215,7 @@ impl Pipeline {
         }
         Ok(Made {
             tokens,
+            classes,
             pixels,
             grid,
             frames,
@@ -264,9 +268,15 @@ impl Pipeline {
     }
 
     /// One transformer forward outside any sampling loop (benchmarks, the variant check):
-    /// `tokens` `(rows, L)` -> `logits` `(rows, L, K)`.
-    pub fn forward(&mut self, tokens: &[i64], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
-        self.graphs.transformer(tokens, rows, logits)
+    /// `tokens` `(rows, L)` and each row's class (`rows` of them, [`sampler::NO_CLASS`] = none)
+    /// -> `logits` `(rows, L, K)`.
+    pub fn forward(&mut self, tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>) -> Result<()> {
+        self.graphs.transformer(tokens, classes, logits)
+    }
+
+    /// Classes of the bundle's transformer (0: unconditional).
+    pub fn classes(&self) -> usize {
+        self.graphs.classes()
     }
 
     fn grid(&self) -> [usize; 2] {
@@ -283,13 +293,23 @@ impl Pipeline {
         space: &TokenSpace,
     ) -> Result<Vec<Chain>> {
         let settings = &job.settings;
+        let given = job.class.map_or(sampler::NO_CLASS, |c| c as i64);
+        // Edits (and known grids) take the job's class or none.
         let one = |tokens: Vec<i64>, &(seed, index): &(u64, u64)| {
-            Chain::new(tokens, space, settings, sampler::image_rng(seed, index))
+            Ok(Chain::new(tokens, space, settings, sampler::image_rng(seed, index))?.with_class(given))
         };
+        let classes = self.graphs.classes();
         Ok(match &job.start {
+            // Generation without a class spreads the classes over the images (seeded, by index).
             Start::Masked => chunk
                 .iter()
-                .map(|&(seed, i)| Chain::masked(space, settings, seed, i))
+                .map(|&(seed, i)| {
+                    let class = match job.class {
+                        None if classes > 0 => sampler::spread_class(seed, i, classes),
+                        _ => given,
+                    };
+                    Ok(Chain::masked(space, settings, seed, i)?.with_class(class))
+                })
                 .collect::<Result<_>>()?,
             Start::Inpaint { image, token_mask, .. } => {
                 let (mut tokens, _) = self.encode_exact(image)?;
@@ -383,11 +403,11 @@ impl Pipeline {
         // reports the step, never both at once.
         let this = RefCell::new(&mut *self);
         // A cancelled run stops before its next transformer call.
-        let mut denoise = |tokens: &[i64], rows: usize, logits: &mut Vec<f32>| {
+        let mut denoise = |tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>| {
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            this.borrow_mut().graphs.transformer(tokens, rows, logits)
+            this.borrow_mut().graphs.transformer(tokens, classes, logits)
         };
         let mut report = |r: &StepReport| {
             on_step(r);

@@ -41,6 +41,11 @@
 //!   `libm`, windows in ascending order), drawn with the step's temperature as `p^(1/T)`
 //!   renormalised. Which windows vote is fixed by the [`Tiling`] (grid, stride, margin).
 //!
+//! - A class-conditional bundle: each chain carries one class ([`NO_CLASS`] = none), fed with
+//!   every row of it (each window of a larger grid too). A class chosen for a request without
+//!   one ([`spread_class`]) comes from a stream of its own, so the image's stream is untouched:
+//!   image `i` made as class `c` is the image asked for with class `c`.
+//!
 //! Changing any of this changes the tokens for a given seed: a breaking change.
 
 use rand_chacha::ChaCha20Rng;
@@ -198,6 +203,32 @@ impl Settings {
     }
 }
 
+/// The class fed for a chain without one: a conditional transformer's "no class".
+pub const NO_CLASS: i64 = -1;
+
+/// The class of image `index` under `seed` when a request names none, for a bundle of `n`
+/// classes: images `b n .. b n + n - 1` are the `n` classes, each once, in an order shuffled for
+/// block `b`. So a request of `k n` images has each class exactly `k` times, and any image's class
+/// depends only on its seed and index, never on its batch.
+///
+/// The order: Fisher-Yates from the last position down (one `u64` per swap, a widening multiply)
+/// over `0..n`, from ChaCha20 keyed by the seed's 8 little-endian bytes followed by `"classes"`
+/// and zeros, stream `b`: a key no image stream has ([`image_rng`] expands the seed otherwise).
+pub fn spread_class(seed: u64, index: u64, n: usize) -> i64 {
+    let n = n.max(1);
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..15].copy_from_slice(b"classes");
+    let mut rng = ChaCha20Rng::from_seed(key);
+    rng.set_stream(index / n as u64);
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    for i in (1..n).rev() {
+        let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+        order.swap(i, j);
+    }
+    order[(index % n as u64) as usize]
+}
+
 /// The random stream of image `index` under `seed`.
 pub fn image_rng(seed: u64, index: u64) -> ChaCha20Rng {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
@@ -220,6 +251,8 @@ pub struct Chain {
     initial_masked: usize,
     /// Positions revealed so far.
     revealed: usize,
+    /// The class fed with this chain's rows ([`NO_CLASS`]: none).
+    class: i64,
 }
 
 impl Chain {
@@ -282,7 +315,19 @@ impl Chain {
             masked,
             initial_masked,
             revealed: 0,
+            class: NO_CLASS,
         })
+    }
+
+    /// The same chain conditioned on `class` (an index into the bundle's classes, or [`NO_CLASS`]).
+    pub fn with_class(mut self, class: i64) -> Chain {
+        self.class = class;
+        self
+    }
+
+    /// The class fed with this chain's rows.
+    pub fn class(&self) -> i64 {
+        self.class
     }
 
     /// A fully masked chain for unconditional generation of image `index` under `seed`.
@@ -346,9 +391,9 @@ pub struct RunStats {
     pub revealed: usize,
 }
 
-/// The denoiser: given `rows` token rows of length L concatenated, `(rows, L)`, fill `logits`
-/// with `(rows, L, K)` values.
-pub type Denoiser<'a> = dyn FnMut(&[i64], usize, &mut Vec<f32>) -> Result<()> + 'a;
+/// The denoiser: given token rows of length L concatenated, `(rows, L)`, and each row's class
+/// (`rows` of them; [`NO_CLASS`] = none), fill `logits` with `(rows, L, K)` values.
+pub type Denoiser<'a> = dyn FnMut(&[i64], &[i64], &mut Vec<f32>) -> Result<()> + 'a;
 
 /// Runs the reverse process on all `chains` to completion. Chains are independent: each one's
 /// result depends only on its own tokens, reveal steps and random stream, never on its batch.
@@ -365,6 +410,7 @@ pub fn run(
     let mut logits: Vec<f32> = Vec::new();
     let mut weights: Vec<f64> = vec![0.0; 2 * k]; // draw's scratch
     let mut rows: Vec<usize> = Vec::with_capacity(chains.len());
+    let mut classes: Vec<i64> = Vec::with_capacity(chains.len());
     let maskgit = settings.sampler == SamplerKind::Maskgit;
     for t in (1..=settings.steps as u32).rev() {
         rows.clear();
@@ -380,10 +426,12 @@ pub fn run(
             continue;
         }
         input.clear();
+        classes.clear();
         for &c in &rows {
             input.extend_from_slice(&chains[c].tokens);
+            classes.push(chains[c].class);
         }
-        denoise(&input, rows.len(), &mut logits)?;
+        denoise(&input, &classes, &mut logits)?;
         check_logits(&logits, rows.len(), l, k)?;
         let mut revealed = 0;
         for (r, &c) in rows.iter().enumerate() {
@@ -630,6 +678,7 @@ pub fn run_tiled(
     let mut row_of: Vec<Option<usize>> = vec![None; chains.len() * nw];
     let mut selected: Vec<(usize, usize)> = Vec::new();
     let mut input: Vec<i64> = Vec::new();
+    let mut classes: Vec<i64> = Vec::new();
     let mut part: Vec<f32> = Vec::new();
     let mut logits: Vec<f32> = Vec::new();
     // Per chain, the positions sampled in this step (reused buffers).
@@ -666,10 +715,12 @@ pub fn run_tiled(
         logits.clear();
         for chunk in selected.chunks(max_rows) {
             input.clear();
+            classes.clear();
             for &(c, w) in chunk {
                 tiling.cut(&chains[c].tokens, w, &mut input);
+                classes.push(chains[c].class);
             }
-            denoise(&input, chunk.len(), &mut part)?;
+            denoise(&input, &classes, &mut part)?;
             check_logits(&part, chunk.len(), l, k)?;
             logits.extend_from_slice(&part);
             stats.calls += 1;
@@ -892,8 +943,8 @@ mod tests {
 
     /// A deterministic fake denoiser whose logits depend only on each row's own tokens:
     /// prefers code (position + number of revealed tokens) mod K.
-    fn fake(tokens: &[i64], rows: usize, out: &mut Vec<f32>) -> Result<()> {
-        let (l, k) = (SPACE.len, SPACE.codebook_size);
+    fn fake(tokens: &[i64], classes: &[i64], out: &mut Vec<f32>) -> Result<()> {
+        let (l, k, rows) = (SPACE.len, SPACE.codebook_size, classes.len());
         out.clear();
         for r in 0..rows {
             let row = &tokens[r * l..(r + 1) * l];
@@ -1215,7 +1266,8 @@ mod tests {
     fn maskgit_reveals_the_most_confident_positions_first() {
         // A denoiser certain about even positions and unsure about odd ones: with one step to go
         // before the end, the first reveals are the certain ones.
-        let mut sure = |tokens: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+        let mut sure = |tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
+            let rows = classes.len();
             out.clear();
             for _ in 0..rows {
                 for p in 0..16 {
@@ -1374,7 +1426,8 @@ mod tests {
         // window 0 only; column 3 by windows 0 and 1: half its draws are 1 and half 2.
         let t = Tiling::new([4, 8], WINDOW, [2, 2], [0, 0]).unwrap();
         let big = TokenSpace { len: 32, ..SPACE };
-        let named = |tokens: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+        let named = |tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
+            let rows = classes.len();
             out.clear();
             for r in 0..rows {
                 let code = tokens[r * 16];
@@ -1401,6 +1454,82 @@ mod tests {
     }
 
     #[test]
+    fn each_row_is_fed_with_its_chains_class_alone_and_in_windows() {
+        // The denoiser is sure of code (class + 1): a chain's tokens say which class it was fed.
+        let by_class = |tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
+            assert_eq!(tokens.len(), classes.len() * 16);
+            out.clear();
+            for &c in classes {
+                for _ in 0..16 {
+                    out.extend((0..8).map(|k| if k as i64 == c + 1 { 40.0 } else { 0.0 }));
+                }
+            }
+            Ok(())
+        };
+        let s = Settings::new(4, 1.0, &SPACE).unwrap();
+        let classes = [NO_CLASS, 2, 0, 6];
+        let mut chains: Vec<Chain> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| Chain::masked(&SPACE, &s, 3, i as u64).unwrap().with_class(c))
+            .collect();
+        run(&mut chains, &SPACE, &s, &mut { by_class }, &mut |_| {}).unwrap();
+        for (chain, &c) in chains.iter().zip(&classes) {
+            assert_eq!(chain.class(), c);
+            assert!(
+                chain.tokens().iter().all(|&t| t == c + 1),
+                "class {c}: {:?}",
+                chain.tokens()
+            );
+        }
+        // Every window of a larger grid is fed its chain's class.
+        let t = Tiling::new([4, 8], WINDOW, [2, 2], [0, 0]).unwrap();
+        let big = TokenSpace { len: 32, ..SPACE };
+        let s = Settings::new(4, 1.0, &big).unwrap();
+        let mut chains: Vec<Chain> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| Chain::masked(&big, &s, 3, i as u64).unwrap().with_class(c))
+            .collect();
+        run_tiled(&mut chains, &t, &SPACE, &s, 3, &mut { by_class }, &mut |_| {}).unwrap();
+        for (chain, &c) in chains.iter().zip(&classes) {
+            assert!(
+                chain.tokens().iter().all(|&t| t == c + 1),
+                "class {c}: {:?}",
+                chain.tokens()
+            );
+        }
+    }
+
+    #[test]
+    fn spread_classes_take_each_class_once_per_block_in_orders_that_vary() {
+        let mut orders = std::collections::BTreeSet::new();
+        for seed in [0, 1, u64::MAX] {
+            for block in [0u64, 1, 2, u64::MAX / 10 - 1] {
+                let order: Vec<i64> = (0..10).map(|k| spread_class(seed, block * 10 + k, 10)).collect();
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..10).collect::<Vec<_>>(),
+                    "seed {seed} block {block}: {order:?}"
+                );
+                orders.insert(order);
+            }
+        }
+        assert!(orders.len() >= 11, "blocks and seeds shuffle differently: {orders:?}");
+        // The last index and a single class.
+        assert!((0..7).contains(&spread_class(3, u64::MAX, 7)));
+        assert_eq!(spread_class(3, 12, 1), 0);
+        // Not the image's own stream: its first draws are not where the order comes from.
+        let first: Vec<i64> = (0..10)
+            .map(|i| ((image_rng(0, i).next_u64() as u128 * 10) >> 64) as i64)
+            .collect();
+        let spread: Vec<i64> = (0..10).map(|i| spread_class(0, i, 10)).collect();
+        assert_ne!(first, spread);
+    }
+
+    #[test]
     fn a_two_window_wide_grid_feeds_at_most_three_times_one_image() {
         // The trained grid 16x16 (paper size) at S = 256, 1x2 wide, the default windows.
         let space = TokenSpace {
@@ -1409,9 +1538,9 @@ mod tests {
             mask_id: 4,
         };
         let wide = TokenSpace { len: 512, ..space };
-        let zeros = |_: &[i64], rows: usize, out: &mut Vec<f32>| -> Result<()> {
+        let zeros = |_: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
             out.clear();
-            out.resize(rows * 256 * 4, 0.0);
+            out.resize(classes.len() * 256 * 4, 0.0);
             Ok(())
         };
         let t = Tiling::with_defaults([16, 32], [16, 16]).unwrap();

@@ -324,3 +324,21 @@ fn colour_tokens_for_a_seed_do_not_depend_on_batching() {
     }
     assert_eq!(tokens[0], tokens[1]);
 }
+
+#[test]
+fn an_unconditional_bundle_takes_no_class_and_draws_none() {
+    let mut p = pipeline();
+    assert_eq!(p.classes(), 0);
+    let s = Sampling {
+        class: Some(0),
+        ..Sampling::default()
+    };
+    let e = Job::generate(p.bundle(), 0, 0, 1, &s, &Canvas::default(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not class-conditional"), "{e}");
+    let e = job::class_index(p.bundle(), "0").unwrap_err().to_string();
+    assert!(e.contains("not class-conditional"), "{e}");
+    let job = Job::generate(p.bundle(), 0, 0, 2, &Sampling::default(), &Canvas::default(), None).unwrap();
+    assert_eq!(run(&mut p, &job).classes, vec![None, None]);
+}

@@ -273,6 +273,41 @@ def test_parity_check_fails_on_a_model_unlike_the_graph(tiny_bundle):
             bias -= 0.01
 
 
+def test_a_class_conditional_transformer_exports_a_class_input_that_changes_its_logits(tmp_path):
+    vq, pc = config_from_hparams({**TINY, "n_classes": 3})
+    assert pc.n_classes == 3 and hparams_of(vq, pc)["n_classes"] == 3
+    ae, prior = random_init(vq, pc, seed=4)
+    with torch.no_grad():  # random init puts all classes near 0: make them tell apart
+        prior.class_emb.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ExportError, match="needs their 3 names"):
+        write_bundle(ae, prior, vq, pc, tmp_path / "x", name="c", steps=8, temperature=1.0, source="test")
+    out = write_bundle(ae, prior, vq, pc, tmp_path / "c", name="c", steps=8, temperature=1.0, source="test",
+                       classes=["a", "b", "c"])
+    m = json.loads((out / "model.json").read_text())
+    assert m["classes"] == ["a", "b", "c"] and m["provenance"]["hparams"]["n_classes"] == 3
+    s = session(out / "transformer.onnx")
+    assert [(i.name, i.shape) for i in s.get_inputs()] == [(TRANSFORMER_INPUT, ["batch", 64]), ("class", ["batch"])]
+    seq = np.full((4, 64), pc.mask_id, np.int64)
+    seq[:, ::2] = 5
+    classes = np.array([-1, 0, 1, 2], np.int64)
+    got = s.run(None, {TRANSFORMER_INPUT: seq, "class": classes})[0]
+    with torch.no_grad():
+        want = prior(torch.from_numpy(seq), torch.from_numpy(classes)).numpy()
+        none = prior(torch.from_numpy(seq[:1])).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[:1], none, rtol=0, atol=1e-4)  # -1 = no class = no class given
+    for i in range(4):  # every class (and none) gives other logits
+        for j in range(i):
+            assert np.abs(got[i] - got[j]).max() > 1e-2, (i, j)
+    # An unconditional graph takes no class; the feed helper says so instead of onnxruntime's error.
+    from export.feed import transformer_feed
+    plain = write_bundle(ae, random_init(*config_from_hparams(TINY), seed=4)[1], vq,
+                         config_from_hparams(TINY)[1], tmp_path / "p", name="p", steps=8, temperature=1.0,
+                         source="test")
+    with pytest.raises(ValueError, match="no class input"):
+        transformer_feed(session(plain / "transformer.onnx"), seq, classes)
+
+
 # --- CLI end to end --------------------------------------------------------------------------
 
 

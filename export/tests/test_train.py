@@ -34,6 +34,8 @@ def test_quick_run_writes_a_bundle_and_a_classifier(tmp_path, capsys):
     K = train.Config().codebook_size
     assert manifest["tokens"] == {"height": 8, "width": 8, "codebook_size": K, "mask_id": K}
     assert manifest["image"]["height"] == manifest["image"]["width"] == 32
+    assert manifest["classes"] == [str(d) for d in range(10)], "the digits prior is class-conditional"
+    assert [i.name for i in session(out / "transformer.onnx").get_inputs()] == ["tokens", "class"]
     held = sorted((out / "eval" / "heldout").glob("*_[0-9].png"))
     assert len(held) == 10 * train.Config().heldout_per_class
     assert sorted({p.stem[-1] for p in held}) == [str(d) for d in range(10)], "every digit is held out"
@@ -214,3 +216,27 @@ def test_prior_dropout_acts_only_while_training_and_old_configs_read_as_its_defa
     assert train.settings_differ(old, now) == []
     assert train.settings_differ(old, {**now, "prior_dropout": 0.1}) == ["prior_dropout"]
     assert train.settings_differ({**old, "ch_mult": [1, 2, 4]}, now) == [], "tuples and lists compare equal"
+
+
+def test_a_conditional_prior_needs_labels_learns_no_class_too_and_old_checkpoints_read_as_unconditional():
+    cfg = train.Config(**train.QUICK)
+    assert cfg.conditional and cfg.prior.n_classes == 10 and "conditional" in train.PRIOR_SETTINGS
+    tokens = torch.randint(0, cfg.codebook_size, (32, 64), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="labelled tokens"):
+        train.train_prior(cfg, tokens, torch.Generator().manual_seed(0))
+    labels = torch.arange(32) % 10
+    prior = train.train_prior(cfg, tokens, torch.Generator().manual_seed(0), labels=labels)
+    x = torch.full((3, 64), cfg.codebook_size)
+    with torch.no_grad():
+        out = prior(x, torch.tensor([-1, 0, 1]))
+        assert torch.equal(out[:1], prior(x[:1])), "no classes given = class -1 = no class"
+        assert not torch.allclose(out[1], out[2]) and not torch.allclose(out[0], out[1])
+    plain = dataclasses.replace(cfg, conditional=False)
+    assert plain.prior.n_classes == 0
+    a = train.train_prior(plain, tokens, torch.Generator().manual_seed(0))
+    assert not hasattr(a, "class_emb")
+    # a checkpoint or quality.json from before `conditional` holds an unconditional prior
+    now = {k: v for k, v in dataclasses.asdict(train.Config()).items() if k not in train.SAMPLING_SETTINGS}
+    old = {k: v for k, v in now.items() if k != "conditional"}
+    assert train.settings_differ(old, now) == ["conditional"]
+    assert train.settings_differ(old, {**now, "conditional": False}) == []

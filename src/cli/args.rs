@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use absorb::job::class_index;
 use absorb::parse::{parse_extend, parse_pair, parse_rect, parse_shard, parse_temperature};
 use absorb::sampler::SamplerKind;
-use absorb::{Canvas, DecodeMode, Provider, Sampling};
+use absorb::{Bundle, Canvas, DecodeMode, Provider, Sampling};
 
 /// Options every command shares.
 #[derive(Args, Clone)]
@@ -66,19 +67,26 @@ pub struct SamplingArgs {
     /// absorbing.
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerKind>,
+    /// The class to make, by name or index, with a class-conditional model (`absorb info` lists
+    /// its classes; the digits model's are 0-9). Default: generate takes the classes in turn,
+    /// shuffled by the seed; inpaint and outpaint use none.
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    pub class: Option<String>,
 }
 
 impl SamplingArgs {
-    /// The flags as the library takes them (absent = the bundle's defaults).
-    pub fn sampling(&self) -> Sampling {
+    /// The flags as the library takes them (absent = the bundle's defaults); the class is looked
+    /// up in `bundle`.
+    pub fn sampling(&self, bundle: &Bundle) -> absorb::Result<Sampling> {
         let (temperature, temperature_end) = self.temperature.map_or((None, None), |(a, b)| (Some(a), b));
-        Sampling {
+        Ok(Sampling {
             steps: self.steps,
             temperature,
             temperature_end,
             top_p: self.top_p,
             sampler: self.sampler,
-        }
+            class: self.class.as_deref().map(|c| class_index(bundle, c)).transpose()?,
+        })
     }
 }
 

@@ -20,7 +20,14 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
         (None, None) => bail!(absorb::Error::param("mask", "give --mask FILE or --rect x,y,w,h")),
     };
     let seed = seed_or_fresh(a.sampling.seed);
-    let job = Job::inpaint(p.bundle(), input, mask, seed, &a.sampling.sampling(), !a.decode_all)?;
+    let job = Job::inpaint(
+        p.bundle(),
+        input,
+        mask,
+        seed,
+        &a.sampling.sampling(p.bundle())?,
+        !a.decode_all,
+    )?;
     eprintln!("seed {seed}");
     let masked = job.masked_tokens(p.bundle());
     let (made, took) = run_with_progress(&mut p, &job)?;
@@ -58,7 +65,7 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
         input,
         a.extend,
         seed,
-        &a.sampling.sampling(),
+        &a.sampling.sampling(p.bundle())?,
         &canvas,
         !a.decode_all,
         a.outpaint_edge,

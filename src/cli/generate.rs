@@ -42,7 +42,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                 seed,
                 a.first_index,
                 a.count,
-                &a.sampling.sampling(),
+                &a.sampling.sampling(p.bundle())?,
                 &canvas,
                 None,
             )?;

@@ -38,6 +38,9 @@ pub const DECODER_INPUT: &str = "tokens";
 pub const DECODER_OUTPUT: &str = "image";
 /// Transformer input: token ids `(B, L)`, mask id included.
 pub const TRANSFORMER_INPUT: &str = "tokens";
+/// Second transformer input of a class-conditional bundle (one with `classes` in model.json):
+/// the class of each row `(B,)`, -1 for none.
+pub const CLASS_INPUT: &str = "class";
 /// Transformer output: logits `(B, L, K)`.
 pub const TRANSFORMER_OUTPUT: &str = "logits";
 
@@ -78,6 +81,8 @@ pub struct Graphs {
     image: [usize; 3],
     grid: [usize; 2],
     codebook_size: usize,
+    /// Classes of a conditional transformer (0: unconditional, no class input).
+    classes: usize,
     /// Transformer calls and their total time, for `-v` timings and `bench`.
     pub transformer_stats: CallStats,
 }
@@ -106,6 +111,7 @@ impl Graphs {
         let (c, h, w) = (m.image.channels, m.image.height, m.image.width);
         let (th, tw, k) = (m.tokens.height, m.tokens.width, m.tokens.codebook_size);
         let l = th * tw;
+        let classes = m.classes.as_ref().map_or(0, Vec::len);
         let mut load_one = |kind: GraphKind| -> Result<Session> {
             let path = bundle.graph_path(kind);
             // TensorRT shape profile: batch 1..=max_batch at the bundle's grid.
@@ -119,24 +125,29 @@ impl Graphs {
                 (GraphKind::Decoder, Some([gh, gw])) => format!("{}x{}", gh.max(th), gw.max(tw)),
                 _ => dims.clone(),
             };
+            // A conditional transformer's class input has the batch axis alone.
+            let class = |b: usize| match kind {
+                GraphKind::Transformer if classes > 0 => format!(",{CLASS_INPUT}:{b}"),
+                _ => String::new(),
+            };
             let gpu = GpuPlan {
                 config,
                 cache: config.engine_cache(bundle, runtime.library()),
                 profile: [
-                    format!("{name}:1x{dims}"),
-                    format!("{name}:{n}x{dims}"),
-                    format!("{name}:{n}x{max_dims}"),
+                    format!("{name}:1x{dims}{}", class(1)),
+                    format!("{name}:{n}x{dims}{}", class(n)),
+                    format!("{name}:{n}x{max_dims}{}", class(n)),
                 ],
             };
             let (session, used) = build_session(runtime, &path, kind, provider, &gpu)?;
             provider = used;
             let (input, output) = match kind {
                 GraphKind::Encoder => (
-                    Port::new(
+                    vec![Port::new(
                         ENCODER_INPUT,
                         TensorElementType::Float32,
                         &[Dim::Batch, Dim::Is(c), Dim::Is(h), Dim::Is(w)],
-                    ),
+                    )],
                     Port::new(
                         ENCODER_OUTPUT,
                         TensorElementType::Int64,
@@ -144,11 +155,11 @@ impl Graphs {
                     ),
                 ),
                 GraphKind::Decoder => (
-                    Port::new(
+                    vec![Port::new(
                         DECODER_INPUT,
                         TensorElementType::Int64,
                         &[Dim::Batch, Dim::Any, Dim::Any],
-                    ),
+                    )],
                     Port::new(
                         DECODER_OUTPUT,
                         TensorElementType::Float32,
@@ -156,7 +167,17 @@ impl Graphs {
                     ),
                 ),
                 GraphKind::Transformer => (
-                    Port::new(TRANSFORMER_INPUT, TensorElementType::Int64, &[Dim::Batch, Dim::Is(l)]),
+                    {
+                        let mut ports = vec![Port::new(
+                            TRANSFORMER_INPUT,
+                            TensorElementType::Int64,
+                            &[Dim::Batch, Dim::Is(l)],
+                        )];
+                        if classes > 0 {
+                            ports.push(Port::new(CLASS_INPUT, TensorElementType::Int64, &[Dim::Batch]));
+                        }
+                        ports
+                    },
                     Port::new(
                         TRANSFORMER_OUTPUT,
                         TensorElementType::Float32,
@@ -164,8 +185,8 @@ impl Graphs {
                     ),
                 ),
             };
-            check_port(&session, kind, &path, "input", &input)?;
-            check_port(&session, kind, &path, "output", &output)?;
+            check_ports(&session, kind, &path, "input", &input)?;
+            check_ports(&session, kind, &path, "output", &[output])?;
             Ok(session)
         };
         let encoder = load_one(GraphKind::Encoder)?;
@@ -179,6 +200,7 @@ impl Graphs {
             image: [c, h, w],
             grid: [th, tw],
             codebook_size: k,
+            classes,
             transformer_stats: CallStats::default(),
         })
     }
@@ -188,16 +210,38 @@ impl Graphs {
         self.provider
     }
 
-    /// Transformer: `tokens` `(rows, L)` -> `logits` `(rows, L, K)`, written into `logits`.
-    pub fn transformer(&mut self, tokens: &[i64], rows: usize, logits: &mut Vec<f32>) -> Result<()> {
+    /// How many classes the transformer is conditioned on (0: none, no class input).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Transformer: `tokens` `(rows, L)` and each row's class (`rows` of them, -1 = none) ->
+    /// `logits` `(rows, L, K)`, written into `logits`. An unconditional transformer takes only
+    /// -1 classes.
+    pub fn transformer(&mut self, tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>) -> Result<()> {
         let l = self.grid[0] * self.grid[1];
+        let rows = classes.len();
+        if let Some(&c) = classes
+            .iter()
+            .find(|&&c| c < -1 || c >= self.classes as i64 || (self.classes == 0 && c != -1))
+        {
+            return Err(Error::Tokens(format!(
+                "class {c} given to a transformer of {} classes",
+                self.classes
+            )));
+        }
         let start = Instant::now();
         let input =
             TensorRef::from_array_view(([rows, l], tokens)).map_err(Error::ort("preparing the transformer input"))?;
-        let outputs = self
-            .transformer
-            .run(ort::inputs![TRANSFORMER_INPUT => input])
-            .map_err(Error::ort("running the transformer"))?;
+        let outputs = if self.classes > 0 {
+            let class =
+                TensorRef::from_array_view(([rows], classes)).map_err(Error::ort("preparing the class input"))?;
+            self.transformer
+                .run(ort::inputs![TRANSFORMER_INPUT => input, CLASS_INPUT => class])
+        } else {
+            self.transformer.run(ort::inputs![TRANSFORMER_INPUT => input])
+        }
+        .map_err(Error::ort("running the transformer"))?;
         let (shape, data) = outputs[TRANSFORMER_OUTPUT]
             .try_extract_tensor::<f32>()
             .map_err(Error::ort("reading the transformer output"))?;
@@ -422,7 +466,7 @@ fn register(builder: &mut SessionBuilder, provider: Provider, gpu: &GpuPlan) -> 
     }
 }
 
-fn check_port(session: &Session, kind: GraphKind, path: &Path, side: &str, want: &Port) -> Result<()> {
+fn check_ports(session: &Session, kind: GraphKind, path: &Path, side: &str, wanted: &[Port]) -> Result<()> {
     let ports = if side == "input" {
         session.inputs()
     } else {
@@ -434,13 +478,26 @@ fn check_port(session: &Session, kind: GraphKind, path: &Path, side: &str, want:
         message,
     };
     let names: Vec<&str> = ports.iter().map(|p| p.name()).collect();
-    if ports.len() != 1 || names[0] != want.name {
+    let want_names: Vec<&str> = wanted.iter().map(|p| p.name).collect();
+    if names != want_names {
+        let hint = match (kind, side) {
+            (GraphKind::Transformer, "input") if names.contains(&CLASS_INPUT) != want_names.contains(&CLASS_INPUT) => {
+                "; a class-conditional transformer (input \"class\") goes with a `classes` list in model.json, and only then"
+            }
+            _ => "",
+        };
         return Err(err(format!(
-            "expected exactly one {side} named \"{}\", found {names:?}; re-export the bundle with export/",
-            want.name
+            "expected the {side}s {want_names:?}, found {names:?}{hint}; re-export the bundle with export/"
         )));
     }
-    let ValueType::Tensor { ty, shape, .. } = ports[0].dtype() else {
+    for (port, want) in ports.iter().zip(wanted) {
+        check_port(port.dtype(), &err, side, want)?;
+    }
+    Ok(())
+}
+
+fn check_port(dtype: &ValueType, err: &dyn Fn(String) -> Error, side: &str, want: &Port) -> Result<()> {
+    let ValueType::Tensor { ty, shape, .. } = dtype else {
         return Err(err(format!("{side} \"{}\" is not a tensor", want.name)));
     };
     if *ty != want.ty {

@@ -24,6 +24,8 @@ struct GenerateRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    /// A class-conditional bundle's class, by name or index (the CLI's `--class`).
+    class: Option<serde_json::Value>,
     /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
     grid: Option<[usize; 2]>,
     stride: Option<[usize; 2]>,
@@ -45,6 +47,7 @@ struct OutpaintRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    class: Option<serde_json::Value>,
     stride: Option<[usize; 2]>,
     window_margin: Option<[usize; 2]>,
     decode: Option<DecodeMode>,
@@ -81,6 +84,7 @@ struct InpaintRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    class: Option<serde_json::Value>,
     #[serde(default)]
     decode_all: bool,
 }
@@ -229,7 +233,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
         ));
     }
-    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
     let seed = req.seed.unwrap_or_else(crate::fresh_seed);
     let canvas_of = Canvas {
         grid: req.grid,
@@ -248,7 +252,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 
 fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: InpaintRequest = parse_json(body)?;
-    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
     sampling.settings(bundle, job::token_space(bundle).len)?;
     let image = base64_field(&req.image, "image")?;
     let region = match (&req.mask, req.rect) {
@@ -277,7 +281,7 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: OutpaintRequest = parse_json(body)?;
     let image = base64_field(&req.image, "image")?;
-    let sampling = within_steps(bundle, limits, sampling_of!(req))?;
+    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
     let e = &req.extend;
     Ok(Parsed {
         pending: Pending::Outpaint {
@@ -300,19 +304,36 @@ fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     })
 }
 
-/// The sampler fields every request has, as a [`Sampling`].
+/// The sampler fields every request has, as a [`Sampling`] (the class looked up in `$bundle`).
 macro_rules! sampling_of {
-    ($req:expr) => {
+    ($req:expr, $bundle:expr) => {
         Sampling {
             steps: $req.steps,
             temperature: $req.temperature,
             temperature_end: $req.temperature_end,
             top_p: $req.top_p,
             sampler: $req.sampler,
+            class: class_of($bundle, $req.class.as_ref())?,
         }
     };
 }
 use sampling_of;
+
+/// A request's `class`: a name (string) or an index (number) of the bundle's classes.
+fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option<usize>> {
+    let text = match given {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) if n.is_u64() => n.to_string(),
+        Some(other) => {
+            return Err(Error::param(
+                "class",
+                format!("{other} is neither a class name (a string) nor an index (a whole number)"),
+            ))
+        }
+    };
+    job::class_index(bundle, &text).map(Some)
+}
 
 /// A request's sampler fields, within the service's step cap.
 fn within_steps(bundle: &Bundle, limits: &Limits, sampling: Sampling) -> Result<Sampling> {

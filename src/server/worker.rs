@@ -321,13 +321,16 @@ fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
 /// Moves queued batchable jobs with the same settings into `batch` while all their images fit
 /// in one transformer batch. Returns the first job that cannot join, which must run next.
 fn gather(batch: &mut Vec<Work>, jobs: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
-    let settings = batch[0].job.settings;
+    let (settings, class) = (batch[0].job.settings, batch[0].job.class);
     let mut images: usize = batch[0].job.images.len();
     while images < max_batch {
         let q = jobs.try_recv().ok()?;
         match q.item {
             Item::Work(w)
-                if w.batchable() && w.job.settings == settings && images + w.job.images.len() <= max_batch =>
+                if w.batchable()
+                    && w.job.settings == settings
+                    && w.job.class == class
+                    && images + w.job.images.len() <= max_batch =>
             {
                 m.queue_depth.dec();
                 if w.reply.is_closed() {

@@ -70,6 +70,12 @@ try {
   check(r.status() === 200 && (await page.title()) === "absorb", "GET / serves the page");
   await page.waitForFunction(() => document.getElementById("model").textContent.includes("bundle"));
 
+  // 0. A class-conditional bundle's classes are offered (the digits: 0-9, or any).
+  const classes = await page.$$eval("#class option", (os) => os.map((o) => o.value));
+  const manifest = JSON.parse(readFileSync(join(model, "model.json"), "utf8"));
+  check(JSON.stringify(classes) === JSON.stringify(["", ...(manifest.classes || [])]) && (await page.isVisible("#class")) === !!manifest.classes,
+    `the class menu lists the bundle's classes (${classes.length - 1})`);
+
   // 1. Generate, watching the reverse process.
   await page.fill("#seed", "5"); await page.fill("#count", "3"); await page.fill("#steps", "5"); await page.fill("#temp", "0.9");
   await page.click("#go");
@@ -78,6 +84,22 @@ try {
   const pngs = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
   cli("generate", "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "-o", "many/");
   check(pngs.every((p, i) => same(p, `many/5-${String(i).padStart(6, "0")}.png`)), "the 3 generated PNGs = the CLI's");
+  if (manifest.classes) {
+    // The same seed with a class chosen: the CLI's --class.
+    await page.selectOption("#class", manifest.classes[3]);
+    await page.click("#go");
+    await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3 && document.getElementById("ptext").textContent.startsWith("done: ")
+      && !document.getElementById("go").disabled, finals, { timeout: 60000 });
+    const asked = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
+    cli("generate", "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "--class", manifest.classes[3], "-o", "class/");
+    check(asked.every((p, i) => same(p, `class/5-${String(i).padStart(6, "0")}.png`)), "with a class chosen, the 3 PNGs = the CLI's --class");
+    await page.selectOption("#class", "");
+    // Back to the first results, which the steps below edit.
+    await page.click("#go");
+    await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3 && !document.getElementById("go").disabled, finals, { timeout: 60000 });
+    const again = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
+    check(again.every((p, i) => same(p, `many/5-${String(i).padStart(6, "0")}.png`)), "no class again: the first PNGs");
+  }
   const dl = await page.$eval("#results a", (a) => a.href);
   const fetched = Buffer.from(await (await page.request.get(dl)).body());
   check(fetched.equals(readFileSync(join(work, "many/5-000000.png"))), "the download link gives the same PNG");
