@@ -7,7 +7,7 @@ the evaluation classifier (on real digits only) and measures the shipped graphs
 (models/digits/eval/, README.md, samples.png). images.py trains on any folder of images with the
 same two stages.
 
-    python -m export train-digits --out models/digits            # full run, 82 min on a 2-core AMD EPYC (Zen 4)
+    python -m export train-digits --out models/digits            # full run, 39 min on a 2-core AMD EPYC (Zen 4)
     python -m export train-digits --out /tmp/d --quick           # smoke test, < 1 min
 """
 

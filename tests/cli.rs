@@ -208,6 +208,58 @@ fn inpaint_keeps_the_input_pixels_outside_the_mask() {
 }
 
 #[test]
+fn a_class_is_asked_for_by_name_or_index_recorded_and_reproduced_and_a_wrong_one_is_refused() {
+    let d = tmp();
+    let m = model_arg();
+    let gen = |class: &str, out: &str| {
+        ok(
+            d.path(),
+            &[
+                "generate", "-m", &m, "--seed", "5", "--count", "2", "--class", class, "-o", out,
+            ],
+        );
+        fs::read(d.path().join(out)).unwrap()
+    };
+    // The digits bundle's classes are named "0".."9": the name and the index are the same class.
+    let seven = gen("7", "seven.png");
+    let three = gen("3", "three.png");
+    assert_ne!(seven, three, "another class, other images");
+    let info = absorb(d.path(), &["info", "seven.png"]);
+    let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(meta["class"], "7", "the class is in the PNG's metadata: {meta}");
+    ok(
+        d.path(),
+        &["generate", "-m", &m, "--from", "seven.png", "-o", "again.png"],
+    );
+    assert_eq!(
+        fs::read(d.path().join("again.png")).unwrap(),
+        seven,
+        "--from keeps the class"
+    );
+    // Without --class each image draws its own: no class in the metadata.
+    ok(d.path(), &["generate", "-m", &m, "--seed", "5", "-o", "drawn.png"]);
+    let info = absorb(d.path(), &["info", "drawn.png"]);
+    let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(meta.get("class").is_none(), "{meta}");
+    for bad in ["10", "seven", "-1"] {
+        fails(
+            d.path(),
+            &["generate", "-m", &m, "--class", bad, "-o", "bad.png"],
+            2,
+            &["invalid class", "is not a class of this model", "0, 1, 2"],
+        );
+    }
+    assert!(!d.path().join("bad.png").exists());
+    let info = absorb(d.path(), &["info", "-m", &m]);
+    let report: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        report["bundle"]["classes"].as_array().map(Vec::len),
+        Some(10),
+        "info lists the classes"
+    );
+}
+
+#[test]
 fn bad_parameters_are_rejected_with_exit_code_2() {
     let d = tmp();
     let m = model_arg();
@@ -506,6 +558,15 @@ fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
         j["tokens"]["mask_id"] = 7.into();
     });
     fails(p, &gen, 1, &["graph \"transformer\"", "\"logits\"", "expected [batch"]);
+
+    // A conditional transformer without the manifest's classes: the contract check says why.
+    let b = bundle_copy(&p.join("3c"));
+    let bs = b.to_string_lossy().into_owned();
+    let gen = ["generate", "-m", bs.as_str(), "-o", "x.png"];
+    edit_manifest(&b, |j| {
+        j.as_object_mut().unwrap().remove("classes");
+    });
+    fails(p, &gen, 1, &["graph \"transformer\"", "\"class\"", "classes"]);
 
     let b = bundle_copy(&p.join("4"));
     let bs = b.to_string_lossy().into_owned();

@@ -286,6 +286,97 @@ fn every_sampler_meets_the_bar_at_its_documented_steps_and_fails_at_temperature_
     }
 }
 
+/// Images `indices` of `seed` on the bundle's grid, `batch` per call.
+fn make(p: &mut Pipeline, seed: u64, indices: std::ops::Range<u64>, s: &Sampling, batch: usize) -> Made {
+    let job = generate_job(p, seed, indices, s, &Canvas::default(), batch);
+    run(p, &job).unwrap()
+}
+
+#[test]
+fn the_class_asked_for_is_the_digit_made_and_without_one_the_digits_take_turns() {
+    let mut p = pipeline();
+    assert_eq!(p.classes(), DIGITS, "the digits bundle is class-conditional");
+    let mut asked = Vec::new();
+    for c in 0..DIGITS {
+        let s = Sampling {
+            class: Some(c),
+            ..Sampling::default()
+        };
+        let made = make(&mut p, 7, 0..16, &s, 16);
+        assert!(made.classes.iter().all(|&k| k == Some(c)), "{:?}", made.classes);
+        asked.push(tensors(&p, &made));
+    }
+    // Without a class: the classes spread over the images (each block of ten indices has every
+    // digit once), the same alone as in a batch, and each image is the one its class asks for.
+    let made = make(&mut p, 11, 0..64, &Sampling::default(), 64);
+    let drawn: Vec<usize> = made.classes.iter().map(|c| c.expect("a drawn class")).collect();
+    let alone = make(&mut p, 11, 9..10, &Sampling::default(), 1);
+    assert_eq!((alone.classes[0], &alone.tokens[0]), (Some(drawn[9]), &made.tokens[9]));
+    let asked_for = Sampling {
+        class: Some(drawn[9]),
+        ..Sampling::default()
+    };
+    let same = make(&mut p, 11, 9..10, &asked_for, 1);
+    assert_eq!(same.tokens[0], made.tokens[9], "image 9 is the one its class asks for");
+    let mut seen = [0usize; DIGITS];
+    drawn.iter().for_each(|&c| seen[c] += 1);
+    assert!(
+        seen.iter().all(|&n| n == 6 || n == 7),
+        "64 images, 6 or 7 of each digit: {seen:?}"
+    );
+    let drawn_images = tensors(&p, &made);
+    // Edits use no class unless asked for one.
+    let image = drawn_images[0].clone();
+    let mask = image::rect_mask([0, 0, 32, 16], 32, 32).unwrap();
+    let edit = |class| {
+        Job::inpaint(
+            p.bundle(),
+            image.clone(),
+            mask.clone(),
+            1,
+            &Sampling {
+                class,
+                ..Sampling::default()
+            },
+            true,
+        )
+        .unwrap()
+    };
+    let (none, three) = (edit(None), edit(Some(3)));
+    assert_eq!(run(&mut p, &none).unwrap().classes, vec![None]);
+    assert_eq!(run(&mut p, &three).unwrap().classes, vec![Some(3)]);
+    let e = Job::generate(
+        p.bundle(),
+        0,
+        0,
+        1,
+        &Sampling {
+            class: Some(DIGITS),
+            ..Sampling::default()
+        },
+        &Canvas::default(),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("class") && e.contains("out of range"), "{e}");
+    drop(p);
+    // The bundle's classifier names the digit asked for (it never saw the prior or its classes).
+    for (c, images) in asked.iter().enumerate() {
+        let right = common::classify(&pipeline(), images)
+            .iter()
+            .filter(|r| r.1 == c)
+            .count();
+        eprintln!("class {c}: {right} of 16 classified as {c}");
+        assert!(right >= 12, "class {c}: only {right} of 16 images classified as {c}");
+    }
+    // And the classes given in turn are the digits made.
+    let labels = common::classify(&pipeline(), &drawn_images);
+    let agree = labels.iter().zip(&drawn).filter(|(l, &c)| l.1 == c).count();
+    eprintln!("drawn classes: {agree} of 64 classified as drawn");
+    assert!(agree >= 48, "only {agree} of 64 images are the digit drawn for them");
+}
+
 /// Left and right halves (32x32 each) of 64x32 images.
 fn halves(images: &[Tensor]) -> Vec<Tensor> {
     let mut out = Vec::new();

@@ -379,6 +379,19 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         tp.body == std::fs::read(d.path().join("tp.png")).unwrap(),
         "top_p: service PNG != CLI PNG"
     );
+    // A class by name or index: the CLI's `--class 7`.
+    cli(
+        d.path(),
+        &["generate", "-m", &m, "--seed", "9", "--class", "7", "-o", "seven.png"],
+    );
+    for body in [r#"{"seed": 9, "class": "7"}"#, r#"{"seed": 9, "class": 7}"#] {
+        let c = s.post("/v1/generate", body);
+        assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+        assert!(
+            c.body == std::fs::read(d.path().join("seven.png")).unwrap(),
+            "{body}: service PNG != CLI PNG"
+        );
+    }
 
     // inpaint: a rectangle, and the same region as a mask PNG, both = the CLI's bytes.
     let (side, _) = shape(&s);
@@ -419,13 +432,13 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
     assert_eq!(s.get("/healthz").json()["status"], "ok");
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/generate",status="200"}"#),
-        4.0
+        6.0
     );
     assert_eq!(
         s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
         2.0
     );
-    assert_eq!(s.metric("absorb_images_total"), 8.0);
+    assert_eq!(s.metric("absorb_images_total"), 10.0);
     assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
     assert!(s.metric("absorb_images_per_second") > 0.0);
 
@@ -530,6 +543,38 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             400,
             "steps",
             "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"class": 10}"#.into(),
+            400,
+            "class",
+            "is not a class of this model",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"class": "seven"}"#.into(),
+            400,
+            "class",
+            "is not a class of this model",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"class": [1]}"#.into(),
+            400,
+            "class",
+            "neither a class name",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            r#"{"class": -1}"#.into(),
+            400,
+            "class",
+            "neither a class name",
         ),
         (
             "POST",
