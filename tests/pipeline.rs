@@ -360,6 +360,15 @@ fn the_class_asked_for_is_the_digit_made_and_without_one_the_digits_take_turns()
     .unwrap_err()
     .to_string();
     assert!(e.contains("class") && e.contains("out of range"), "{e}");
+    // The graph call itself refuses a class the transformer does not have.
+    let mask = job::token_space(p.bundle()).mask_id;
+    let mut logits = Vec::new();
+    p.forward(&[mask; 64], &[DIGITS as i64 - 1], &mut logits).unwrap();
+    let e = p
+        .forward(&[mask; 64], &[DIGITS as i64], &mut logits)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class 10 given to a transformer of 10 classes"), "{e}");
     drop(p);
     // The bundle's classifier names the digit asked for (it never saw the prior or its classes).
     for (c, images) in asked.iter().enumerate() {

@@ -341,4 +341,8 @@ fn an_unconditional_bundle_takes_no_class_and_draws_none() {
     assert!(e.contains("not class-conditional"), "{e}");
     let job = Job::generate(p.bundle(), 0, 0, 2, &Sampling::default(), &Canvas::default(), None).unwrap();
     assert_eq!(run(&mut p, &job).classes, vec![None, None]);
+    let mask = job::token_space(p.bundle()).mask_id;
+    let mut logits = Vec::new();
+    let e = p.forward(&[mask; 64], &[0], &mut logits).unwrap_err().to_string();
+    assert!(e.contains("class 0 given to a transformer of 0 classes"), "{e}");
 }

@@ -221,10 +221,7 @@ impl Graphs {
     pub fn transformer(&mut self, tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>) -> Result<()> {
         let l = self.grid[0] * self.grid[1];
         let rows = classes.len();
-        if let Some(&c) = classes
-            .iter()
-            .find(|&&c| c < -1 || c >= self.classes as i64 || (self.classes == 0 && c != -1))
-        {
+        if let Some(&c) = classes.iter().find(|&&c| !(-1..self.classes as i64).contains(&c)) {
             return Err(Error::Tokens(format!(
                 "class {c} given to a transformer of {} classes",
                 self.classes
