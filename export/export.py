@@ -491,6 +491,10 @@ def main(argv=None):
             vq, pc = PRESETS[args.preset]
         else:
             vq, pc = config_from_hparams(json.loads(args.hparams.read_text()))
+            if pc.n_classes:
+                raise ExportError(f"hparams: n_classes {pc.n_classes}: the official checkpoints and random "
+                                  f"weights are unconditional; a class-conditional bundle comes from "
+                                  f"python -m export train-digits")
         if args.random_init:
             ae, prior = random_init(vq, pc, args.seed)
             source = f"random init, seed {args.seed}"

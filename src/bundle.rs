@@ -451,7 +451,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
             ));
         }
         for (i, name) in names.iter().enumerate() {
-            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            if name.is_empty() || name.chars().count() > 64 || name.chars().any(|c| c.is_control()) {
                 return Err(format!(
                     "classes[{i}] is {name:?}: a name is 1-64 characters, none a control character"
                 ));

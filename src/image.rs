@@ -396,7 +396,7 @@ pub struct Metadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<String>,
     /// The class asked for (a class-conditional bundle's, by name); absent when none was given
-    /// (generation drew each image's class from its stream).
+    /// (generation spread the classes over the images by seed and index, `sampler::spread_class`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
 }

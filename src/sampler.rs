@@ -208,8 +208,8 @@ pub const NO_CLASS: i64 = -1;
 
 /// The class of image `index` under `seed` when a request names none, for a bundle of `n`
 /// classes: images `b n .. b n + n - 1` are the `n` classes, each once, in an order shuffled for
-/// block `b`. So a request of `k n` images has each class exactly `k` times, and any image's class
-/// depends only on its seed and index, never on its batch.
+/// block `b`. So `k n` images from index 0 (or any multiple of `n`) have each class exactly `k`
+/// times, and any image's class depends only on its seed and index, never on its batch.
 ///
 /// The order: Fisher-Yates from the last position down (one `u64` per swap, a widening multiply)
 /// over `0..n`, from ChaCha20 keyed by the seed's 8 little-endian bytes followed by `"classes"`

@@ -241,6 +241,23 @@ fn a_class_is_asked_for_by_name_or_index_recorded_and_reproduced_and_a_wrong_one
     let info = absorb(d.path(), &["info", "drawn.png"]);
     let meta: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert!(meta.get("class").is_none(), "{meta}");
+    // --from takes the class from the PNG: another one on the command line is refused, not ignored.
+    fails(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--from",
+            "seven.png",
+            "--class",
+            "3",
+            "-o",
+            "x.png",
+        ],
+        2,
+        &["--class", "--from"],
+    );
     for bad in ["10", "seven", "-1"] {
         fails(
             d.path(),

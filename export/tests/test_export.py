@@ -348,6 +348,14 @@ def test_cli_bad_checkpoint_exits_non_zero_naming_the_key(tmp_path):
     assert not (tmp_path / "b" / "model.json").exists()
 
 
+def test_cli_refuses_a_class_conditional_shape_it_cannot_fill(tmp_path):
+    hp = tmp_path / "c.json"
+    hp.write_text(json.dumps({**json.loads(DIGITS_SHAPE.read_text()), "n_classes": 10}))
+    r = run_cli("--random-init", "--hparams", hp, "--out", tmp_path / "b")
+    assert r.returncode == 1 and "n_classes 10" in r.stderr and "train-digits" in r.stderr, r.stderr
+    assert not (tmp_path / "b" / "model.json").exists()
+
+
 def test_cli_rejects_mixed_sources(tmp_path):
     r = run_cli("--random-init", "--vqgan", tmp_path / "x.th", "--preset", "churches",
                 "--out", tmp_path)

@@ -115,7 +115,7 @@ pub struct GenerateArgs {
     pub max_batch: usize,
     /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
     /// temperature from its metadata).
-    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "count", "first_index", "columns"])]
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "class", "count", "first_index", "columns"])]
     pub from: Option<PathBuf>,
     /// Also write the generated token grids as JSON (one entry per image, with its index).
     #[arg(long, value_name = "JSON")]

@@ -326,10 +326,19 @@ fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Number(n)) if n.is_u64() => n.to_string(),
         Some(other) => {
+            let mut shown = other.to_string();
+            if shown.len() > 40 {
+                let cut = (0..=40).rev().find(|&i| shown.is_char_boundary(i)).unwrap_or(0);
+                shown.truncate(cut);
+                shown.push_str("...");
+            }
             return Err(Error::param(
                 "class",
-                format!("{other} is neither a class name (a string) nor an index (a whole number)"),
-            ))
+                format!(
+                    "{shown} is neither a class name (a string) nor an index (a whole number); \
+                     leave \"class\" out (or null) for none"
+                ),
+            ));
         }
     };
     job::class_index(bundle, &text).map(Some)
