@@ -15,6 +15,7 @@ import importlib
 COMMANDS = {
     "official": "export.export",  # export official checkpoints (or random weights) to a bundle
     "data": "export.data",  # the training images of the shipped bundles, from PyPI wheels
+    "emoji-data": "export.emoji",  # 64x64 Noto and Twemoji images for issue 40, from npm
     "train": "export.images",  # train a bundle on a folder of images
     "train-digits": "export.train",  # train the small digits model and write models/digits
     "variants": "export.variants",  # int8 / fp16 transformer variants of a bundle
