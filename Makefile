@@ -124,7 +124,10 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user libc6-arm64-cross libstdc++6-arm64-cross; }
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
-test: lint rust-test fuzz-smoke browser-test pytest cross-test verify-unit verify-k8s
+# The stages of `make test`, one after another; scripts/stages.sh prints each one's time at the end.
+TEST_STAGES := lint rust-test fuzz-smoke browser-test pytest cross-test verify-unit verify-k8s
+test:
+	scripts/stages.sh $(MAKE) $(TEST_STAGES)
 
 # The golden bytes of the AVX2 family (x86-64 without AVX-512: tests/golden/*-x86_64-avx2.json) on
 # any x86-64 machine: the golden tests run their absorb processes under qemu-user emulating an AMD
