@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cpu::{self, CpuInfo, VariantRecord};
 use crate::error::{Error, Result};
+use crate::param::Param;
 use crate::Pipeline;
 
 /// The probe file inside a bundle, as `export/variants.py` writes it.
@@ -119,7 +120,7 @@ pub fn measure(fp32: &mut Pipeline, variant: &mut Pipeline, rows: Option<usize>)
     let name = variant
         .bundle()
         .variant()
-        .ok_or_else(|| Error::param("variant", "name the variant to measure, e.g. --variant int8"))?
+        .ok_or_else(|| Error::param(Param::Variant, "name the variant to measure, e.g. --variant int8"))?
         .to_string();
     let space = crate::job::token_space(fp32.bundle());
     let probe = read_probe(fp32.bundle().dir(), space.len, space.mask_id, fp32.classes())?;

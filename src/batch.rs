@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{sha256_hex, ImageSpec};
 use crate::error::{Error, Result};
 use crate::image::{self, Metadata, Pixels};
+use crate::param::Param;
 
 /// Set by Kubernetes in each pod of an Indexed Job: the pod's completion index, used as the shard.
 pub const JOB_INDEX_VAR: &str = "JOB_COMPLETION_INDEX";
@@ -62,7 +63,7 @@ impl Shard {
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
     /// Shard `index` of `count`, checked; errors name `what` (the flag or variable).
-    pub fn new(index: u64, count: u64, what: &'static str) -> Result<Shard> {
+    pub fn new(index: u64, count: u64, what: Param) -> Result<Shard> {
         if count == 0 {
             return Err(Error::param(what, "the shard count is 0: use 1 or more"));
         }
@@ -82,14 +83,14 @@ impl Shard {
     pub fn parse(s: &str) -> Result<Shard> {
         let bad = || {
             Error::param(
-                "shard",
+                Param::Shard,
                 format!("\"{s}\" is not I/M (shard I of M, 0 <= I < M), e.g. 0/3"),
             )
         };
         let (i, m) = s.split_once('/').ok_or_else(bad)?;
         let i = i.trim().parse::<u64>().map_err(|_| bad())?;
         let m = m.trim().parse::<u64>().map_err(|_| bad())?;
-        Shard::new(i, m, "shard")
+        Shard::new(i, m, Param::Shard)
     }
 
     /// This shard's indices of a request for `count` images from `first` on.
@@ -136,29 +137,29 @@ pub fn resolve_shard(
     if !dir_output {
         if shard.is_some() || shards.is_some() {
             return Err(Error::param(
-                "shard",
+                Param::Shard,
                 "--shard and --shards need a directory output (--out DIR/): a .png file holds one grid",
             ));
         }
         return Ok(None);
     }
-    let number = |name: &'static str| -> Result<Option<u64>> {
-        match env(name) {
+    let number = |param: Param| -> Result<Option<u64>> {
+        match env(param.key()) {
             None => Ok(None),
             Some(v) => v
                 .trim()
                 .parse::<u64>()
                 .map(Some)
-                .map_err(|_| Error::param(name, format!("\"{v}\" is not a non-negative integer"))),
+                .map_err(|_| Error::param(param, format!("\"{v}\" is not a non-negative integer"))),
         }
     };
     let resolved = match shard {
         Some(s) => Some(s),
         None => {
-            let index = number(JOB_INDEX_VAR)?;
+            let index = number(Param::JobIndexVar)?;
             let (count, count_name) = match shards {
-                Some(m) => (Some(m), "shards"),
-                None => (number(SHARDS_VAR)?, SHARDS_VAR),
+                Some(m) => (Some(m), Param::Shards),
+                None => (number(Param::ShardsVar)?, Param::ShardsVar),
             };
             match (index, count) {
                 (None, None) => None,
@@ -170,7 +171,7 @@ pub fn resolve_shard(
                 })?),
                 (Some(i), None) => {
                     return Err(Error::param(
-                        JOB_INDEX_VAR,
+                        Param::JobIndexVar,
                         format!(
                             "set to {i} (a Kubernetes Indexed Job) but the shard count is not: pass \
                              --shards M or set {SHARDS_VAR} to the Job's completions"
@@ -191,7 +192,7 @@ pub fn resolve_shard(
     };
     if resolved.is_some() && !seeded {
         return Err(Error::param(
-            "seed",
+            Param::Seed,
             "a sharded run needs an explicit --seed: each worker would otherwise pick its own random seed \
              and the shards would not fit together",
         ));
@@ -638,11 +639,11 @@ pub fn run(
     summary: &mut Summary,
 ) -> Result<()> {
     if req.chunk == 0 {
-        return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+        return Err(Error::param(Param::MaxBatch, "0 is not allowed: use 1 or more"));
     }
     if req.first.checked_add(req.count).is_none() {
         return Err(Error::param(
-            "first-index",
+            Param::FirstIndex,
             format!(
                 "{} + {} images runs past the last index, {}",
                 req.first,
@@ -699,10 +700,11 @@ pub fn run(
         }
         let pixels = make(&asked)?;
         if pixels.len() != asked.len() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::other(format!("{} images asked for, {} made", asked.len(), pixels.len())),
-            ));
+            return Err(Error::Internal(format!(
+                "{} images asked for, {} made",
+                asked.len(),
+                pixels.len()
+            )));
         }
         for (&index, px) in asked.iter().zip(&pixels) {
             let Some(&(_, why)) = todo.iter().find(|t| t.0 == index) else {
@@ -742,7 +744,7 @@ mod tests {
             for m in [1u64, 2, 3, 7, 64] {
                 let mut next = 10;
                 for i in 0..m {
-                    let r = Shard::new(i, m, "shard").unwrap().indices(10, count);
+                    let r = Shard::new(i, m, Param::Shard).unwrap().indices(10, count);
                     assert_eq!(r.start, next, "shard {i}/{m} of {count} starts where the last ended");
                     let len = r.end - r.start;
                     assert!(len == count / m || len == count / m + 1, "balanced: {i}/{m} of {count}");
@@ -752,12 +754,12 @@ mod tests {
             }
         }
         assert_eq!(Shard::WHOLE.indices(3, 5), 3..8);
-        assert_eq!(Shard::new(1, 3, "shard").unwrap().indices(0, 24), 8..16);
+        assert_eq!(Shard::new(1, 3, Param::Shard).unwrap().indices(0, 24), 8..16);
     }
 
     #[test]
     fn a_huge_count_does_not_overflow_the_split() {
-        let r = Shard::new(2, 3, "shard").unwrap().indices(0, u64::MAX);
+        let r = Shard::new(2, 3, Param::Shard).unwrap().indices(0, u64::MAX);
         assert_eq!(r.end, u64::MAX);
     }
 
@@ -1031,8 +1033,8 @@ mod tests {
     #[test]
     fn leftovers_of_this_shard_and_untagged_ones_are_deleted_not_other_shards() {
         let dir = tempfile::tempdir().unwrap();
-        let mine = Shard::new(1, 3, "shard").unwrap().temp_prefix(7);
-        let theirs = Shard::new(2, 3, "shard").unwrap().temp_prefix(7);
+        let mine = Shard::new(1, 3, Param::Shard).unwrap().temp_prefix(7);
+        let theirs = Shard::new(2, 3, Param::Shard).unwrap().temp_prefix(7);
         for name in [
             format!("{mine}a1B2c3.png.tmp"),
             format!("{mine}zzzzzz.jsonl.tmp"),
@@ -1074,7 +1076,7 @@ mod tests {
 
     #[test]
     fn manifest_names_sort_by_seed_then_shard() {
-        let s = Shard::new(1, 3, "shard").unwrap();
+        let s = Shard::new(1, 3, Param::Shard).unwrap();
         assert_eq!(s.manifest_name(7), "manifest-7-00001-of-00003.jsonl");
         assert_eq!(s.to_string(), "1/3");
         assert_eq!(file_name(7, 12), "7-000012.png");
@@ -1084,7 +1086,7 @@ mod tests {
     fn fake(asked: &mut Vec<u64>, fail_after: usize) -> impl FnMut(&[u64]) -> Result<Vec<Pixels>> + '_ {
         move |indices: &[u64]| {
             if asked.len() >= fail_after {
-                return Err(Error::param("steps", "the fake model fails"));
+                return Err(Error::param(Param::Steps, "the fake model fails"));
             }
             asked.extend(indices);
             Ok(indices
@@ -1144,7 +1146,7 @@ mod tests {
 
         let parts = tempfile::tempdir().unwrap();
         for i in 0..3 {
-            let shard = Shard::new(i, 3, "shard").unwrap();
+            let shard = Shard::new(i, 3, Param::Shard).unwrap();
             run_fake(&request(parts.path(), 5, shard), usize::MAX).0.unwrap();
         }
         let (w, p) = (dir_files(whole.path()), dir_files(parts.path()));
@@ -1156,7 +1158,13 @@ mod tests {
         };
         assert_eq!(pngs(&w), pngs(&p));
         let listed: Vec<Entry> = (0..3)
-            .flat_map(|i| lines(&parts.path().join(Shard::new(i, 3, "shard").unwrap().manifest_name(7))))
+            .flat_map(|i| {
+                lines(
+                    &parts
+                        .path()
+                        .join(Shard::new(i, 3, Param::Shard).unwrap().manifest_name(7)),
+                )
+            })
             .map(|mut e| {
                 e.shard = "0/1".into();
                 e

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::param::Param;
 
 /// The only manifest format this build reads.
 pub const FORMAT: &str = "absorb-bundle/1";
@@ -216,7 +217,7 @@ impl Bundle {
             let Some(v) = t.variants.get(name).cloned() else {
                 let have: Vec<&String> = t.variants.keys().collect();
                 return Err(Error::param(
-                    "variant",
+                    Param::Variant,
                     format!("the bundle has no transformer variant \"{name}\"; it has {have:?} (add one with export/)"),
                 ));
             };

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use crate::param::Param;
+
 /// Everything that can go wrong in absorb's library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,11 +105,12 @@ pub enum Error {
         message: String,
     },
 
-    /// A generation parameter is out of range.
-    #[error("invalid {name}: {message}")]
+    /// A parameter is out of range. Displayed with the parameter's key (`window_margin`); each
+    /// edge spells it the way its caller wrote it ([`Param::flag`] on the command line).
+    #[error("invalid {param}: {message}")]
     Param {
-        /// The parameter's name as the CLI and the HTTP API spell it.
-        name: &'static str,
+        /// Which parameter.
+        param: Param,
         /// What is allowed and what was given.
         message: String,
     },
@@ -134,6 +137,11 @@ pub enum Error {
     #[error("token grid: {0}")]
     Tokens(String),
 
+    /// A broken invariant: a bug in absorb, never the caller's input (exit 1, HTTP 500, logged
+    /// with the request id).
+    #[error("internal error (a bug in absorb): {0}")]
+    Internal(String),
+
     /// A PNG has no absorb metadata, or metadata this build cannot use.
     #[error("{}: {message}", .path.display())]
     Metadata {
@@ -155,6 +163,21 @@ pub enum Error {
     /// The caller stopped the run (a client that went away); nobody reads this error.
     #[error("cancelled: the client went away")]
     Cancelled,
+
+    /// The operating system refused something that is not a file: a thread, a socket, a signal
+    /// handler, the async runtime.
+    #[error("{what}: {error}")]
+    Os {
+        /// What absorb was doing: "binding 127.0.0.1:8080", "starting the worker thread".
+        what: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
+
+    /// Requests that shared transformer calls with another: the shared run failed (its error
+    /// went to the first request and the log).
+    #[error("the run this request shared with others failed: {0}")]
+    SharedRun(String),
 
     /// A file could not be read or written.
     #[error("{}: {error}{}", .path.display(), io_hint(error))]
@@ -198,11 +221,16 @@ impl Error {
     }
 
     /// A parameter error naming the parameter.
-    pub fn param(name: &'static str, message: impl Into<String>) -> Self {
+    pub fn param(param: Param, message: impl Into<String>) -> Self {
         Error::Param {
-            name,
+            param,
             message: message.into(),
         }
+    }
+
+    pub(crate) fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |error| Error::Os { what, error }
     }
 
     pub(crate) fn ort(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {

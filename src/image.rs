@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::ImageSpec;
 use crate::error::{Error, Result};
+use crate::param::Param;
 
 /// PNG text-chunk keyword under which absorb stores its generation parameters (JSON).
 pub const METADATA_KEY: &str = "absorb";
@@ -271,7 +272,7 @@ pub fn rect_mask(rect: [usize; 4], width: usize, height: usize) -> Result<Mask> 
     let inside = |at: usize, len: usize, side: usize| at.checked_add(len).is_some_and(|end| end <= side);
     if w == 0 || h == 0 || !inside(x, w, width) || !inside(y, h, height) {
         return Err(Error::param(
-            "rect",
+            Param::Rect,
             format!("{x},{y},{w},{h} (x,y,w,h) must be non-empty and inside the {width}x{height} image"),
         ));
     }
@@ -483,7 +484,7 @@ impl AnimationFormat {
     }
 
     /// The format `path` asks for, or an error naming `param`.
-    pub fn from_path(path: &Path, param: &'static str) -> Result<AnimationFormat> {
+    pub fn from_path(path: &Path, param: Param) -> Result<AnimationFormat> {
         match path
             .extension()
             .and_then(|e| e.to_str())
@@ -504,16 +505,20 @@ impl AnimationFormat {
 /// and `last_ms` on the last one.
 pub fn animation_bytes(frames: &[Pixels], format: AnimationFormat, delay_ms: u16, last_ms: u16) -> Result<Vec<u8>> {
     let Some(first) = frames.first() else {
-        return Err(Error::param("frames", "no step revealed anything: nothing to animate"));
+        return Err(Error::param(
+            Param::Frames,
+            "no step revealed anything: nothing to animate",
+        ));
     };
     if frames
         .iter()
         .any(|f| (f.channels, f.height, f.width) != (first.channels, first.height, first.width))
     {
-        return Err(Error::param("frames", "frames differ in size"));
+        return Err(Error::param(Param::Frames, "frames differ in size"));
     }
     let delay = |i: usize| if i + 1 == frames.len() { last_ms } else { delay_ms };
-    let fail = |e: String| Error::io("<animation>", std::io::Error::other(e));
+    // Encoding into memory fails only on a frame the checks above let through: a bug.
+    let fail = |e: String| Error::Internal(format!("encoding the animation: {e}"));
     let mut out = Vec::new();
     match format {
         AnimationFormat::Apng => {
@@ -579,7 +584,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Encodes a PNG into memory (the service returns these bytes; same encoder as files).
 pub fn png_bytes(pixels: &Pixels, meta: Option<&Metadata>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    encode_png(&mut out, pixels, meta).map_err(|e| Error::io("<memory>", std::io::Error::other(e)))?;
+    // Into memory: no I/O can fail, so an error is a bug (pixels and metadata are checked).
+    encode_png(&mut out, pixels, meta).map_err(|e| Error::Internal(format!("encoding a PNG: {e}")))?;
     Ok(out)
 }
 
@@ -812,7 +818,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nothing to animate"), "{e}");
-        let e = AnimationFormat::from_path(Path::new("x.jpg"), "frames")
+        let e = AnimationFormat::from_path(Path::new("x.jpg"), Param::Frames)
             .unwrap_err()
             .to_string();
         assert!(e.contains(".gif"), "{e}");

@@ -17,7 +17,8 @@ use crate::bundle::Bundle;
 use crate::error::{Error, Result};
 use crate::image::{self, Mask, Metadata, Pixels, Tensor};
 use crate::limits;
-use crate::sampler::{self, SamplerKind, Settings, Tiling, TokenSpace};
+use crate::param::Param;
+use crate::sampler::{SamplerKind, Settings, Tiling, TokenSpace};
 use crate::{DecodeMode, Timings};
 
 pub use crate::graphs::DEFAULT_MAX_BATCH;
@@ -86,7 +87,7 @@ pub fn class_index(bundle: &Bundle, given: &str) -> Result<usize> {
     bundle
         .manifest()
         .class_index(given)
-        .map_err(|m| Error::param("class", m))
+        .map_err(|m| Error::param(Param::Class, m))
 }
 
 impl Sampling {
@@ -95,14 +96,14 @@ impl Sampling {
         let n = bundle.manifest().class_count();
         match self.class {
             Some(_) if n == 0 => Err(Error::param(
-                "class",
+                Param::Class,
                 format!(
                     "this model ({}) is not class-conditional: it takes no class",
                     bundle.manifest().name
                 ),
             )),
             Some(c) if c >= n => Err(Error::param(
-                "class",
+                Param::Class,
                 format!("class index {c} is out of range: this model has {n} classes (0..{n})"),
             )),
             c => Ok(c),
@@ -217,19 +218,19 @@ pub fn tiling(bundle: &Bundle, canvas: &Canvas, grid: [usize; 2], limit: Option<
     let window = trained_grid(bundle);
     if let Some(max_side) = limit.filter(|&m| grid[0] > m || grid[1] > m) {
         return Err(Error::param(
-            "grid",
+            Param::Grid,
             format!(
                 "{}x{} tokens is above this service's limit of {max_side} per side",
                 grid[0], grid[1]
             ),
         ));
     }
-    check_grid(bundle, grid, "grid")?;
+    check_grid(bundle, grid, Param::Grid)?;
     if grid == window {
         return Ok(None);
     }
     if canvas.decode == DecodeMode::Whole {
-        check_whole_decode(bundle, grid, "decode")?;
+        check_whole_decode(bundle, grid, Param::Decode)?;
     }
     let d = &bundle.manifest().sampling;
     Tiling::new(
@@ -247,16 +248,16 @@ pub fn tiling(bundle: &Bundle, canvas: &Canvas, grid: [usize; 2], limit: Option<
     .map(Some)
 }
 
-/// Largest grid side in tokens for `bundle`: [`sampler::MAX_GRID_SIDE`] tokens and
+/// Largest grid side in tokens for `bundle`: [`limits::MAX_GRID_SIDE`] tokens and
 /// [`limits::MAX_IMAGE_SIDE`] pixels, whichever is smaller.
 pub fn max_grid_side(bundle: &Bundle) -> [usize; 2] {
     let f = token_pixels(bundle);
-    [0, 1].map(|a| sampler::MAX_GRID_SIDE.min(limits::MAX_IMAGE_SIDE / f[a]))
+    [0, 1].map(|a| limits::MAX_GRID_SIDE.min(limits::MAX_IMAGE_SIDE / f[a]))
 }
 
 /// Checks `grid` (`[rows, cols]` of tokens) against the limits, before any arithmetic on it;
 /// `name` is the flag or field it came from.
-pub fn check_grid(bundle: &Bundle, grid: [usize; 2], name: &'static str) -> Result<()> {
+pub fn check_grid(bundle: &Bundle, grid: [usize; 2], name: Param) -> Result<()> {
     let max = max_grid_side(bundle);
     if grid[0] > max[0] || grid[1] > max[1] {
         let f = token_pixels(bundle);
@@ -277,7 +278,7 @@ pub fn check_grid(bundle: &Bundle, grid: [usize; 2], name: &'static str) -> Resu
 
 /// Checks that `grid` can be decoded in one piece: at most [`limits::MAX_WHOLE_DECODE_SIDE`]
 /// pixels a side (the decoder's memory grows with the square of it).
-pub fn check_whole_decode(bundle: &Bundle, grid: [usize; 2], name: &'static str) -> Result<()> {
+pub fn check_whole_decode(bundle: &Bundle, grid: [usize; 2], name: Param) -> Result<()> {
     check_grid(bundle, grid, name)?;
     let f = token_pixels(bundle);
     let px = [grid[0] * f[0], grid[1] * f[1]];
@@ -310,7 +311,7 @@ pub fn check_decode_grid(bundle: &Bundle, grid: [usize; 2]) -> Result<()> {
             grid[0], grid[1], t[0], t[1]
         )));
     }
-    check_whole_decode(bundle, grid, "grid").map_err(|e| Error::Tokens(format!("the grid (height x width): {e}")))
+    check_whole_decode(bundle, grid, Param::Grid).map_err(|e| Error::Tokens(format!("the grid (height x width): {e}")))
 }
 
 /// Checks that `image` can be encoded tile by tile by `bundle`: its channels, at least the
@@ -325,7 +326,7 @@ pub fn check_tileable(image: &Tensor, bundle: &Bundle) -> Result<()> {
         || image.width % f[1] != 0
     {
         return Err(Error::param(
-            "image",
+            Param::Image,
             format!(
                 "image is {}x{} with {} channel(s): must have {} channel(s), be at least {}x{} and a multiple of {}x{} pixels (one token)",
                 image.width, image.height, image.channels, spec.channels, spec.width, spec.height, f[1], f[0]
@@ -381,7 +382,7 @@ pub fn outpaint_grid(
     ] {
         if px > limit {
             return Err(Error::param(
-                "extend",
+                Param::Extend,
                 format!("{side}={px} is above the limit of {limit} pixels ({max_side} tokens)"),
             ));
         }
@@ -394,13 +395,13 @@ pub fn outpaint_grid(
     ] {
         if px % unit != 0 {
             return Err(Error::param(
-                "extend",
+                Param::Extend,
                 format!("{side}={px} is not a whole number of tokens: use a multiple of {unit} pixels"),
             ));
         }
     }
     if extend == [0; 4] {
-        return Err(Error::param("extend", "nothing to extend: give e.g. right=32"));
+        return Err(Error::param(Param::Extend, "nothing to extend: give e.g. right=32"));
     }
     let grid = [
         (image[0] + up + down) / token_px[0],
@@ -408,7 +409,7 @@ pub fn outpaint_grid(
     ];
     if grid[0] > max_side || grid[1] > max_side {
         return Err(Error::param(
-            "extend",
+            Param::Extend,
             format!(
                 "the result would be {}x{} tokens: at most {max_side} per side",
                 grid[0], grid[1]
@@ -432,10 +433,10 @@ impl Job {
         limit: Option<usize>,
     ) -> Result<Job> {
         if count == 0 {
-            return Err(Error::param("count", "0 images requested: use 1 or more"));
+            return Err(Error::param(Param::Count, "0 images requested: use 1 or more"));
         }
-        limits::check_range("count", count, limits::MAX_IMAGES)?;
-        limits::check_indices("first-index", first, count)?;
+        limits::check_range(Param::Count, count, limits::MAX_IMAGES)?;
+        limits::check_indices(Param::FirstIndex, first, count)?;
         let grid = canvas.grid.unwrap_or(trained_grid(bundle));
         let tiling = tiling(bundle, canvas, grid, limit)?;
         Ok(Job {
@@ -465,7 +466,7 @@ impl Job {
         let token_mask = image::pool_mask(&mask, grid);
         if !token_mask.iter().any(|&m| m) {
             return Err(Error::param(
-                "mask",
+                Param::Mask,
                 "the mask is empty: mark the region to regenerate in white",
             ));
         }
@@ -502,14 +503,14 @@ impl Job {
         let edge = edge.or(bundle.manifest().sampling.outpaint_edge).unwrap_or(0);
         if !crate::bundle::outpaint_edge_fits(edge, trained) {
             return Err(Error::param(
-                "outpaint-edge",
+                Param::OutpaintEdge,
                 format!(
                     "{edge} must be less than half the trained grid {}x{} (some of the input's tokens must stay)",
                     trained[0], trained[1]
                 ),
             ));
         }
-        let max_side = limit.unwrap_or(sampler::MAX_GRID_SIDE);
+        let max_side = limit.unwrap_or(limits::MAX_GRID_SIDE);
         let (grid, at) = outpaint_grid([image.height, image.width], token_pixels(bundle), extend, max_side)?;
         let canvas = Canvas {
             grid: Some(grid),
@@ -560,7 +561,7 @@ impl Job {
 
     /// Sets the columns of a sheet of this job's images: 1..=images.
     pub fn set_columns(&mut self, columns: usize) -> Result<()> {
-        self.columns = limits::check_range("columns", columns, self.images.len())?;
+        self.columns = limits::check_range(Param::Columns, columns, self.images.len())?;
         Ok(())
     }
 
@@ -570,7 +571,7 @@ impl Job {
         let n = self.images.len();
         if n > limits::MAX_SHEET_IMAGES {
             return Err(Error::param(
-                "count",
+                Param::Count,
                 format!(
                     "{n} images into one PNG is above the limit of {}: write them into a directory (-o DIR/)",
                     limits::MAX_SHEET_IMAGES
@@ -587,7 +588,7 @@ impl Job {
         let (w, h) = (side(columns, g[1] * f[1]), side(rows, g[0] * f[0]));
         if w > limits::MAX_SHEET_SIDE || h > limits::MAX_SHEET_SIDE {
             return Err(Error::param(
-                "count",
+                Param::Count,
                 format!(
                     "a sheet of {n} images in {columns} columns would be {w}x{h} pixels, above the limit of {} per side",
                     limits::MAX_SHEET_SIDE
@@ -739,7 +740,7 @@ impl Job {
         }
         let name = m.sampler.as_deref().unwrap_or(crate::SAMPLER);
         let sampler = SamplerKind::from_name(name)
-            .ok_or_else(|| Error::param("sampler", format!("\"{name}\" is not a sampler this build has")))?;
+            .ok_or_else(|| Error::param(Param::Sampler, format!("\"{name}\" is not a sampler this build has")))?;
         let decode = match &m.decode {
             Some(name) => DecodeMode::from_name(name)
                 .ok_or_else(|| bad(format!("decode \"{name}\" is not a mode this build has")))?,
@@ -777,7 +778,7 @@ impl Job {
         }
         // Checked exactly as the flags are; errors name the PNG and the field.
         let from_png = |e: Error| match e {
-            Error::Param { name, message } => bad(format!("its metadata's {name}: {message}")),
+            Error::Param { param, message } => bad(format!("its metadata's {param}: {message}")),
             e => e,
         };
         let mut job = Job::generate(bundle, seed, index, count, &sampling, &canvas, None).map_err(from_png)?;

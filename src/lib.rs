@@ -10,7 +10,7 @@
 //! previews), built from a request's parameters and run by [`Pipeline::run`], which returns what
 //! it [`Made`]; `docs/design.md` follows one request through the files.
 //!
-//! The reverse process itself is pure and needs no model: [`sampler::run`] takes the denoiser
+//! The reverse process itself is pure and needs no model: [`sampler::sample`] takes the denoiser
 //! as a closure. With a fake denoiser that always prefers code 3:
 //!
 //! ```
@@ -28,7 +28,7 @@
 //!     assert_eq!(tokens.len(), classes.len() * 16);
 //!     Ok(())
 //! };
-//! let stats = sampler::run(&mut chains, &space, &settings, &mut denoise, &mut |_| {})?;
+//! let stats = sampler::sample(&mut chains, &space, &settings, &mut denoise, &mut |_| {})?;
 //! assert!(chains[0].tokens().iter().all(|&t| t == 3));
 //! assert!(stats.calls <= 4);
 //! # Ok::<(), absorb::Error>(())
@@ -47,6 +47,7 @@ pub mod graphs;
 pub mod image;
 pub mod job;
 pub mod limits;
+pub mod param;
 pub mod parse;
 pub mod pipeline;
 pub mod preview;
@@ -58,6 +59,7 @@ pub use crate::bundle::Bundle;
 pub use crate::error::{Error, Result};
 pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
 pub use crate::job::{Canvas, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
+pub use crate::param::Param;
 pub use crate::pipeline::{Pipeline, Progress, Timings};
 pub use crate::preview::PreviewSink;
 
@@ -68,7 +70,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const SAMPLER: &str = "absorbing";
 
 /// How a grid larger than the bundle's is decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DecodeMode {
     /// Window by window in the decoder's trained shape, overlaps blended (one batched run).
@@ -80,6 +82,17 @@ pub enum DecodeMode {
 }
 
 impl DecodeMode {
+    /// Every mode, in the order help texts list them.
+    pub const ALL: &'static [DecodeMode] = &[DecodeMode::Tiles, DecodeMode::Whole];
+
+    /// One line for help texts.
+    pub fn help(self) -> &'static str {
+        match self {
+            DecodeMode::Tiles => "window by window in the decoder's trained shape, overlaps blended",
+            DecodeMode::Whole => "the whole grid in one piece (the paper's way)",
+        }
+    }
+
     /// The name used on the command line, in JSON and in PNG metadata.
     pub fn name(self) -> &'static str {
         match self {
@@ -90,9 +103,13 @@ impl DecodeMode {
 
     /// Parses a name written by [`DecodeMode::name`].
     pub fn from_name(name: &str) -> Option<DecodeMode> {
-        [DecodeMode::Tiles, DecodeMode::Whole]
-            .into_iter()
-            .find(|m| m.name() == name)
+        DecodeMode::ALL.iter().copied().find(|m| m.name() == name)
+    }
+}
+
+impl std::fmt::Display for DecodeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -5,12 +5,21 @@
 //! smaller, per-request limits on top ([`crate::server::Limits`]).
 
 use crate::error::{Error, Result};
+use crate::param::Param;
 
 /// Images in one PNG (a sheet): `generate --count` with a `.png` output, a PNG's `count`.
 pub const MAX_SHEET_IMAGES: usize = 1024;
 
 /// Images in one run into a directory (`generate --count N -o DIR/`).
 pub const MAX_IMAGES: usize = 1_000_000;
+
+/// Tokens per side of a grid (`--grid`, a larger canvas, an outpainted image): keeps memory
+/// bounded, 1024 x 1024 codes.
+pub const MAX_GRID_SIDE: usize = 1024;
+
+/// Largest temperature accepted. Far above anything useful (softmax is nearly uniform well
+/// before), it only keeps nonsense out.
+pub const MAX_TEMPERATURE: f32 = 1000.0;
 
 /// Pixels per side of any image absorb reads or writes (inputs are refused from their header).
 pub const MAX_IMAGE_SIDE: usize = 8192;
@@ -49,7 +58,7 @@ pub const MAX_JOBS: usize = 4096;
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// `value` if it is in `1..=max`, else an error naming `name` (the flag or field).
-pub fn check_range(name: &'static str, value: usize, max: usize) -> Result<usize> {
+pub fn check_range(name: Param, value: usize, max: usize) -> Result<usize> {
     if (1..=max).contains(&value) {
         Ok(value)
     } else {
@@ -62,7 +71,7 @@ pub fn check_range(name: &'static str, value: usize, max: usize) -> Result<usize
 
 /// `first + count` images must have indices that fit in a u64: the last index is
 /// `first + count - 1`.
-pub fn check_indices(name: &'static str, first: u64, count: usize) -> Result<()> {
+pub fn check_indices(name: Param, first: u64, count: usize) -> Result<()> {
     let last = (count as u64).checked_sub(1).and_then(|c| first.checked_add(c));
     if last.is_none() {
         return Err(Error::param(
@@ -78,7 +87,7 @@ pub fn check_indices(name: &'static str, first: u64, count: usize) -> Result<()>
 }
 
 /// `a * b`, or an error naming `name` when it overflows or exceeds `max`.
-pub fn checked_product(name: &'static str, a: usize, b: usize, max: usize, what: &str) -> Result<usize> {
+pub fn checked_product(name: Param, a: usize, b: usize, max: usize, what: &str) -> Result<usize> {
     match a.checked_mul(b) {
         Some(p) if p <= max => Ok(p),
         _ => Err(Error::param(
@@ -94,20 +103,23 @@ mod tests {
 
     #[test]
     fn ranges_and_indices_are_checked_at_every_edge() {
-        assert!(check_range("count", 0, 4).is_err());
-        assert_eq!(check_range("count", 1, 4).unwrap(), 1);
-        assert_eq!(check_range("count", 4, 4).unwrap(), 4);
-        assert!(check_range("count", 5, 4).is_err());
-        assert!(check_range("count", usize::MAX, 4).is_err());
-        assert!(check_indices("first-index", u64::MAX, 1).is_ok());
-        assert!(check_indices("first-index", u64::MAX, 2).is_err());
-        assert!(check_indices("first-index", u64::MAX - 1, 2).is_ok());
-        assert!(check_indices("first-index", 0, usize::MAX).is_ok());
-        assert!(check_indices("first-index", 1, usize::MAX).is_ok());
-        let e = check_indices("first-index", u64::MAX, 3).unwrap_err().to_string();
-        assert!(e.contains("first-index") && e.contains("18446744073709551613"), "{e}");
-        assert!(checked_product("grid", usize::MAX, 2, usize::MAX, "tokens").is_err());
-        assert_eq!(checked_product("grid", 3, 4, 12, "tokens").unwrap(), 12);
-        assert!(checked_product("grid", 3, 4, 11, "tokens").is_err());
+        assert!(check_range(Param::Count, 0, 4).is_err());
+        assert_eq!(check_range(Param::Count, 1, 4).unwrap(), 1);
+        assert_eq!(check_range(Param::Count, 4, 4).unwrap(), 4);
+        assert!(check_range(Param::Count, 5, 4).is_err());
+        assert!(check_range(Param::Count, usize::MAX, 4).is_err());
+        assert!(check_indices(Param::FirstIndex, u64::MAX, 1).is_ok());
+        assert!(check_indices(Param::FirstIndex, u64::MAX, 2).is_err());
+        assert!(check_indices(Param::FirstIndex, u64::MAX - 1, 2).is_ok());
+        assert!(check_indices(Param::FirstIndex, 0, usize::MAX).is_ok());
+        assert!(check_indices(Param::FirstIndex, 1, usize::MAX).is_ok());
+        let e = check_indices(Param::FirstIndex, u64::MAX, 3).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid first_index:") && e.contains("18446744073709551613"),
+            "{e}"
+        );
+        assert!(checked_product(Param::Grid, usize::MAX, 2, usize::MAX, "tokens").is_err());
+        assert_eq!(checked_product(Param::Grid, 3, 4, 12, "tokens").unwrap(), 12);
+        assert!(checked_product(Param::Grid, 3, 4, 11, "tokens").is_err());
     }
 }

@@ -109,13 +109,25 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             let input = e
                 .chain()
                 .any(|c| c.downcast_ref::<absorb::Error>().is_some_and(|e| e.is_input_error()));
             ExitCode::from(if input { 2 } else { 1 })
         }
     }
+}
+
+/// The error chain as `{:#}` prints it, each parameter spelled as its flag (`--window-margin`):
+/// the way the caller wrote it.
+fn describe(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| match c.downcast_ref::<absorb::Error>() {
+            Some(absorb::Error::Param { param, message }) => format!("invalid {}: {message}", param.flag()),
+            _ => c.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -3,7 +3,7 @@
 //!
 //! A run goes top to bottom: (1) the starting token grids (all masked, or encoded from the
 //! job's image and masked where it says), (2) the reverse process on the bundle's grid or with
-//! windows over a larger one (`sampler.rs`, which calls the transformer through a closure),
+//! windows over a larger one (`sampler/`, which calls the transformer through a closure),
 //! (3) decoding (window by window with blended overlaps, or whole), previews, and the input's
 //! own pixels put back where the job keeps them. It writes no files and knows no HTTP: the CLI
 //! and the service take the [`Made`] and write it.
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::graphs::{Graphs, Provider, ProviderConfig, Runtime, RuntimeOptions};
 use crate::image::{self, Pixels, Tensor};
 use crate::job::{self, Job, Made, Start};
+use crate::param::Param;
 use crate::preview::Pacer;
 use crate::sampler::{self, Chain, StepReport, Tiling, TokenSpace};
 use crate::{cpu, DecodeMode};
@@ -141,7 +142,7 @@ impl Pipeline {
     pub fn run(&mut self, job: &Job, progress: &mut Progress<'_>) -> Result<Made> {
         let grid = job.grid(&self.bundle);
         if job.max_batch == 0 {
-            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+            return Err(Error::param(Param::MaxBatch, "0 is not allowed: use 1 or more"));
         }
         if job.frames {
             check_frames(job, grid != self.grid())?;
@@ -340,7 +341,7 @@ impl Pipeline {
                 }
                 let chain = one(tokens, &chunk[0])?;
                 if chain.masked_count() == 0 {
-                    return Err(Error::param("extend", "nothing to fill: every token is known"));
+                    return Err(Error::param(Param::Extend, "nothing to fill: every token is known"));
                 }
                 vec![chain]
             }
@@ -349,7 +350,7 @@ impl Pipeline {
                 .zip(chunk)
                 .map(|(g, id)| {
                     if g.len() != space.len {
-                        return Err(Error::Tokens(format!(
+                        return Err(Error::Internal(format!(
                             "a grid has {} tokens, expected {}",
                             g.len(),
                             space.len
@@ -365,7 +366,7 @@ impl Pipeline {
     fn encode_exact(&mut self, image: &Tensor) -> Result<(Vec<i64>, [usize; 2])> {
         let s = &self.bundle.manifest().image;
         if (image.channels, image.height, image.width) != (s.channels, s.height, s.width) {
-            return Err(Error::Tokens(format!(
+            return Err(Error::Internal(format!(
                 "image tensor is {}x{}x{}, the bundle expects {}x{}x{}",
                 image.channels, image.height, image.width, s.channels, s.height, s.width
             )));
@@ -440,8 +441,8 @@ impl Pipeline {
         };
         let settings = &job.settings;
         match &job.tiling {
-            Some(t) => sampler::run_tiled(chains, t, &space, settings, job.max_batch, &mut denoise, &mut report)?,
-            None => sampler::run(chains, &space, settings, &mut denoise, &mut report)?,
+            Some(t) => sampler::sample_windows(chains, t, &space, settings, job.max_batch, &mut denoise, &mut report)?,
+            None => sampler::sample(chains, &space, settings, &mut denoise, &mut report)?,
         };
         let total = start.elapsed();
         let after = self.graphs.transformer_stats;
@@ -484,7 +485,7 @@ impl Pipeline {
         let k = self.bundle.manifest().tokens.codebook_size;
         for (i, g) in grids.iter().enumerate() {
             if g.len() != grid[0] * grid[1] {
-                return Err(Error::Tokens(format!(
+                return Err(Error::Internal(format!(
                     "grid {i} has {} tokens, expected {}x{}",
                     g.len(),
                     grid[0],
@@ -527,7 +528,7 @@ impl Pipeline {
         let mut cuts = Vec::with_capacity(grids.len() * tiling.windows());
         for g in grids {
             if g.len() != gh * gw {
-                return Err(Error::Tokens(format!(
+                return Err(Error::Internal(format!(
                     "a grid has {} tokens, expected {gh}x{gw}",
                     g.len()
                 )));
@@ -645,13 +646,13 @@ fn check_frames(job: &Job, larger: bool) -> Result<()> {
     let count = job.images.len();
     if larger && count > 1 {
         return Err(Error::param(
-            "frames",
+            Param::Frames,
             "previews of a larger grid are made one image at a time: ask for 1 image",
         ));
     }
     if count > job.max_batch {
         return Err(Error::param(
-            "frames",
+            Param::Frames,
             format!(
                 "a preview shows all images in one batch: {count} images is above the batch size {}",
                 job.max_batch

@@ -278,12 +278,12 @@ fn bad_shard_settings_are_refused_with_exit_code_2() {
         (
             &["--shards", "2"],
             &[("JOB_COMPLETION_INDEX", "0"), ("ABSORB_SHARDS", "x")],
-            "invalid seed",
+            "invalid --seed",
         ),
     ];
     for (extra, env, needle) in cases {
         let mut args = vec!["generate", "-m", &m, "--count", "4", "-o", "out/"];
-        if !needle.starts_with("invalid seed") {
+        if !needle.starts_with("invalid --seed") {
             args.extend(["--seed", "7"]);
         }
         args.extend(extra.iter());

@@ -364,7 +364,7 @@ fn values_read_from_png_metadata_are_checked_like_the_flags_and_name_the_png() {
             m.stride = Some([4, 4]);
             m.window_margin = Some([usize::MAX / 2 + 1, 0]);
         }),
-        &["margin.png", "window-margin"],
+        &["margin.png", "window_margin"],
     );
 }
 

@@ -867,7 +867,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             "/v1/outpaint",
             format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 4}}"#),
             400,
-            "outpaint-edge",
+            "outpaint_edge",
             "less than half the trained grid",
         ),
         (
@@ -875,7 +875,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
             "/v1/outpaint",
             format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 18446744073709551615}}"#),
             400,
-            "outpaint-edge",
+            "outpaint_edge",
             "less than half the trained grid",
         ),
         (
@@ -1359,7 +1359,7 @@ fn hostile_numbers_are_answered_4xx_naming_the_field_and_the_service_stays_healt
         (
             "/v1/outpaint",
             format!(r#"{{"image": "{image}", "extend": {{"right": 4}}, "window_margin": [9223372036854775808, 0]}}"#),
-            "window-margin",
+            "window_margin",
         ),
         (
             "/v1/inpaint",
@@ -1409,7 +1409,7 @@ fn hostile_numbers_are_answered_4xx_naming_the_field_and_the_service_stays_healt
         (
             "/v1/generate",
             format!(r#"{{"grid": [8, 16], "window_margin": [{u64max}, 0]}}"#),
-            "window-margin",
+            "window_margin",
         ),
         ("/v1/generate", r#"{"grid": [32, 32], "steps": 257}"#.into(), "steps"),
     ];

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use absorb::job::class_index;
@@ -22,7 +23,7 @@ pub struct Common {
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
     /// Execution provider; an explicit GPU provider that cannot run is an error, `auto` falls back.
-    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    #[arg(long, default_value_t = Provider::Cpu, value_parser = choice(Provider::ALL, Provider::name, Provider::help))]
     pub provider: Provider,
     /// Intra-op threads (default: all cores). Results do not depend on it.
     #[arg(long, value_name = "N", value_parser = threads, allow_hyphen_values = true)]
@@ -62,10 +63,8 @@ pub struct SamplingArgs {
     /// this share of the probability, in (0, 1] (default: the bundle's, else 1 = all codes).
     #[arg(long, value_name = "P", allow_hyphen_values = true)]
     pub top_p: Option<f32>,
-    /// Reveal rule: absorbing (the paper's 1/t rule), even (exact counts per step), maskgit
-    /// (most confident first, cosine schedule). Default: the bundle's (`absorb info`), else
-    /// absorbing.
-    #[arg(long, value_enum)]
+    /// Reveal rule (the sampler). Default: the bundle's (`absorb info`), else absorbing.
+    #[arg(long, value_parser = choice(SamplerKind::ALL, SamplerKind::name, SamplerKind::help))]
     pub sampler: Option<SamplerKind>,
     /// The class to make, by name or index, with a class-conditional model (`absorb info` lists
     /// its classes; the digits model's are 0-9). Default: generate takes the classes in turn,
@@ -153,7 +152,7 @@ pub struct WindowArgs {
     pub window_margin: Option<[usize; 2]>,
     /// How a larger grid is decoded: tiles (window by window, overlaps blended) or whole (in one
     /// piece, as the paper does).
-    #[arg(long, value_enum, default_value_t = DecodeMode::Tiles)]
+    #[arg(long, default_value_t = DecodeMode::Tiles, value_parser = choice(DecodeMode::ALL, DecodeMode::name, DecodeMode::help))]
     pub decode: DecodeMode,
 }
 
@@ -292,7 +291,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
     /// Samplers to compare, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "absorbing")]
+    #[arg(long, value_delimiter = ',', default_value = "absorbing",
+          value_parser = choice(SamplerKind::ALL, SamplerKind::name, SamplerKind::help))]
     pub samplers: Vec<SamplerKind>,
     /// Step counts to compare, comma-separated (default: the bundle's).
     #[arg(long, value_delimiter = ',', value_parser = whole_usize, allow_hyphen_values = true)]
@@ -450,11 +450,11 @@ fn body(s: &str) -> Result<usize, String> {
 }
 
 fn steps_cap(s: &str) -> Result<usize, String> {
-    in_range(s, absorb::sampler::MAX_GRID_SIDE * absorb::sampler::MAX_GRID_SIDE)
+    in_range(s, absorb::limits::MAX_GRID_SIDE * absorb::limits::MAX_GRID_SIDE)
 }
 
 fn grid_side(s: &str) -> Result<usize, String> {
-    in_range(s, absorb::sampler::MAX_GRID_SIDE)
+    in_range(s, absorb::limits::MAX_GRID_SIDE)
 }
 
 /// At most a day.
@@ -493,4 +493,21 @@ fn device(s: &str) -> Result<i32, String> {
             Err(format!("must be a whole number in 0..={}", i32::MAX))
         }
     })
+}
+
+/// A flag whose value is one of `all`, by name, each listed in `--help` with its one line: the
+/// library's enums (sampler, provider, decode mode) know their names; clap stays here.
+fn choice<T: Copy + Send + Sync + 'static>(
+    all: &'static [T],
+    name: fn(T) -> &'static str,
+    help: fn(T) -> &'static str,
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(all.iter().map(move |&v| PossibleValue::new(name(v)).help(help(v)))).try_map(
+        move |s: String| {
+            all.iter()
+                .copied()
+                .find(|&v| name(v) == s)
+                .ok_or_else(|| format!("unknown value {s}"))
+        },
+    )
 }

@@ -8,6 +8,7 @@ use absorb::{job, Job};
 
 use super::args::{InpaintArgs, OutpaintArgs};
 use super::{load, load_grid, log_timings, model_dir, run_with_progress, seed_or_fresh, write_frames};
+use absorb::Param;
 
 pub fn inpaint(a: InpaintArgs) -> Result<()> {
     super::check_out_dir(&a.out)?;
@@ -17,7 +18,7 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
     let mask = match (&a.mask, a.rect) {
         (Some(path), _) => image::load_mask(path, spec.width, spec.height)?,
         (None, Some(rect)) => image::rect_mask(rect, spec.width, spec.height)?,
-        (None, None) => bail!(absorb::Error::param("mask", "give --mask FILE or --rect x,y,w,h")),
+        (None, None) => bail!(absorb::Error::param(Param::Mask, "give --mask FILE or --rect x,y,w,h")),
     };
     let seed = seed_or_fresh(a.sampling.seed);
     let job = Job::inpaint(
@@ -42,19 +43,19 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
 pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     super::check_out_dir(&a.out)?;
     if let Some(path) = &a.frames.frames {
-        image::AnimationFormat::from_path(path, "frames")?;
+        image::AnimationFormat::from_path(path, Param::Frames)?;
     }
     // The manifest first: the grid (and TensorRT's decoder profile) depends on the image size.
     let (manifest, _) = absorb::bundle::read_manifest(&model_dir(&a.common))?;
     let spec = manifest.image.clone();
     let token_px = [spec.height / manifest.tokens.height, spec.width / manifest.tokens.width];
-    let side = absorb::sampler::MAX_GRID_SIDE;
+    let side = absorb::limits::MAX_GRID_SIDE;
     let input = image::load_image_any(&a.image, &spec, [side * token_px[1], side * token_px[0]])?;
     let (grid, _) = job::outpaint_grid(
         [input.height, input.width],
         token_px,
         a.extend,
-        absorb::sampler::MAX_GRID_SIDE,
+        absorb::limits::MAX_GRID_SIDE,
     )?;
     let mut p = load_grid(&a.common, a.max_batch, Some(grid))?;
     let seed = seed_or_fresh(a.sampling.seed);

@@ -12,10 +12,11 @@ use absorb::{job, Bundle, Job, Pipeline, Progress};
 
 use super::args::GenerateArgs;
 use super::{load_grid, log_timings, progress, run_with_progress, seed_or_fresh, write_atomic, write_frames};
+use absorb::Param;
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.frames.frames {
-        image::AnimationFormat::from_path(path, "frames")?;
+        image::AnimationFormat::from_path(path, Param::Frames)?;
         super::check_out_dir(path)?;
     }
     if let Some(path) = &a.tokens_out {
@@ -32,7 +33,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         Some(png) => Job::from_metadata(p.bundle(), &provider, png, &image::read_metadata(png)?)?,
         None => {
             if a.count == 0 {
-                bail!(absorb::Error::param("count", "0 images requested: use 1 or more"));
+                bail!(absorb::Error::param(Param::Count, "0 images requested: use 1 or more"));
             }
             let grid = requested_grid(p.bundle(), a.grid, a.size)?;
             let seed = seed_or_fresh(a.sampling.seed);
@@ -87,7 +88,7 @@ fn is_dir_output(out: &Path) -> Result<bool> {
         Ok(false)
     } else {
         Err(absorb::Error::param(
-            "out",
+            Param::Out,
             format!("{s} must end in .png or name a directory (end it with /)"),
         )
         .into())
@@ -104,14 +105,14 @@ fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize
     let (max_w, max_h) = (max[1] * f[1], max[0] * f[0]);
     if w > max_w || h > max_h {
         bail!(absorb::Error::param(
-            "size",
+            Param::Size,
             format!("{w}x{h} (width x height) is above the limit of {max_w}x{max_h} pixels")
         ));
     }
     let spec = &bundle.manifest().image;
     if w < spec.width || h < spec.height {
         bail!(absorb::Error::param(
-            "size",
+            Param::Size,
             format!(
                 "{w}x{h} (width x height) is smaller than the bundle's {}x{} images",
                 spec.width, spec.height
@@ -120,7 +121,7 @@ fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize
     }
     if h % f[0] != 0 || w % f[1] != 0 {
         bail!(absorb::Error::param(
-            "size",
+            Param::Size,
             format!(
                 "{w}x{h} is not a whole number of tokens: width and height must be multiples of {}x{} pixels",
                 f[1], f[0]
@@ -136,7 +137,7 @@ fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<abs
     if job.frames {
         // A resumed run samples only the images it lacks: a preview of those would be partial.
         bail!(absorb::Error::param(
-            "frames",
+            Param::Frames,
             "previews go with a .png output, not a directory: make the preview in a run of its own"
         ));
     }

@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use absorb::image;
 use absorb::{Pipeline, RuntimeOptions, Timings};
 
+use absorb::Param;
 use args::{Common, FrameArgs};
 
 /// The bundled default model: `models/digits` under the working directory, else under the
@@ -119,7 +120,7 @@ pub fn write_frames(args: &FrameArgs, made: &absorb::Made) -> Result<()> {
     let (Some(path), Some(frames)) = (&args.frames, &made.frames) else {
         return Ok(());
     };
-    let format = image::AnimationFormat::from_path(path, "frames")?;
+    let format = image::AnimationFormat::from_path(path, Param::Frames)?;
     let bytes = image::animation_bytes(frames, format, args.frame_ms, 1500)?;
     image::write_atomic(path, &bytes)?;
     eprintln!("wrote {} ({} frames)", path.display(), frames.len());
@@ -135,7 +136,7 @@ pub fn check_out_dir(out: &Path) -> Result<()> {
     };
     if !dir.is_dir() {
         return Err(absorb::Error::param(
-            "out",
+            Param::Out,
             format!("{}: the directory {} does not exist", out.display(), dir.display()),
         )
         .into());

@@ -11,6 +11,7 @@ use absorb::{Job, Progress, Sampling};
 
 use super::args::{BenchArgs, CheckVariantArgs, Common, EvalArgs, InfoArgs, WarmupArgs};
 use super::{load, load_grid, write_atomic};
+use absorb::Param;
 
 pub fn info(a: InfoArgs) -> Result<()> {
     if let Some(png) = &a.png {
@@ -48,12 +49,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
 pub fn check_variant(a: CheckVariantArgs) -> Result<()> {
     if a.common.variant.is_none() {
         bail!(absorb::Error::param(
-            "variant",
+            Param::Variant,
             "name the variant to measure, e.g. --variant int8"
         ));
     }
     if a.rows == Some(0) {
-        bail!(absorb::Error::param("rows", "0 rows: use 1 or more"));
+        bail!(absorb::Error::param(Param::Rows, "0 rows: use 1 or more"));
     }
     let mut variant = load(&a.common)?;
     let mut fp32 = load(&Common {
@@ -121,7 +122,10 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     if a.count == 0 || a.runs == 0 {
-        bail!(absorb::Error::param("count", "--count and --runs must be 1 or more"));
+        bail!(absorb::Error::param(
+            Param::Count,
+            "--count and --runs must be 1 or more"
+        ));
     }
     let start = Instant::now();
     let mut p = load_grid(&a.common, a.max_batch, None)?;
@@ -154,7 +158,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     if a.count == 0 {
-        bail!(absorb::Error::param("count", "0 images requested: use 1 or more"));
+        bail!(absorb::Error::param(Param::Count, "0 images requested: use 1 or more"));
     }
     let mut p = load_grid(&a.common, a.max_batch, None)?;
     let mut judge = absorb::eval::Judge::for_bundle(&p)?;

@@ -22,6 +22,7 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, GraphKind};
 use crate::error::{Error, Result};
+use crate::param::Param;
 
 pub use runtime::{
     find_library, gpu_identity, Library, Provider, ProviderConfig, Runtime, RuntimeOptions, DEFAULT_MAX_BATCH,
@@ -105,7 +106,7 @@ impl Graphs {
         // `auto` decides on the first graph; the others follow that choice.
         let mut provider = config.provider;
         if config.max_batch == 0 {
-            return Err(Error::param("max-batch", "0 is not allowed: use 1 or more"));
+            return Err(Error::param(Param::MaxBatch, "0 is not allowed: use 1 or more"));
         }
         let m = bundle.manifest();
         let (c, h, w) = (m.image.channels, m.image.height, m.image.width);
@@ -222,7 +223,7 @@ impl Graphs {
         let l = self.grid[0] * self.grid[1];
         let rows = classes.len();
         if let Some(&c) = classes.iter().find(|&&c| !(-1..self.classes as i64).contains(&c)) {
-            return Err(Error::Tokens(format!(
+            return Err(Error::Internal(format!(
                 "class {c} given to a transformer of {} classes",
                 self.classes
             )));
@@ -281,7 +282,7 @@ impl Graphs {
             .map_err(Error::ort("reading the decoder output"))?;
         let c = self.image[0];
         if shape.len() != 4 || shape[0] as usize != batch || shape[1] as usize != c {
-            return Err(Error::Tokens(format!(
+            return Err(Error::Internal(format!(
                 "decoder returned shape {shape:?}, expected [{batch}, {c}, H, W]"
             )));
         }
@@ -293,7 +294,7 @@ fn expect_shape(graph: &str, name: &str, found: &[i64], expected: &[usize]) -> R
     if found.len() == expected.len() && found.iter().zip(expected).all(|(&f, &e)| f as usize == e) {
         Ok(())
     } else {
-        Err(Error::Tokens(format!(
+        Err(Error::Internal(format!(
             "{graph} output \"{name}\" has shape {found:?}, expected {expected:?}"
         )))
     }

@@ -11,6 +11,7 @@ use ort::environment::{Environment, GlobalThreadPoolOptions};
 
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
+use crate::param::Param;
 
 /// The oldest ONNX Runtime this build loads: `ort` without an `api-NN` feature is API level 17.
 pub const MIN_ORT_VERSION: (u32, u32) = (1, 17);
@@ -19,7 +20,7 @@ pub const MIN_ORT_VERSION: (u32, u32) = (1, 17);
 const LIB_NAME: &str = "libonnxruntime.so";
 
 /// Which execution provider runs the graphs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// ONNX Runtime's CPU provider.
@@ -33,14 +34,34 @@ pub enum Provider {
     Auto,
 }
 
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Provider {
+    /// Every provider, in the order help texts list them.
+    pub const ALL: &'static [Provider] = &[Provider::Cpu, Provider::Cuda, Provider::Tensorrt, Provider::Auto];
+
+    /// The name on the command line, in JSON and in PNG metadata.
+    pub fn name(self) -> &'static str {
+        match self {
             Provider::Cpu => "cpu",
             Provider::Cuda => "cuda",
             Provider::Tensorrt => "tensorrt",
             Provider::Auto => "auto",
-        })
+        }
+    }
+
+    /// One line for help texts.
+    pub fn help(self) -> &'static str {
+        match self {
+            Provider::Cpu => "ONNX Runtime's CPU provider",
+            Provider::Cuda => "NVIDIA CUDA (needs a CUDA build of ONNX Runtime)",
+            Provider::Tensorrt => "NVIDIA TensorRT, with CUDA then CPU for nodes TensorRT rejects",
+            Provider::Auto => "TensorRT, then CUDA, then CPU: the first that registers",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -171,7 +192,7 @@ impl Runtime {
         // A poisoned lock only means another thread panicked mid-init; the OnceLock is still sound.
         let _guard = RUNTIME_INIT.lock().unwrap_or_else(|p| p.into_inner());
         let threads = match options.threads {
-            Some(0) => return Err(Error::param("threads", "0 is not allowed: use 1 or more")),
+            Some(0) => return Err(Error::param(Param::Threads, "0 is not allowed: use 1 or more")),
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };

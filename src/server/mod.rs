@@ -1,11 +1,12 @@
 //! The service: `absorb serve` keeps one bundle loaded and answers HTTP requests from other
-//! processes on the device. The only async code in the crate, in five parts and one that is not
-//! async: `connections.rs` (the accept loop: header and idle timeouts, the connection cap, the
-//! drain), `requests.rs` (request bodies parsed and validated into [`crate::Job`]s, no I/O: the
-//! fuzz targets drive it), `routes.rs` (the handlers, answers and errors),
-//! `worker.rs` (the one thread that owns the [`crate::Pipeline`], its queue and batching),
-//! `metrics.rs` (the Prometheus registry and the request middleware), `systemd.rs`
-//! (readiness, watchdog and status notifications). This file starts them and stops them.
+//! processes on the device. The only async code in the crate: `connections.rs` (the accept loop:
+//! header and idle timeouts, the connection cap, the drain), `requests.rs` (request bodies parsed
+//! and validated into [`crate::Job`]s, no I/O: the fuzz targets drive it), `routes.rs` (the
+//! handlers, answers and errors), `jobs.rs` (asynchronous jobs, their status and event streams),
+//! `metrics.rs` (the Prometheus registry and the request middleware); and two parts that are not
+//! async: `worker.rs` (the one thread that owns the [`crate::Pipeline`], its queue and batching)
+//! and `systemd.rs` (readiness, watchdog and status notifications). This file starts them and
+//! stops them.
 //!
 //! A full queue answers 429 at once instead of piling up; a job whose client has gone is
 //! skipped, and a running one stops between transformer calls. Under systemd (`Type=notify`) it
@@ -42,6 +43,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::graphs::{ProviderConfig, RuntimeOptions};
+use crate::param::Param;
 
 pub use routes::app;
 pub use worker::{Service, Shared};
@@ -139,7 +141,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         || limits.max_jobs == 0
     {
         return Err(Error::param(
-            "max-queue",
+            Param::MaxQueue,
             "--max-queue, --max-batch, --max-count, --max-steps, --max-body, --max-connections, \
              --header-timeout-ms, --body-timeout-ms and --max-jobs must be 1 or more",
         ));
@@ -149,14 +151,14 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::io("<tokio runtime>", e))?;
+        .map_err(Error::os("starting the async runtime"))?;
     // Bind first: a taken port fails in milliseconds, not after a long warm-up.
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(options.listen))
-        .map_err(|e| Error::io(options.listen.to_string(), e))?;
+        .map_err(Error::os(format!("binding {}", options.listen)))?;
     let addr = listener
         .local_addr()
-        .map_err(|e| Error::io(options.listen.to_string(), e))?;
+        .map_err(Error::os(format!("reading the address bound for {}", options.listen)))?;
 
     notify.status("loading the bundle and warming up");
     let starting = systemd::extend_start_timeout(notify.clone());
@@ -172,11 +174,14 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         let _guard = rt.enter();
         (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     };
-    let (Ok(term), Ok(int)) = signals else {
-        return Err(Error::io(
-            "<signals>",
-            std::io::Error::other("cannot install SIGTERM/SIGINT handlers"),
-        ));
+    let (term, int) = match signals {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(error), _) | (_, Err(error)) => {
+            return Err(Error::Os {
+                what: "installing the SIGTERM and SIGINT handlers".into(),
+                error,
+            })
+        }
     };
     eprintln!("listening on {addr}");
     log::info!("serving on {addr} (limits: {limits:?})");

@@ -10,6 +10,7 @@ use super::Limits;
 use crate::error::{Error, Result};
 use crate::image::{self, AnimationFormat};
 use crate::job::{self, Canvas, Job, Sampling};
+use crate::param::Param;
 use crate::sampler::SamplerKind;
 use crate::{Bundle, DecodeMode};
 
@@ -221,7 +222,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let count = req.count.unwrap_or(1);
     if count == 0 || count > limits.max_count {
         return Err(Error::param(
-            "count",
+            Param::Count,
             format!("{count} images requested: must be 1..={}", limits.max_count),
         ));
     }
@@ -229,7 +230,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let canvas = req.grid.is_some_and(|g| g != trained) || req.frames.is_some();
     if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
         return Err(Error::param(
-            "grid",
+            Param::Grid,
             "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
         ));
     }
@@ -254,13 +255,13 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: InpaintRequest = parse_json(body)?;
     let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
     sampling.settings(bundle, job::token_space(bundle).len)?;
-    let image = base64_field(&req.image, "image")?;
+    let image = base64_field(&req.image, Param::Image)?;
     let region = match (&req.mask, req.rect) {
-        (Some(m), None) => Region::Mask(base64_field(m, "mask")?),
+        (Some(m), None) => Region::Mask(base64_field(m, Param::Mask)?),
         (None, Some(rect)) => Region::Rect(rect),
         _ => {
             return Err(Error::param(
-                "mask",
+                Param::Mask,
                 "give exactly one of \"mask\" (base64 PNG) or \"rect\" [x, y, w, h]",
             ))
         }
@@ -280,7 +281,7 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 
 fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: OutpaintRequest = parse_json(body)?;
-    let image = base64_field(&req.image, "image")?;
+    let image = base64_field(&req.image, Param::Image)?;
     let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
     let e = &req.extend;
     Ok(Parsed {
@@ -333,7 +334,7 @@ fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option
                 shown.push_str("...");
             }
             return Err(Error::param(
-                "class",
+                Param::Class,
                 format!(
                     "{shown} is neither a class name (a string) nor an index (a whole number); \
                      leave \"class\" out (or null) for none"
@@ -349,7 +350,7 @@ fn within_steps(bundle: &Bundle, limits: &Limits, sampling: Sampling) -> Result<
     let want = sampling.steps.unwrap_or(bundle.manifest().sampling.steps);
     if let Some(max) = limits.max_steps.filter(|&m| want > m) {
         return Err(Error::param(
-            "steps",
+            Param::Steps,
             format!("{want} is above this service's limit of {max}"),
         ));
     }
@@ -382,7 +383,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     })
 }
 
-fn base64_field(text: &str, field: &'static str) -> Result<Vec<u8>> {
+fn base64_field(text: &str, field: Param) -> Result<Vec<u8>> {
     base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .map_err(|e| Error::param(field, format!("not valid base64 (standard alphabet, padded): {e}")))

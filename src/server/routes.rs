@@ -25,6 +25,7 @@ use super::worker::{self, Answer, Refused, Shared, Work};
 use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
 use crate::job::Job;
+use crate::param::Param;
 use crate::sampler::Settings;
 
 /// The routes over `shared`; tests may drive it without a socket.
@@ -150,7 +151,7 @@ async fn create_job(
         "outpaint" => Route::Outpaint,
         other => {
             return Err(Error::param(
-                "type",
+                Param::JobType,
                 format!("\"{other}\" is not a job type: use generate, inpaint or outpaint"),
             )
             .into())
@@ -523,7 +524,7 @@ impl From<Error> for AppError {
             return AppError::Internal(e);
         }
         let field = match &e {
-            Error::Param { name, .. } => name.to_string(),
+            Error::Param { param, .. } => param.key().to_string(),
             Error::Request { field, .. } => field.clone(),
             Error::Image { path, .. } => path.display().to_string(),
             Error::Tokens(_) => "mask".to_string(),
@@ -549,7 +550,8 @@ impl IntoResponse for AppError {
             AppError::NotFound => (
                 StatusCode::NOT_FOUND,
                 None,
-                "no such route: see GET /v1/model, POST /v1/generate, POST /v1/inpaint, GET /healthz, GET /metrics"
+                "no such route: see GET /, GET /v1/model, POST /v1/generate, POST /v1/inpaint, POST /v1/outpaint, \
+                 POST /v1/jobs, GET /v1/jobs/ID, GET /healthz, GET /metrics"
                     .into(),
                 None,
             ),

@@ -238,13 +238,12 @@ impl Service {
                 let _ = ready_tx.send(Ok(shared.clone()));
                 work(&mut p, &jobs, &shared);
             })
-            .map_err(|e| Error::io("<worker thread>", e))?;
+            .map_err(Error::os("starting the worker thread"))?;
         match ready_rx.recv() {
             Ok(Ok(shared)) => Ok(Service { shared, worker: handle }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::io(
-                "<worker thread>",
-                std::io::Error::other("the worker thread died while loading (see the log)"),
+            Err(_) => Err(Error::Internal(
+                "the worker thread ended while loading without saying why (see the log)".into(),
             )),
         }
     }
@@ -399,9 +398,7 @@ fn run(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
             let text = format!("{e:#}");
             let mut first = Some(e);
             for w in batch {
-                let e = first
-                    .take()
-                    .unwrap_or_else(|| Error::io("<batch>", std::io::Error::other(text.clone())));
+                let e = first.take().unwrap_or_else(|| Error::SharedRun(text.clone()));
                 let _ = w.reply.send(Err(e));
             }
             0

@@ -1,0 +1,203 @@
+//! Validated sampling settings: steps, temperature (constant or a linear schedule), nucleus
+//! truncation, and which sampler. Checked once, against the token space; nothing here draws.
+
+use crate::error::{Error, Result};
+use crate::limits::MAX_TEMPERATURE;
+use crate::param::Param;
+
+use super::rule::{self, Rule};
+use super::TokenSpace;
+
+/// Which sampler: the reveal rule that decides which positions are drawn at each step. Each
+/// variant's rule lives in a file of its own in `src/sampler/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// The paper's rule: each masked position revealed at step t with probability 1/t.
+    #[default]
+    Absorbing,
+    /// Exactly the expected number of reveals per step, in a seeded random order.
+    Even,
+    /// Confidence-based: sample every masked position, keep the most confident, cosine schedule.
+    Maskgit,
+}
+
+impl SamplerKind {
+    /// Every sampler, in the order help texts list them.
+    pub const ALL: &'static [SamplerKind] = &[SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit];
+
+    /// The name used on the command line, in JSON and in PNG metadata.
+    pub fn name(self) -> &'static str {
+        self.rule().name()
+    }
+
+    /// One line saying what the sampler does (the CLI's help).
+    pub fn help(self) -> &'static str {
+        self.rule().help()
+    }
+
+    /// Parses a name written by [`SamplerKind::name`].
+    pub fn from_name(name: &str) -> Option<SamplerKind> {
+        SamplerKind::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// The names of every sampler, for messages: `absorbing, even, maskgit`.
+    pub fn names() -> String {
+        SamplerKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The reveal rule.
+    pub(super) fn rule(self) -> &'static dyn Rule {
+        match self {
+            SamplerKind::Absorbing => &rule::absorbing::Absorbing,
+            SamplerKind::Even => &rule::even::Even,
+            SamplerKind::Maskgit => &rule::maskgit::Maskgit,
+        }
+    }
+}
+
+/// Validated sampling settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// S, the number of reverse steps, 1..=L.
+    pub steps: usize,
+    /// Logits are divided by this before the softmax; finite and > 0. With `temperature_end`,
+    /// the temperature of the first step.
+    pub temperature: f32,
+    /// Temperature of the last step for a linear schedule; `None` = constant.
+    pub temperature_end: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of most probable codes holding this much of the
+    /// probability, in (0, 1]; `None` (or 1) = no truncation.
+    pub top_p: Option<f32>,
+    /// Which reveal rule.
+    pub sampler: SamplerKind,
+}
+
+fn check_temperature(param: Param, t: f32) -> Result<()> {
+    if t.is_finite() && t > 0.0 && t <= MAX_TEMPERATURE {
+        Ok(())
+    } else {
+        Err(Error::param(
+            param,
+            format!("{t} is out of range: must be a number > 0 and <= {MAX_TEMPERATURE}"),
+        ))
+    }
+}
+
+impl Settings {
+    /// Checks `steps` in 1..=L and `temperature` finite in (0, MAX_TEMPERATURE].
+    pub fn new(steps: usize, temperature: f32, space: &TokenSpace) -> Result<Settings> {
+        if steps == 0 || steps > space.len {
+            return Err(Error::param(
+                Param::Steps,
+                format!(
+                    "{steps} is out of range: must be 1..={} (the number of tokens)",
+                    space.len
+                ),
+            ));
+        }
+        check_temperature(Param::Temperature, temperature)?;
+        Ok(Settings {
+            steps,
+            temperature,
+            temperature_end: None,
+            top_p: None,
+            sampler: SamplerKind::Absorbing,
+        })
+    }
+
+    /// With nucleus (top-p) truncation: `p` finite in (0, 1]; 1 is stored as `None`.
+    pub fn with_top_p(self, p: Option<f32>) -> Result<Settings> {
+        if let Some(p) = p {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(Error::param(
+                    Param::TopP,
+                    format!("{p} is out of range: must be a number > 0 and <= 1"),
+                ));
+            }
+        }
+        // 1 keeps every code: the same as none, and recorded as none.
+        Ok(Settings {
+            top_p: p.filter(|&p| p < 1.0),
+            ..self
+        })
+    }
+
+    /// The top-p of every step as the draw uses it (1 = off).
+    pub(super) fn nucleus(&self) -> f64 {
+        self.top_p.map_or(1.0, f64::from)
+    }
+
+    /// With another sampler.
+    pub fn with_sampler(self, sampler: SamplerKind) -> Settings {
+        Settings { sampler, ..self }
+    }
+
+    /// With a linear temperature schedule from `temperature` to `end`.
+    pub fn with_temperature_end(self, end: Option<f32>) -> Result<Settings> {
+        if let Some(e) = end {
+            check_temperature(Param::Temperature, e)?;
+        }
+        Ok(Settings {
+            temperature_end: end,
+            ..self
+        })
+    }
+
+    /// The temperature of step index `s` (0 for the first executed step t = S).
+    pub fn temperature_at(&self, s: usize) -> f64 {
+        match self.temperature_end {
+            Some(end) if self.steps > 1 => {
+                let (a, b) = (self.temperature as f64, end as f64);
+                a + (b - a) * s as f64 / (self.steps - 1) as f64
+            }
+            _ => self.temperature as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::SPACE;
+    use super::*;
+
+    #[test]
+    fn a_temperature_schedule_interpolates_linearly() {
+        let s = Settings::new(5, 1.2, &SPACE)
+            .unwrap()
+            .with_temperature_end(Some(0.4))
+            .unwrap();
+        let t: Vec<f64> = (0..5).map(|i| s.temperature_at(i)).collect();
+        assert!(
+            (t[0] - 1.2).abs() < 1e-6 && (t[2] - 0.8).abs() < 1e-6 && (t[4] - 0.4).abs() < 1e-6,
+            "{t:?}"
+        );
+        assert!(Settings::new(5, 1.0, &SPACE)
+            .unwrap()
+            .with_temperature_end(Some(0.0))
+            .is_err());
+        assert_eq!(SamplerKind::from_name("maskgit"), Some(SamplerKind::Maskgit));
+    }
+
+    #[test]
+    fn every_sampler_has_one_name_that_reads_back() {
+        for &k in SamplerKind::ALL {
+            assert_eq!(SamplerKind::from_name(k.name()), Some(k));
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.name()), "serde spells it as name()");
+        }
+        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit");
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_naming_the_parameter() {
+        for steps in [0, 17] {
+            let e = Settings::new(steps, 1.0, &SPACE).unwrap_err().to_string();
+            assert!(e.starts_with("invalid steps"), "{e}");
+        }
+        for t in [0.0, -1.0, f32::NAN, f32::INFINITY, 2000.0] {
+            let e = Settings::new(4, t, &SPACE).unwrap_err().to_string();
+            assert!(e.starts_with("invalid temperature"), "{e}");
+        }
+    }
+}
