@@ -122,7 +122,7 @@ pub fn measure(fp32: &mut Pipeline, variant: &mut Pipeline, rows: Option<usize>)
         .variant()
         .ok_or_else(|| Error::param(Param::Variant, "name the variant to measure, e.g. --variant int8"))?
         .to_string();
-    let space = crate::job::token_space(fp32.bundle());
+    let space = fp32.bundle().manifest().token_space();
     let probe = read_probe(fp32.bundle().dir(), space.len, space.mask_id, fp32.classes())?;
     let all = &probe.rows;
     let n = rows.unwrap_or(all.len()).clamp(1, all.len());

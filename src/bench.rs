@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::job::{self, Job, Start};
+use crate::job::{ImageId, Job, Start};
 use crate::preview::Pacer;
 use crate::sampler::Settings;
 use crate::{DecodeMode, Pipeline, PreviewSink, Progress, Timings};
@@ -129,19 +129,19 @@ fn preview_cost(p: &mut Pipeline, job: &Job, pacer: Pacer) -> Result<(f64, f64, 
 fn job(settings: &Settings, seed: u64, count: usize, max_batch: usize) -> Job {
     Job {
         start: Start::Masked,
-        images: (0..count as u64).map(|i| (seed, i)).collect(),
+        images: (0..count as u64).map(|index| ImageId { seed, index }).collect(),
         settings: *settings,
         class: None,
         tiling: None,
         decode: DecodeMode::default(),
-        frames: false,
+        record_frames: false,
         columns: 1,
         max_batch,
     }
 }
 
 /// Runs the benchmark on `p` (`load` = how long loading took).
-pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchReport> {
+pub fn measure(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchReport> {
     let settings = &b.settings;
     let start = Instant::now();
     let quiet = &mut |_: &crate::sampler::StepReport| {};
@@ -173,7 +173,7 @@ pub fn run(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<BenchR
     let batches = b.count.div_ceil(b.max_batch) as f64;
 
     // The same forward in isolation: a fully masked batch of the mean size, median of 9.
-    let space = job::token_space(p.bundle());
+    let space = p.bundle().manifest().token_space();
     let n = (rows_per_call.round() as usize).max(1);
     let tokens = vec![space.mask_id; n * space.len];
     let mut logits = Vec::new();

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::param::Param;
 
 /// The only manifest format this build reads.
@@ -345,10 +346,6 @@ pub fn parse_manifest(bytes: &[u8], path: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// Largest codebook a manifest may declare (the transformer's logits are `codebook_size` floats
-/// per position; 2^24 keeps every id exact in an f32 and far above any real VQGAN's).
-pub const MAX_CODEBOOK: usize = 1 << 24;
-
 fn validate(m: &Manifest) -> Result<(), String> {
     if m.format != FORMAT {
         return Err(format!(
@@ -386,10 +383,11 @@ fn validate(m: &Manifest) -> Result<(), String> {
             i.height, i.width, t.height, t.width
         ));
     }
-    if !(2..=MAX_CODEBOOK).contains(&t.codebook_size) {
+    if !(2..=limits::MAX_CODEBOOK).contains(&t.codebook_size) {
         return Err(format!(
-            "tokens.codebook_size is {}, must be 2..={MAX_CODEBOOK}",
-            t.codebook_size
+            "tokens.codebook_size is {}, must be 2..={}",
+            t.codebook_size,
+            limits::MAX_CODEBOOK
         ));
     }
     if t.mask_id != t.codebook_size as i64 {
@@ -445,10 +443,11 @@ fn validate(m: &Manifest) -> Result<(), String> {
         }
     }
     if let Some(names) = &m.classes {
-        if names.is_empty() || names.len() > MAX_CLASSES {
+        if names.is_empty() || names.len() > limits::MAX_CLASSES {
             return Err(format!(
-                "classes lists {} names, must be 1..={MAX_CLASSES} (leave it out for an unconditional model)",
-                names.len()
+                "classes lists {} names, must be 1..={} (leave it out for an unconditional model)",
+                names.len(),
+                limits::MAX_CLASSES
             ));
         }
         for (i, name) in names.iter().enumerate() {
@@ -480,10 +479,36 @@ fn validate(m: &Manifest) -> Result<(), String> {
     Ok(())
 }
 
-/// Most classes a manifest may list.
-pub const MAX_CLASSES: usize = 10_000;
-
 impl Manifest {
+    /// The trained token grid `[h, w]`.
+    pub fn grid(&self) -> [usize; 2] {
+        [self.tokens.height, self.tokens.width]
+    }
+
+    /// The token space of the trained grid, as the sampler needs it.
+    pub fn token_space(&self) -> crate::sampler::TokenSpace {
+        crate::sampler::TokenSpace {
+            len: self.tokens.len(),
+            codebook_size: self.tokens.codebook_size,
+            mask_id: self.tokens.mask_id,
+        }
+    }
+
+    /// Pixels per token `[rows, cols]`.
+    pub fn token_pixels(&self) -> [usize; 2] {
+        [
+            self.image.height / self.tokens.height,
+            self.image.width / self.tokens.width,
+        ]
+    }
+
+    /// Largest grid side in tokens `[rows, cols]`: [`limits::MAX_GRID_SIDE`] tokens and
+    /// [`limits::MAX_IMAGE_SIDE`] pixels, whichever is smaller.
+    pub fn max_grid_side(&self) -> [usize; 2] {
+        let f = self.token_pixels();
+        [0, 1].map(|a| limits::MAX_GRID_SIDE.min(limits::MAX_IMAGE_SIDE / f[a]))
+    }
+
     /// Classes of the transformer (0: unconditional).
     pub fn class_count(&self) -> usize {
         self.classes.as_ref().map_or(0, Vec::len)

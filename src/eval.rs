@@ -117,7 +117,7 @@ impl Judge {
             let data: Vec<f32> = chunk.iter().flat_map(|i| i.data.iter().copied()).collect();
             let (logits, shape) = self
                 .classifier
-                .run(&data, &[chunk.len(), t.channels, t.height, t.width])?;
+                .infer(&data, &[chunk.len(), t.channels, t.height, t.width])?;
             let classes = shape.get(1).copied().unwrap_or(0);
             if classes < self.content_classes {
                 return Err(Error::Tokens(format!(

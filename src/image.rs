@@ -5,11 +5,12 @@
 //! It does not run any graph and does not sample.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::atomic;
 use crate::bundle::ImageSpec;
 use crate::error::{Error, Result};
 use crate::param::Param;
@@ -402,36 +403,11 @@ pub struct Metadata {
     pub class: Option<String>,
 }
 
-/// Files absorb writes are readable by everyone (0644), like any other tool's output; the
-/// temporary file they start as would otherwise stay private (0600) after the rename.
-fn output_permissions() -> std::fs::Permissions {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::Permissions::from_mode(0o644)
-}
-
-/// Writes a PNG with `meta` as JSON in a text chunk, atomically: a temporary file in the same
-/// directory, flushed and synced, then renamed over `path`. An interrupted run never leaves a
-/// truncated PNG, and an existing file is replaced only by a complete one.
+/// Writes a PNG with `meta` as JSON in a text chunk, atomically ([`crate::atomic::write`]): an
+/// interrupted run never leaves a truncated PNG, and an existing file is replaced only by a
+/// complete one.
 pub fn write_png(path: &Path, pixels: &Pixels, meta: Option<&Metadata>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let io = |e: std::io::Error| Error::io(path, e);
-    let tmp = tempfile::Builder::new()
-        .prefix(".absorb-")
-        .suffix(".png.tmp")
-        .permissions(output_permissions())
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    {
-        let mut w = BufWriter::new(tmp.as_file());
-        encode_png(&mut w, pixels, meta).map_err(|e| Error::io(path, std::io::Error::other(e)))?;
-        w.flush().map_err(io)?;
-    }
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    atomic::write(path, &png_bytes(pixels, meta)?, atomic::Temp::PNG)
 }
 
 /// Copies `src` into `dst` with its top-left corner at (`x`, `y`) (outpainting keeps the input's
@@ -559,26 +535,6 @@ pub fn animation_bytes(frames: &[Pixels], format: AnimationFormat, delay_ms: u16
         }
     }
     Ok(out)
-}
-
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, synced, renamed).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let io = |e: std::io::Error| Error::io(path, e);
-    let tmp = tempfile::Builder::new()
-        .prefix(".absorb-")
-        .suffix(".tmp")
-        .permissions(output_permissions())
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    // Through the file itself: the temporary file's own errors would name its random path.
-    tmp.as_file().write_all(bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }
 
 /// Encodes a PNG into memory (the service returns these bytes; same encoder as files).

@@ -37,6 +37,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agreement;
+pub mod atomic;
 pub mod batch;
 pub mod bench;
 pub mod bundle;
@@ -53,21 +54,20 @@ pub mod pipeline;
 pub mod preview;
 pub mod sampler;
 pub mod server;
+pub mod spec;
 pub mod tokens;
 
 pub use crate::bundle::Bundle;
 pub use crate::error::{Error, Result};
 pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
-pub use crate::job::{Canvas, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
+pub use crate::job::{Canvas, ImageId, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
 pub use crate::param::Param;
 pub use crate::pipeline::{Pipeline, Progress, Timings};
 pub use crate::preview::PreviewSink;
+pub use crate::spec::{Caps, FillSpec, GenerateSpec, InpaintSpec, OutpaintSpec};
 
 /// This crate's version, recorded in PNG metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Name of the default sampler, recorded in PNG metadata.
-pub const SAMPLER: &str = "absorbing";
 
 /// How a grid larger than the bundle's is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -21,6 +21,13 @@ pub const MAX_GRID_SIDE: usize = 1024;
 /// before), it only keeps nonsense out.
 pub const MAX_TEMPERATURE: f32 = 1000.0;
 
+/// Largest codebook a manifest may declare (the transformer's logits are `codebook_size` floats
+/// per position; 2^24 keeps every id exact in an f32 and far above any real VQGAN's).
+pub const MAX_CODEBOOK: usize = 1 << 24;
+
+/// Most classes a manifest may list.
+pub const MAX_CLASSES: usize = 10_000;
+
 /// Pixels per side of any image absorb reads or writes (inputs are refused from their header).
 pub const MAX_IMAGE_SIDE: usize = 8192;
 

@@ -43,6 +43,13 @@ pub enum Param {
     Variant,
     Rows,
     MaxQueue,
+    MaxCount,
+    MaxSteps,
+    MaxBody,
+    MaxConnections,
+    HeaderTimeoutMs,
+    BodyTimeoutMs,
+    MaxJobs,
     JobType,
 }
 
@@ -84,6 +91,13 @@ const PARAMS: &[(Param, &str, Option<&str>)] = &[
     (Param::Variant, "variant", Some("--variant")),
     (Param::Rows, "rows", Some("--rows")),
     (Param::MaxQueue, "max_queue", Some("--max-queue")),
+    (Param::MaxCount, "max_count", Some("--max-count")),
+    (Param::MaxSteps, "max_steps", Some("--max-steps")),
+    (Param::MaxBody, "max_body", Some("--max-body")),
+    (Param::MaxConnections, "max_connections", Some("--max-connections")),
+    (Param::HeaderTimeoutMs, "header_timeout_ms", Some("--header-timeout-ms")),
+    (Param::BodyTimeoutMs, "body_timeout_ms", Some("--body-timeout-ms")),
+    (Param::MaxJobs, "max_jobs", Some("--max-jobs")),
     (Param::JobType, "type", None),
 ];
 

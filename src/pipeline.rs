@@ -16,10 +16,11 @@ use crate::bundle::Bundle;
 use crate::error::{Error, Result};
 use crate::graphs::{Graphs, Provider, ProviderConfig, Runtime, RuntimeOptions};
 use crate::image::{self, Pixels, Tensor};
-use crate::job::{self, Job, Made, Start};
+use crate::job::{self, ImageId, Job, Made, Start};
 use crate::param::Param;
 use crate::preview::Pacer;
 use crate::sampler::{self, Chain, StepReport, Tiling, TokenSpace};
+use crate::spec;
 use crate::{cpu, DecodeMode};
 
 /// Wall-clock time per phase of one run, for `-v` and benchmarks.
@@ -141,31 +142,25 @@ impl Pipeline {
     /// Carries out `job`: starting grids, the reverse process, decoding, previews (module docs).
     pub fn run(&mut self, job: &Job, progress: &mut Progress<'_>) -> Result<Made> {
         let grid = job.grid(&self.bundle);
-        if job.max_batch == 0 {
-            return Err(Error::param(Param::MaxBatch, "0 is not allowed: use 1 or more"));
-        }
-        if job.frames {
-            check_frames(job, grid != self.grid())?;
-        }
         let mut timings = Timings::default();
         let mut snapshots: Vec<Vec<Vec<i64>>> = Vec::new();
         let space = TokenSpace {
             len: grid[0] * grid[1],
-            ..job::token_space(&self.bundle)
+            ..self.bundle.manifest().token_space()
         };
         // (1) + (2): images whose windows fill about max_batch rows per step go together.
-        let per_run = match &job.tiling {
-            Some(t) => (job.max_batch / t.windows().min(job.max_batch)).max(1),
-            None => job.max_batch,
+        let per_run = match job.tiling() {
+            Some(t) => (job.max_batch() / t.windows().min(job.max_batch())).max(1),
+            None => job.max_batch(),
         };
-        let mut tokens = Vec::with_capacity(job.images.len());
-        let mut classes = Vec::with_capacity(job.images.len());
-        let known = match &job.start {
+        let mut tokens = Vec::with_capacity(job.images().len());
+        let mut classes = Vec::with_capacity(job.images().len());
+        let known = match job.start() {
             // Nothing masked: decoding only (`absorb decode`).
             Start::Tokens(grids) if !grids.iter().flatten().any(|&t| t == space.mask_id) => Some(grids),
             _ => None,
         };
-        for (n, chunk) in job.images.chunks(per_run).enumerate() {
+        for (n, chunk) in job.images().chunks(per_run).enumerate() {
             if let Some(grids) = known {
                 tokens.extend_from_slice(&grids[n * per_run..n * per_run + chunk.len()]);
                 classes.extend(chunk.iter().map(|_| None));
@@ -176,22 +171,22 @@ impl Pipeline {
             }
             let mut chains = self.start_chains(job, n * per_run, chunk, &space)?;
             if chains.iter().any(|c| c.masked_count() > 0) {
-                let frames = job.frames.then_some(&mut snapshots);
+                let frames = job.records_frames().then_some(&mut snapshots);
                 self.sample(&mut chains, job, n * per_run, progress, frames, &mut timings)?;
             }
             classes.extend(chains.iter().map(|c| usize::try_from(c.class()).ok()));
             tokens.extend(chains.into_iter().map(Chain::into_tokens));
         }
         // (3)
-        let tiled = job.tiling.as_ref().map(|t| (t, job.decode));
-        let mut pixels = self.decode_pixels(&tokens, grid, tiled, job.max_batch, &mut timings)?;
-        let frames = if job.frames {
-            Some(self.render_frames(&snapshots, grid, tiled, job.columns, job.max_batch, &mut timings)?)
+        let tiled = job.tiling().map(|t| (t, job.decode_mode()));
+        let mut pixels = self.decode_pixels(&tokens, grid, tiled, job.max_batch(), &mut timings)?;
+        let frames = if job.records_frames() {
+            Some(self.render_frames(&snapshots, grid, tiled, job.columns(), job.max_batch(), &mut timings)?)
         } else {
             None
         };
         let range = self.bundle.manifest().image.range;
-        match &job.start {
+        match job.start() {
             Start::Inpaint {
                 image,
                 mask,
@@ -204,7 +199,7 @@ impl Pipeline {
                 keep_input: true,
                 ..
             } => {
-                let f = job::token_pixels(&self.bundle);
+                let f = self.bundle.manifest().token_pixels();
                 image::paste(
                     &mut pixels[0],
                     &image::to_pixels(image, range),
@@ -230,8 +225,8 @@ impl Pipeline {
     pub fn encode(&mut self, image: &Tensor) -> Result<(Vec<i64>, [usize; 2])> {
         let s = self.bundle.manifest().image.clone();
         let g = self.grid();
-        let f = job::token_pixels(&self.bundle);
-        job::check_tileable(image, &self.bundle)?;
+        let f = self.bundle.manifest().token_pixels();
+        spec::check_tileable(image, self.bundle.manifest())?;
         if (image.height, image.width) == (s.height, s.width) {
             return Ok((self.graphs.encode(&image.data, 1)?, g));
         }
@@ -281,31 +276,25 @@ impl Pipeline {
     }
 
     fn grid(&self) -> [usize; 2] {
-        job::trained_grid(&self.bundle)
+        self.bundle.manifest().grid()
     }
 
     /// The chains of images `chunk` (the job's images `first..`): all masked, or the job's
     /// image encoded and masked where it says.
-    fn start_chains(
-        &mut self,
-        job: &Job,
-        first: usize,
-        chunk: &[(u64, u64)],
-        space: &TokenSpace,
-    ) -> Result<Vec<Chain>> {
-        let settings = &job.settings;
-        let given = job.class.map_or(sampler::NO_CLASS, |c| c as i64);
+    fn start_chains(&mut self, job: &Job, first: usize, chunk: &[ImageId], space: &TokenSpace) -> Result<Vec<Chain>> {
+        let settings = job.settings();
+        let given = job.class().map_or(sampler::NO_CLASS, |c| c as i64);
         // Edits (and known grids) take the job's class or none.
-        let one = |tokens: Vec<i64>, &(seed, index): &(u64, u64)| {
+        let one = |tokens: Vec<i64>, &ImageId { seed, index }: &ImageId| {
             Ok(Chain::new(tokens, space, settings, sampler::image_rng(seed, index))?.with_class(given))
         };
         let classes = self.graphs.classes();
-        Ok(match &job.start {
+        Ok(match job.start() {
             // Generation without a class spreads the classes over the images (seeded, by index).
             Start::Masked => chunk
                 .iter()
-                .map(|&(seed, i)| {
-                    let class = match job.class {
+                .map(|&ImageId { seed, index: i }| {
+                    let class = match job.class() {
                         None if classes > 0 => sampler::spread_class(seed, i, classes),
                         _ => given,
                     };
@@ -387,11 +376,11 @@ impl Pipeline {
         timings: &mut Timings,
     ) -> Result<()> {
         // The trained grid's space: windows of a larger grid are fed in the trained shape.
-        let space = job::token_space(&self.bundle);
+        let space = self.bundle.manifest().token_space();
         let before = self.graphs.transformer_stats;
         let start = Instant::now();
         let grid = job.grid(&self.bundle);
-        let tiled = job.tiling.as_ref().map(|t| (t, job.decode));
+        let tiled = job.tiling().map(|t| (t, job.decode_mode()));
         let Progress {
             on_step,
             cancelled,
@@ -426,7 +415,7 @@ impl Pipeline {
             let grids: Vec<Vec<i64>> = r.chains.iter().map(|c| c.tokens().to_vec()).collect();
             match this
                 .borrow_mut()
-                .render(&grids, grid, tiled, job.max_batch, &mut previews)
+                .render(&grids, grid, tiled, job.max_batch(), &mut previews)
             {
                 Ok(pixels) => sink.preview(first, steps, pixels),
                 Err(e) => {
@@ -439,9 +428,11 @@ impl Pipeline {
             previews.preview += end - now;
             previews.previews += 1;
         };
-        let settings = &job.settings;
-        match &job.tiling {
-            Some(t) => sampler::sample_windows(chains, t, &space, settings, job.max_batch, &mut denoise, &mut report)?,
+        let settings = job.settings();
+        match job.tiling() {
+            Some(t) => {
+                sampler::sample_windows(chains, t, &space, settings, job.max_batch(), &mut denoise, &mut report)?
+            }
             None => sampler::sample(chains, &space, settings, &mut denoise, &mut report)?,
         };
         let total = start.elapsed();
@@ -638,28 +629,6 @@ impl Pipeline {
         }
         Ok(frames)
     }
-}
-
-/// Previews record every image of one batch: a larger grid one image at a time, at most a
-/// batch of images.
-fn check_frames(job: &Job, larger: bool) -> Result<()> {
-    let count = job.images.len();
-    if larger && count > 1 {
-        return Err(Error::param(
-            Param::Frames,
-            "previews of a larger grid are made one image at a time: ask for 1 image",
-        ));
-    }
-    if count > job.max_batch {
-        return Err(Error::param(
-            Param::Frames,
-            format!(
-                "a preview shows all images in one batch: {count} images is above the batch size {}",
-                job.max_batch
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Logs a warning when the bundle records that `variant` falls below its agreement bar on CPUs

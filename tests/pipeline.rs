@@ -4,9 +4,9 @@
 mod common;
 
 use absorb::image::{self, Tensor};
-use absorb::job::{self, Canvas, Job, Sampling, Start};
+use absorb::job::{Canvas, Job, Sampling};
 use absorb::preview::Pacer;
-use absorb::{Made, Pipeline, PreviewSink, Progress};
+use absorb::{FillSpec, GenerateSpec, InpaintSpec, Made, OutpaintSpec, Pipeline, PreviewSink, Progress};
 use common::{judge, pipeline, quality, DIGITS};
 
 fn run(p: &mut Pipeline, job: &Job) -> absorb::Result<Made> {
@@ -30,10 +30,17 @@ fn generate_job(
     canvas: &Canvas,
     batch: usize,
 ) -> Job {
-    let count = (indices.end - indices.start) as usize;
-    let mut job = Job::generate(p.bundle(), seed, indices.start, count, sampling, canvas, None).unwrap();
-    job.max_batch = batch;
-    job
+    GenerateSpec {
+        seed,
+        first_index: indices.start,
+        count: (indices.end - indices.start) as usize,
+        sampling: *sampling,
+        canvas: *canvas,
+        max_batch: batch,
+        ..GenerateSpec::default()
+    }
+    .job(p.bundle())
+    .unwrap()
 }
 
 fn generate(
@@ -58,9 +65,11 @@ fn generate(
 /// Decoded images of the bundle's size, as tensors.
 fn decode(tokens: &[Vec<i64>]) -> Vec<Tensor> {
     let mut p = pipeline();
-    let grid = job::trained_grid(p.bundle());
-    let mut job = Job::decode(p.bundle(), grid, tokens.to_vec()).unwrap();
-    job.max_batch = 64;
+    let grid = p.bundle().manifest().grid();
+    let job = Job::decode(p.bundle(), grid, tokens.to_vec())
+        .unwrap()
+        .with_max_batch(64)
+        .unwrap();
     let made = run(&mut p, &job).unwrap();
     tensors(&p, &made)
 }
@@ -74,7 +83,7 @@ fn tensors(p: &Pipeline, made: &Made) -> Vec<Tensor> {
 fn generated_grids_and_images_have_the_bundle_shapes() {
     let tokens = generate(1, 0..3, None, None, 16);
     let p = pipeline();
-    let space = job::token_space(p.bundle());
+    let space = p.bundle().manifest().token_space();
     let spec = p.bundle().manifest().image.clone();
     drop(p);
     assert_eq!(tokens.len(), 3);
@@ -127,7 +136,7 @@ fn inpainting_keeps_every_known_token_and_fills_the_masked_ones() {
     let (path, _) = &common::heldout()[3];
     let img = image::load_image(path, &spec).unwrap();
     let original = p.encode(&img).unwrap().0;
-    let [h, w] = job::trained_grid(p.bundle());
+    let [h, w] = p.bundle().manifest().grid();
     // Regenerate the right half of the image.
     let mask = image::rect_mask(
         [spec.width / 2, 0, spec.width / 2, spec.height],
@@ -137,10 +146,15 @@ fn inpainting_keeps_every_known_token_and_fills_the_masked_ones() {
     .unwrap();
     let token_mask = image::pool_mask(&mask, [h, w]);
     assert_eq!(token_mask.iter().filter(|&&m| m).count(), h * w / 2);
-    let k = job::token_space(p.bundle()).codebook_size as i64;
+    let k = p.bundle().manifest().token_space().codebook_size as i64;
     let mut different = 0;
     for seed in 0..4 {
-        let job = Job::inpaint(p.bundle(), img.clone(), mask.clone(), seed, &Sampling::default(), true).unwrap();
+        let job = InpaintSpec {
+            seed,
+            ..InpaintSpec::new(img.clone(), mask.clone())
+        }
+        .job(p.bundle())
+        .unwrap();
         let out = run(&mut p, &job).unwrap().tokens.remove(0);
         for i in 0..h * w {
             if token_mask[i] {
@@ -164,7 +178,7 @@ fn an_empty_mask_is_an_error_naming_the_mask() {
         width: spec.width,
         data: vec![false; spec.height * spec.width],
     };
-    let e = Job::inpaint(p.bundle(), img, empty, 0, &Sampling::default(), true).unwrap_err();
+    let e = InpaintSpec::new(img, empty).job(p.bundle()).unwrap_err();
     assert!(e.to_string().starts_with("invalid mask"), "{e}");
     assert!(e.is_input_error());
 }
@@ -329,39 +343,33 @@ fn the_class_asked_for_is_the_digit_made_and_without_one_the_digits_take_turns()
     let image = drawn_images[0].clone();
     let mask = image::rect_mask([0, 0, 32, 16], 32, 32).unwrap();
     let edit = |class| {
-        Job::inpaint(
-            p.bundle(),
-            image.clone(),
-            mask.clone(),
-            1,
-            &Sampling {
+        InpaintSpec {
+            seed: 1,
+            sampling: Sampling {
                 class,
                 ..Sampling::default()
             },
-            true,
-        )
+            ..InpaintSpec::new(image.clone(), mask.clone())
+        }
+        .job(p.bundle())
         .unwrap()
     };
     let (none, three) = (edit(None), edit(Some(3)));
     assert_eq!(run(&mut p, &none).unwrap().classes, vec![None]);
     assert_eq!(run(&mut p, &three).unwrap().classes, vec![Some(3)]);
-    let e = Job::generate(
-        p.bundle(),
-        0,
-        0,
-        1,
-        &Sampling {
+    let e = GenerateSpec {
+        sampling: Sampling {
             class: Some(DIGITS),
             ..Sampling::default()
         },
-        &Canvas::default(),
-        None,
-    )
+        ..GenerateSpec::default()
+    }
+    .job(p.bundle())
     .unwrap_err()
     .to_string();
     assert!(e.contains("class") && e.contains("out of range"), "{e}");
     // The graph call itself refuses a class the transformer does not have.
-    let mask = job::token_space(p.bundle()).mask_id;
+    let mask = p.bundle().manifest().token_space().mask_id;
     let mut logits = Vec::new();
     p.forward(&[mask; 64], &[DIGITS as i64 - 1], &mut logits).unwrap();
     let e = p
@@ -466,7 +474,7 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
     let spec = p.bundle().manifest().image.clone();
     let img = image::load_image(&common::heldout()[7].0, &spec).unwrap();
     let known = p.encode(&img).unwrap().0;
-    let mask_id = job::token_space(p.bundle()).mask_id;
+    let mask_id = p.bundle().manifest().token_space().mask_id;
     // Outpaint 4 tokens right and 4 down: a 12x12 grid with the image's tokens top-left.
     let grid = [12, 12];
     let mut tokens = vec![mask_id; 144];
@@ -482,11 +490,14 @@ fn windowed_generation_and_outpainting_keep_known_tokens_and_reproduce() {
         };
         // Known tokens to fill around: outpainting's start, given as tokens.
         let mut fill = |seed: u64, batch: usize| {
-            let job = Job {
-                start: Start::Tokens(vec![tokens.clone()]),
-                images: vec![(seed, 0)],
-                ..generate_job(&p, seed, 0..1, &Sampling::default(), &canvas, batch)
-            };
+            let job = FillSpec {
+                seed,
+                canvas,
+                max_batch: batch,
+                ..FillSpec::new(vec![tokens.clone()])
+            }
+            .job(p.bundle())
+            .unwrap();
             run(&mut p, &job).unwrap().tokens.remove(0)
         };
         let out = fill(3, 16);
@@ -526,18 +537,12 @@ fn outpainting_regenerates_exactly_the_edge_it_is_asked_to_and_keeps_the_rest() 
     // 16 pixels (4 tokens) right, 8 (2 tokens) down: a 10x12 grid, the input's 8x8 top-left.
     let outpaint = |bundle: &absorb::bundle::Bundle, edge: usize| {
         let img = image::load_image(path, &spec).unwrap();
-        let (sampling, canvas) = (Sampling::default(), Canvas::default());
-        Job::outpaint(
-            bundle,
-            img,
-            [0, 16, 0, 8],
-            5,
-            &sampling,
-            &canvas,
-            true,
-            Some(edge),
-            None,
-        )
+        OutpaintSpec {
+            seed: 5,
+            edge: Some(edge),
+            ..OutpaintSpec::new(img, [0, 16, 0, 8])
+        }
+        .job(bundle)
     };
     for (edge, sampled) in [(0, 120 - 64), (1, 120 - 7 * 7), (2, 120 - 6 * 6), (3, 120 - 5 * 5)] {
         let job = outpaint(p.bundle(), edge).unwrap();

@@ -8,6 +8,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use absorb::image::{self, Pixels};
 use absorb::job::{self, Canvas, Job, Made, Sampling};
+use absorb::{GenerateSpec, InpaintSpec, OutpaintSpec};
 use absorb::{Pipeline, Progress, Provider, RuntimeOptions};
 
 fn scenes() -> PathBuf {
@@ -32,6 +33,17 @@ fn quality() -> serde_json::Value {
 /// The seam bar the bundle was measured against (`seams.bar`, 1.3).
 fn bar() -> f64 {
     quality()["seams"]["bar"].as_f64().expect("seams.bar")
+}
+
+/// Images `0..count` of `seed` on `canvas` with the bundle's sampling.
+fn generate(b: &absorb::Bundle, seed: u64, count: usize, canvas: Canvas) -> absorb::Result<Job> {
+    GenerateSpec {
+        seed,
+        count,
+        canvas,
+        ..GenerateSpec::default()
+    }
+    .job(b)
 }
 
 fn run(p: &mut Pipeline, job: &Job) -> Made {
@@ -157,15 +169,15 @@ fn the_seam_measure_sees_a_step_at_window_edges() {
 fn a_wide_image_from_overlapping_windows_has_no_visible_seams() {
     let mut p = pipeline();
     let b = p.bundle();
-    let window = job::trained_grid(b);
-    let token = job::token_pixels(b)[1];
+    let window = b.manifest().grid();
+    let token = b.manifest().token_pixels()[1];
     let grid = [2 * window[0], 4 * window[1]]; // 2x taller, 4x wider than trained
     let canvas = Canvas {
         grid: Some(grid),
         ..Canvas::default()
     };
-    let job = Job::generate(b, 11, 0, 8, &Sampling::default(), &canvas, None).unwrap();
-    let tiling = job.tiling.clone().expect("a larger grid has windows");
+    let job = generate(b, 11, 8, canvas).unwrap();
+    let tiling = job.tiling().cloned().expect("a larger grid has windows");
     assert!(
         tiling.stride()[1] < window[1],
         "the bundle's windows must overlap: stride {:?}",
@@ -195,8 +207,8 @@ fn a_wide_image_from_overlapping_windows_has_no_visible_seams() {
         window_margin: Some([0, 0]),
         ..canvas
     };
-    let job = Job::generate(p.bundle(), 11, 0, 8, &Sampling::default(), &apart, None).unwrap();
-    let t = job.tiling.clone().unwrap();
+    let job = generate(p.bundle(), 11, 8, apart).unwrap();
+    let t = job.tiling().cloned().unwrap();
     let made = run(&mut p, &job);
     let r = seam_ratio(&made.pixels, token, &window_edges(t.offsets(), window, token, size));
     eprintln!("windows side by side, no overlap: seam ratio {r:.3}");
@@ -206,24 +218,18 @@ fn a_wide_image_from_overlapping_windows_has_no_visible_seams() {
 fn outpainting_a_heldout_crop_keeps_its_pixels_and_tokens_and_its_border_is_no_worse_than_measured() {
     let mut p = pipeline();
     let spec = p.bundle().manifest().image.clone();
-    let token = job::token_pixels(p.bundle())[0];
-    let pad = job::trained_grid(p.bundle())[0] / 2 * token;
+    let token = p.bundle().manifest().token_pixels()[0];
+    let pad = p.bundle().manifest().grid()[0] / 2 * token;
     let edge = p.bundle().manifest().sampling.outpaint_edge.unwrap_or(0);
     let mut all = Vec::new();
     for (i, path) in heldout(8).iter().enumerate() {
         let input = image::load_image(path, &spec).unwrap();
         let original = image::to_pixels(&input, spec.range);
-        let job = Job::outpaint(
-            p.bundle(),
-            input,
-            [pad; 4],
-            100 + i as u64,
-            &Sampling::default(),
-            &Canvas::default(),
-            true,
-            None,
-            None,
-        )
+        let job = OutpaintSpec {
+            seed: 100 + i as u64,
+            ..OutpaintSpec::new(input, [pad; 4])
+        }
+        .job(p.bundle())
         .unwrap();
         let mut made = run(&mut p, &job);
         // The input's tokens are kept but the bundle's edge along the four extended sides.
@@ -280,7 +286,12 @@ fn inpainting_a_heldout_crop_changes_only_the_painted_tokens_and_repeats_byte_fo
     let (s, q) = (spec.width, spec.width / 4);
     let mask = image::rect_mask([q, q, s / 2, s / 2], s, s).unwrap();
     let make = |p: &mut Pipeline| {
-        let job = Job::inpaint(p.bundle(), input.clone(), mask.clone(), 5, &Sampling::default(), true).unwrap();
+        let job = InpaintSpec {
+            seed: 5,
+            ..InpaintSpec::new(input.clone(), mask.clone())
+        }
+        .job(p.bundle())
+        .unwrap();
         run(p, &job).pixels.remove(0)
     };
     let a = make(&mut p);
@@ -318,8 +329,15 @@ fn colour_tokens_for_a_seed_do_not_depend_on_batching() {
     };
     let mut tokens = Vec::new();
     for batch in [1, 16] {
-        let mut job = Job::generate(p.bundle(), 3, 0, 4, &Sampling::default(), &canvas, None).unwrap();
-        job.max_batch = batch;
+        let job = GenerateSpec {
+            seed: 3,
+            count: 4,
+            canvas,
+            max_batch: batch,
+            ..GenerateSpec::default()
+        }
+        .job(p.bundle())
+        .unwrap();
         tokens.push(run(&mut p, &job).tokens);
     }
     assert_eq!(tokens[0], tokens[1]);
@@ -333,15 +351,19 @@ fn an_unconditional_bundle_takes_no_class_and_draws_none() {
         class: Some(0),
         ..Sampling::default()
     };
-    let e = Job::generate(p.bundle(), 0, 0, 1, &s, &Canvas::default(), None)
-        .unwrap_err()
-        .to_string();
+    let e = GenerateSpec {
+        sampling: s,
+        ..GenerateSpec::default()
+    }
+    .job(p.bundle())
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("not class-conditional"), "{e}");
     let e = job::class_index(p.bundle(), "0").unwrap_err().to_string();
     assert!(e.contains("not class-conditional"), "{e}");
-    let job = Job::generate(p.bundle(), 0, 0, 2, &Sampling::default(), &Canvas::default(), None).unwrap();
+    let job = generate(p.bundle(), 0, 2, Canvas::default()).unwrap();
     assert_eq!(run(&mut p, &job).classes, vec![None, None]);
-    let mask = job::token_space(p.bundle()).mask_id;
+    let mask = p.bundle().manifest().token_space().mask_id;
     let mut logits = Vec::new();
     let e = p.forward(&[mask; 64], &[0], &mut logits).unwrap_err().to_string();
     assert!(e.contains("class 0 given to a transformer of 0 classes"), "{e}");

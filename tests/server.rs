@@ -488,6 +488,13 @@ fn concurrent_requests_with_equal_settings_share_transformer_calls_and_keep_thei
     );
 }
 
+/// The bad-request table: `METHOD PATH BODY => STATUS FIELD NEEDLE;` per line.
+macro_rules! cases {
+    ($($method:literal $path:literal $body:expr => $status:literal $field:literal $needle:literal;)*) => {
+        vec![$(($method, $path, String::from($body), $status as u16, $field, $needle)),*]
+    };
+}
+
 #[test]
 fn bad_requests_get_a_4xx_json_error_naming_the_field() {
     let s = Server::start(&["--max-body", "8192", "--max-count", "4"], &[]);
@@ -501,403 +508,68 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
     let garbage = B64.encode(b"\x89PNG\r\n\x1a\nthis is not a png at all");
     let not_png = B64.encode(b"GIF89a definitely not a png");
     let r = format!("{}", side / 2);
-    let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
-        ("POST", "/v1/generate", "{".into(), 400, "body", "malformed JSON"),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"seed": 1,}"#.into(),
-            400,
-            "body",
-            "malformed JSON",
-        ),
-        ("POST", "/v1/generate", r#""hello""#.into(), 400, "body", "invalid"),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"seed": 1, "colour": 2}"#.into(),
-            400,
-            "colour",
-            "unknown field",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"steps": 0}"#.into(),
-            400,
-            "steps",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            format!(r#"{{"steps": {}}}"#, tokens + 1),
-            400,
-            "steps",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"steps": "many"}"#.into(),
-            400,
-            "steps",
-            "invalid type",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"class": 10}"#.into(),
-            400,
-            "class",
-            "is not a class of this model",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"class": "seven"}"#.into(),
-            400,
-            "class",
-            "is not a class of this model",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"class": [1]}"#.into(),
-            400,
-            "class",
-            "neither a class name",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"class": -1}"#.into(),
-            400,
-            "class",
-            "neither a class name",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"temperature": 0}"#.into(),
-            400,
-            "temperature",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"temperature": -1}"#.into(),
-            400,
-            "temperature",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"temperature": 1e300}"#.into(),
-            400,
-            "temperature",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"sampler": "best"}"#.into(),
-            400,
-            "sampler",
-            "unknown variant",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"temperature_end": 0}"#.into(),
-            400,
-            "temperature",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"top_p": 1.5}"#.into(),
-            400,
-            "top_p",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"top_p": 0}"#.into(),
-            400,
-            "top_p",
-            "out of range",
-        ),
-        ("POST", "/v1/generate", r#"{"count": 0}"#.into(), 400, "count", "1..=4"),
-        ("POST", "/v1/generate", r#"{"count": 5}"#.into(), 400, "count", "1..=4"),
-        ("POST", "/v1/generate", r#"{"seed": -1}"#.into(), 400, "seed", "u64"),
-        ("POST", "/v1/generate", r#"{"seed": 1.5}"#.into(), 400, "seed", "u64"),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"seed": 18446744073709551616}"#.into(),
-            400,
-            "seed",
-            "u64",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            format!(r#"{{"seed": 1, "pad": "{}"}}"#, "x".repeat(9000)),
-            413,
-            "body",
-            "8192 bytes",
-        ),
-        ("POST", "/v1/inpaint", "{}".into(), 400, "body", "missing field `image`"),
-        (
-            "POST",
-            "/v1/inpaint",
-            r#"{"image": "!!!", "rect": [0, 0, 4, 4]}"#.into(),
-            400,
-            "image",
-            "base64",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{not_png}", "rect": [0, 0, 4, 4]}}"#),
-            400,
-            "image",
-            "not a PNG",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{garbage}", "rect": [0, 0, 4, 4]}}"#),
-            400,
-            "image",
-            "not a readable PNG",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{truncated}", "rect": [0, 0, 4, 4]}}"#),
-            400,
-            "image",
-            "PNG",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{small}", "rect": [0, 0, 4, 4]}}"#),
-            400,
-            "image",
-            "resize",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "mask": "{small}"}}"#),
-            400,
-            "mask",
-            "mask is",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "mask": "{not_png}"}}"#),
-            400,
-            "mask",
-            "not a PNG",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "mask": "{black}"}}"#),
-            400,
-            "mask",
-            "empty",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}"}}"#),
-            400,
-            "mask",
-            "exactly one",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "mask": "{black}", "rect": [0, 0, 4, 4]}}"#),
-            400,
-            "mask",
-            "exactly one",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "rect": [{r}, 0, {side}, 4]}}"#),
-            400,
-            "rect",
-            "inside",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "rect": [0, 0, 0, 4]}}"#),
-            400,
-            "rect",
-            "non-empty",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "rect": [0, 0, 4]}}"#),
-            400,
-            "rect",
-            "invalid",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "decode_all": "yes"}}"#),
-            400,
-            "decode_all",
-            "invalid type",
-        ),
-        (
-            "POST",
-            "/v1/inpaint",
-            format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "steps": 0}}"#),
-            400,
-            "steps",
-            "out of range",
-        ),
+    // One case a line: METHOD PATH BODY => STATUS FIELD (empty: none) NEEDLE (in the error).
+    let cases = cases! {
+        "POST" "/v1/generate" "{" => 400 "body" "malformed JSON";
+        "POST" "/v1/generate" r#"{"seed": 1,}"# => 400 "body" "malformed JSON";
+        "POST" "/v1/generate" r#""hello""# => 400 "body" "invalid";
+        "POST" "/v1/generate" r#"{"seed": 1, "colour": 2}"# => 400 "colour" "unknown field";
+        "POST" "/v1/generate" r#"{"steps": 0}"# => 400 "steps" "out of range";
+        "POST" "/v1/generate" format!(r#"{{"steps": {}}}"#, tokens + 1) => 400 "steps" "out of range";
+        "POST" "/v1/generate" r#"{"steps": "many"}"# => 400 "steps" "invalid type";
+        "POST" "/v1/generate" r#"{"class": 10}"# => 400 "class" "is not a class of this model";
+        "POST" "/v1/generate" r#"{"class": "seven"}"# => 400 "class" "is not a class of this model";
+        "POST" "/v1/generate" r#"{"class": [1]}"# => 400 "class" "neither a class name";
+        "POST" "/v1/generate" r#"{"class": -1}"# => 400 "class" "neither a class name";
+        "POST" "/v1/generate" r#"{"temperature": 0}"# => 400 "temperature" "out of range";
+        "POST" "/v1/generate" r#"{"temperature": -1}"# => 400 "temperature" "out of range";
+        "POST" "/v1/generate" r#"{"temperature": 1e300}"# => 400 "temperature" "out of range";
+        "POST" "/v1/generate" r#"{"sampler": "best"}"# => 400 "sampler" "unknown variant";
+        "POST" "/v1/generate" r#"{"temperature_end": 0}"# => 400 "temperature_end" "out of range";
+        "POST" "/v1/generate" r#"{"top_p": 1.5}"# => 400 "top_p" "out of range";
+        "POST" "/v1/generate" r#"{"top_p": 0}"# => 400 "top_p" "out of range";
+        "POST" "/v1/generate" r#"{"count": 0}"# => 400 "count" "1..=4";
+        "POST" "/v1/generate" r#"{"count": 5}"# => 400 "count" "1..=4";
+        "POST" "/v1/generate" r#"{"seed": -1}"# => 400 "seed" "u64";
+        "POST" "/v1/generate" r#"{"seed": 1.5}"# => 400 "seed" "u64";
+        "POST" "/v1/generate" r#"{"seed": 18446744073709551616}"# => 400 "seed" "u64";
+        "POST" "/v1/generate" format!(r#"{{"seed": 1, "pad": "{}"}}"#, "x".repeat(9000)) => 413 "body" "8192 bytes";
+        "POST" "/v1/inpaint" "{}" => 400 "body" "missing field `image`";
+        "POST" "/v1/inpaint" r#"{"image": "!!!", "rect": [0, 0, 4, 4]}"# => 400 "image" "base64";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{not_png}", "rect": [0, 0, 4, 4]}}"#) => 400 "image" "not a PNG";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{garbage}", "rect": [0, 0, 4, 4]}}"#) => 400 "image" "not a readable PNG";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{truncated}", "rect": [0, 0, 4, 4]}}"#) => 400 "image" "PNG";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{small}", "rect": [0, 0, 4, 4]}}"#) => 400 "image" "resize";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "mask": "{small}"}}"#) => 400 "mask" "mask is";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "mask": "{not_png}"}}"#) => 400 "mask" "not a PNG";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "mask": "{black}"}}"#) => 400 "mask" "empty";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}"}}"#) => 400 "mask" "exactly one";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "mask": "{black}", "rect": [0, 0, 4, 4]}}"#) => 400 "mask" "exactly one";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [{r}, 0, {side}, 4]}}"#) => 400 "rect" "inside";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 0, 4]}}"#) => 400 "rect" "non-empty";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4]}}"#) => 400 "rect" "invalid";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "decode_all": "yes"}}"#) => 400 "decode_all" "invalid type";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "steps": 0}}"#) => 400 "steps" "out of range";
         // Larger grids, outpainting and previews.
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"grid": [8, 400]}"#.into(),
-            400,
-            "grid",
-            "limit of 32",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"grid": [4, 16]}"#.into(),
-            400,
-            "grid",
-            "smaller than the trained",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"grid": [8, 16], "stride": [8, 0]}"#.into(),
-            400,
-            "stride",
-            "out of range",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"stride": [4, 4]}"#.into(),
-            400,
-            "grid",
-            "give \"grid\"",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"frames": "jpeg"}"#.into(),
-            400,
-            "frames",
-            "unknown variant",
-        ),
-        (
-            "POST",
-            "/v1/generate",
-            r#"{"grid": [8, 16], "count": 2, "frames": "gif"}"#.into(),
-            400,
-            "frames",
-            "one image at a time",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"right": 3}}}}"#),
-            400,
-            "extend",
-            "multiple of",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{}}}}"#),
-            400,
-            "extend",
-            "nothing to extend",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"back": 4}}}}"#),
-            400,
-            "extend.back",
-            "unknown field",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{small}", "extend": {{"right": 8}}}}"#),
-            400,
-            "image",
-            "at least",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"right": 4000}}}}"#),
-            400,
-            "extend",
-            "above the limit of",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 4}}"#),
-            400,
-            "outpaint_edge",
-            "less than half the trained grid",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 18446744073709551615}}"#),
-            400,
-            "outpaint_edge",
-            "less than half the trained grid",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": -1}}"#),
-            400,
-            "outpaint_edge",
-            "invalid value",
-        ),
-        (
-            "POST",
-            "/v1/outpaint",
-            format!(r#"{{"image": "{garbage}", "extend": {{"right": 8}}}}"#),
-            400,
-            "image",
-            "not a readable PNG",
-        ),
-        ("GET", "/v1/generate", String::new(), 405, "", "method not allowed"),
-        ("POST", "/v1/model", String::new(), 405, "", "method not allowed"),
-        ("GET", "/v2/generate", String::new(), 404, "", "no such route"),
-    ];
+        "POST" "/v1/generate" r#"{"grid": [8, 400]}"# => 400 "grid" "limit of 32";
+        "POST" "/v1/generate" r#"{"grid": [4, 16]}"# => 400 "grid" "smaller than the trained";
+        "POST" "/v1/generate" r#"{"grid": [8, 16], "stride": [8, 0]}"# => 400 "stride" "out of range";
+        "POST" "/v1/generate" r#"{"stride": [4, 4]}"# => 400 "grid" "give \"grid\"";
+        "POST" "/v1/generate" r#"{"frames": "jpeg"}"# => 400 "frames" "unknown variant";
+        "POST" "/v1/generate" r#"{"grid": [8, 16], "count": 2, "frames": "gif"}"# => 400 "frames" "one image at a time";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 3}}}}"#) => 400 "extend" "multiple of";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{}}}}"#) => 400 "extend" "nothing to extend";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"back": 4}}}}"#) => 400 "extend.back" "unknown field";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{small}", "extend": {{"right": 8}}}}"#) => 400 "image" "at least";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 4000}}}}"#) => 400 "extend" "above the limit of";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 4}}"#) => 400 "outpaint_edge" "less than half the trained grid";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 18446744073709551615}}"#) => 400 "outpaint_edge" "less than half the trained grid";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": -1}}"#) => 400 "outpaint_edge" "invalid value";
+        "POST" "/v1/outpaint" format!(r#"{{"image": "{garbage}", "extend": {{"right": 8}}}}"#) => 400 "image" "not a readable PNG";
+        "GET" "/v1/generate" "" => 405 "" "method not allowed";
+        "POST" "/v1/model" "" => 405 "" "method not allowed";
+        "GET" "/v2/generate" "" => 404 "" "no such route";
+    };
     for (method, path, body, status, field, needle) in &cases {
         let r = http(&s.addr, method, path, body.as_bytes());
         let shown = &body[..body.len().min(120)];

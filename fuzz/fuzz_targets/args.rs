@@ -4,7 +4,7 @@
 
 use absorb::image::{rect_mask, Tensor};
 use absorb::parse::{parse_extend, parse_pair, parse_rect, parse_shard, parse_temperature};
-use absorb::{Canvas, Job, Sampling};
+use absorb::{Canvas, Caps, GenerateSpec, InpaintSpec, OutpaintSpec, Sampling};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -25,7 +25,6 @@ fuzz_target!(|data: &[u8]| {
         width: spec.width,
         data: vec![0.0; spec.channels * spec.height * spec.width],
     };
-    let sampling = Sampling::default();
     match pick % 6 {
         0 => {
             if let Ok(grid) = parse_pair(text) {
@@ -33,7 +32,16 @@ fuzz_target!(|data: &[u8]| {
                     grid: Some(grid),
                     ..Canvas::default()
                 };
-                let _ = Job::generate(bundle, 0, 0, 1, &sampling, &canvas, Some(32));
+                let caps = Caps {
+                    max_grid: Some(32),
+                    ..Caps::NONE
+                };
+                let _ = GenerateSpec {
+                    canvas,
+                    caps,
+                    ..GenerateSpec::default()
+                }
+                .job(bundle);
             }
         }
         1 => {
@@ -51,7 +59,12 @@ fuzz_target!(|data: &[u8]| {
                         ..Canvas::default()
                     },
                 ] {
-                    let _ = Job::generate(bundle, 0, u64::MAX, 1, &sampling, &canvas, None);
+                    let _ = GenerateSpec {
+                        first_index: u64::MAX,
+                        canvas,
+                        ..GenerateSpec::default()
+                    }
+                    .job(bundle);
                 }
             }
         }
@@ -59,24 +72,22 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(extend) = parse_extend(text) {
                 // --outpaint-edge: the bundle's, a fuzzed (maybe huge) one, and a small one
                 for edge in [None, Some(extend[0]), Some(text.len() % 5)] {
-                    let _ = Job::outpaint(
-                        bundle,
-                        blank(),
-                        extend,
-                        0,
-                        &sampling,
-                        &Canvas::default(),
-                        true,
+                    let _ = OutpaintSpec {
                         edge,
-                        None,
-                    );
+                        ..OutpaintSpec::new(blank(), extend)
+                    }
+                    .job(bundle);
                 }
             }
         }
         3 => {
             if let Ok(rect) = parse_rect(text) {
                 if let Ok(mask) = rect_mask(rect, spec.width, spec.height) {
-                    let _ = Job::inpaint(bundle, blank(), mask, 0, &sampling, false);
+                    let _ = InpaintSpec {
+                        keep_input: false,
+                        ..InpaintSpec::new(blank(), mask)
+                    }
+                    .job(bundle);
                 }
             }
         }

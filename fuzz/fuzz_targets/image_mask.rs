@@ -32,6 +32,6 @@ fuzz_target!(|data: &[u8]| {
     let image = absorb::image::image_from_png(image_png, spec, "image");
     let mask = absorb::image::mask_from_png(mask_png, spec.width, spec.height, "mask");
     if let (Ok(image), Ok(mask)) = (image, mask) {
-        let _ = absorb::Job::inpaint(bundle, image, mask, 0, &absorb::Sampling::default(), true);
+        let _ = absorb::InpaintSpec::new(image, mask).job(bundle);
     }
 });

@@ -20,7 +20,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let bundle = common::digits();
-    if let Ok(job) = absorb::Job::from_metadata(bundle, "cpu", path, &meta) {
-        let _ = job.metadata(bundle, "cpu", 0, 1);
+    if let Ok(spec) = absorb::GenerateSpec::from_metadata(bundle, "cpu", path, &meta) {
+        if let Ok(job) = spec.job(bundle) {
+            let _ = job.metadata(bundle, "cpu", 0, 1);
+        }
     }
 });

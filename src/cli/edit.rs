@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 
 use absorb::image;
-use absorb::{job, Job};
+use absorb::{spec, InpaintSpec, OutpaintSpec};
 
 use super::args::{InpaintArgs, OutpaintArgs};
 use super::{load, load_grid, log_timings, model_dir, run_with_progress, seed_or_fresh, write_frames};
@@ -21,14 +21,13 @@ pub fn inpaint(a: InpaintArgs) -> Result<()> {
         (None, None) => bail!(absorb::Error::param(Param::Mask, "give --mask FILE or --rect x,y,w,h")),
     };
     let seed = seed_or_fresh(a.sampling.seed);
-    let job = Job::inpaint(
-        p.bundle(),
-        input,
-        mask,
+    let job = InpaintSpec {
         seed,
-        &a.sampling.sampling(p.bundle())?,
-        !a.decode_all,
-    )?;
+        sampling: a.sampling.sampling(p.bundle())?,
+        keep_input: !a.decode_all,
+        ..InpaintSpec::new(input, mask)
+    }
+    .job(p.bundle())?;
     eprintln!("seed {seed}");
     let masked = job.masked_tokens(p.bundle());
     let (made, took) = run_with_progress(&mut p, &job)?;
@@ -48,10 +47,10 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     // The manifest first: the grid (and TensorRT's decoder profile) depends on the image size.
     let (manifest, _) = absorb::bundle::read_manifest(&model_dir(&a.common))?;
     let spec = manifest.image.clone();
-    let token_px = [spec.height / manifest.tokens.height, spec.width / manifest.tokens.width];
+    let token_px = manifest.token_pixels();
     let side = absorb::limits::MAX_GRID_SIDE;
     let input = image::load_image_any(&a.image, &spec, [side * token_px[1], side * token_px[0]])?;
-    let (grid, _) = job::outpaint_grid(
+    let (grid, _) = spec::outpaint_grid(
         [input.height, input.width],
         token_px,
         a.extend,
@@ -61,19 +60,17 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     let seed = seed_or_fresh(a.sampling.seed);
     let (width, height) = (input.width, input.height);
     let canvas = a.windows.canvas(Some(grid));
-    let mut job = Job::outpaint(
-        p.bundle(),
-        input,
-        a.extend,
+    let job = OutpaintSpec {
         seed,
-        &a.sampling.sampling(p.bundle())?,
-        &canvas,
-        !a.decode_all,
-        a.outpaint_edge,
-        None,
-    )?;
-    job.max_batch = a.max_batch;
-    job.frames = a.frames.frames.is_some();
+        sampling: a.sampling.sampling(p.bundle())?,
+        canvas,
+        keep_input: !a.decode_all,
+        edge: a.outpaint_edge,
+        frames: a.frames.frames.is_some(),
+        max_batch: a.max_batch,
+        ..OutpaintSpec::new(input, a.extend)
+    }
+    .job(p.bundle())?;
     eprintln!("seed {seed}");
     let masked = job.masked_tokens(p.bundle());
     let (made, took) = run_with_progress(&mut p, &job)?;
@@ -81,7 +78,7 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
     let pixels = made.pixels.first().context("outpainting made no image")?;
     let meta = job.metadata(p.bundle(), &p.provider().to_string(), 0, 1);
     image::write_png(&a.out, pixels, Some(&meta))?;
-    let windows = job.tiling.as_ref().map_or(1, |t| t.windows());
+    let windows = job.tiling().map_or(1, |t| t.windows());
     eprintln!(
         "extended {width}x{height} to {}x{} ({masked} tokens sampled, {windows} windows); wrote {}",
         pixels.width,

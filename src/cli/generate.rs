@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use absorb::image::{self, Metadata};
 use absorb::sampler::StepReport;
-use absorb::{job, Bundle, Job, Pipeline, Progress};
+use absorb::{Bundle, GenerateSpec, ImageId, Job, Pipeline, Progress};
 
 use super::args::GenerateArgs;
 use super::{load_grid, log_timings, progress, run_with_progress, seed_or_fresh, write_atomic, write_frames};
@@ -25,52 +25,51 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let dir_output = is_dir_output(&a.out)?;
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     let seeded = a.sampling.seed.is_some() || a.from.is_some();
-    let shard = absorb::batch::resolve_shard(a.shard, a.shards, dir_output, seeded, &env)?;
+    let shard = super::shard::resolve_shard(a.shard, a.shards, dir_output, seeded, &env)?;
     let max_grid = a.grid.or(a.size.map(|[w, h]| [h, w]));
     let mut p = load_grid(&a.common, a.max_batch, max_grid)?;
     let provider = p.provider().to_string();
-    let mut job = match &a.from {
-        Some(png) => Job::from_metadata(p.bundle(), &provider, png, &image::read_metadata(png)?)?,
-        None => {
-            if a.count == 0 {
-                bail!(absorb::Error::param(Param::Count, "0 images requested: use 1 or more"));
-            }
-            let grid = requested_grid(p.bundle(), a.grid, a.size)?;
-            let seed = seed_or_fresh(a.sampling.seed);
-            let canvas = a.windows.canvas(grid);
-            let mut job = Job::generate(
-                p.bundle(),
-                seed,
-                a.first_index,
-                a.count,
-                &a.sampling.sampling(p.bundle())?,
-                &canvas,
-                None,
-            )?;
-            if let Some(c) = a.columns {
-                job.set_columns(c)?;
-            }
-            job
-        }
+    let spec = match &a.from {
+        Some(png) => GenerateSpec::from_metadata(p.bundle(), &provider, png, &image::read_metadata(png)?)?,
+        None => GenerateSpec {
+            seed: seed_or_fresh(a.sampling.seed),
+            first_index: a.first_index,
+            count: a.count,
+            sampling: a.sampling.sampling(p.bundle())?,
+            canvas: a.windows.canvas(requested_grid(p.bundle(), a.grid, a.size)?),
+            columns: a.columns,
+            ..GenerateSpec::default()
+        },
     };
-    job.max_batch = a.max_batch;
-    job.frames = a.frames.frames.is_some();
+    let job = GenerateSpec {
+        max_batch: a.max_batch,
+        frames: a.frames.frames.is_some(),
+        ..spec
+    }
+    .job(p.bundle())?;
     eprintln!("seed {}", job.seed());
     if dir_output {
         return generate_dir(&mut p, &a, &job, shard);
     }
     job.check_sheet(p.bundle())?;
     let (made, sampled) = run_with_progress(&mut p, &job)?;
-    let count = job.images.len();
+    let count = job.images().len();
     if let Some(path) = &a.tokens_out {
-        write_tokens(p.bundle(), path, job.seed(), job.images[0].1, made.grid, &made.tokens)?;
+        write_tokens(
+            p.bundle(),
+            path,
+            job.seed(),
+            job.images()[0].index,
+            made.grid,
+            &made.tokens,
+        )?;
     }
     write_frames(&a.frames, &made)?;
     let meta = job.metadata(p.bundle(), &provider, 0, count);
     let img = if count == 1 {
         made.pixels[0].clone()
     } else {
-        image::grid(&made.pixels, job.columns)
+        image::grid(&made.pixels, job.columns())
     };
     image::write_png(&a.out, &img, Some(&meta))?;
     eprintln!("wrote {}", a.out.display());
@@ -100,8 +99,8 @@ fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize
     let Some([w, h]) = size else {
         return Ok(grid);
     };
-    let f = job::token_pixels(bundle);
-    let max = job::max_grid_side(bundle);
+    let f = bundle.manifest().token_pixels();
+    let max = bundle.manifest().max_grid_side();
     let (max_w, max_h) = (max[1] * f[1], max[0] * f[0]);
     if w > max_w || h > max_h {
         bail!(absorb::Error::param(
@@ -134,14 +133,14 @@ fn requested_grid(bundle: &Bundle, grid: Option<[usize; 2]>, size: Option<[usize
 /// `generate --out DIR/`: one shard (or all) of the job, resumable, with a manifest
 /// (`absorb::batch`); each PNG holds one image, made as the job's own would be.
 fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<absorb::batch::Shard>) -> Result<()> {
-    if job.frames {
+    if job.records_frames() {
         // A resumed run samples only the images it lacks: a preview of those would be partial.
         bail!(absorb::Error::param(
             Param::Frames,
             "previews go with a .png output, not a directory: make the preview in a run of its own"
         ));
     }
-    let (seed, first, count) = (job.seed(), job.images[0].1, job.images.len() as u64);
+    let (seed, first, count) = (job.seed(), job.images()[0].index, job.images().len() as u64);
     let shard = shard.unwrap_or(absorb::batch::Shard::WHOLE);
     let indices = shard.indices(first, count);
     if shard != absorb::batch::Shard::WHOLE {
@@ -153,7 +152,7 @@ fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<abs
         );
     }
     let grid = job.grid(p.bundle());
-    let f = job::token_pixels(p.bundle());
+    let f = p.bundle().manifest().token_pixels();
     let mut image = p.bundle().manifest().image.clone();
     (image.height, image.width) = (f[0] * grid[0], f[1] * grid[1]);
     let req = absorb::batch::Request {
@@ -162,7 +161,7 @@ fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<abs
         first,
         count,
         shard,
-        chunk: job.max_batch,
+        chunk: job.max_batch(),
         image: &image,
         make_kept: a.tokens_out.is_some(),
     };
@@ -177,10 +176,7 @@ fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<abs
     let mut tokens = Vec::new();
     let mut make = |indices: &[u64]| -> absorb::Result<Vec<image::Pixels>> {
         // Each image is the same whatever else is made with it.
-        let part = Job {
-            images: indices.iter().map(|&i| (seed, i)).collect(),
-            ..job.clone()
-        };
+        let part = job.with_images(indices.iter().map(|&index| ImageId { seed, index }).collect())?;
         let made = p.run(
             &part,
             &mut Progress::steps(&mut |r: &StepReport| bar.inc(r.revealed as u64)),
@@ -193,7 +189,7 @@ fn generate_dir(p: &mut Pipeline, a: &GenerateArgs, job: &Job, shard: Option<abs
     };
     let mut summary = absorb::batch::Summary::default();
     let start = Instant::now();
-    let result = absorb::batch::run(&req, &metadata, &mut make, &mut summary);
+    let result = absorb::batch::write(&req, &metadata, &mut make, &mut summary);
     bar.finish_and_clear();
     eprintln!("{}: {summary}", a.out.display());
     result.with_context(|| format!("writing shard {shard} into {}", a.out.display()))?;

@@ -7,6 +7,7 @@ pub mod args;
 pub mod edit;
 pub mod generate;
 pub mod serve;
+pub mod shard;
 pub mod tokens;
 pub mod tools;
 
@@ -122,7 +123,7 @@ pub fn write_frames(args: &FrameArgs, made: &absorb::Made) -> Result<()> {
     };
     let format = image::AnimationFormat::from_path(path, Param::Frames)?;
     let bytes = image::animation_bytes(frames, format, args.frame_ms, 1500)?;
-    image::write_atomic(path, &bytes)?;
+    write_atomic(path, &bytes)?;
     eprintln!("wrote {} ({} frames)", path.display(), frames.len());
     Ok(())
 }
@@ -146,5 +147,5 @@ pub fn check_out_dir(out: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically (temporary file, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    Ok(image::write_atomic(path, bytes)?)
+    Ok(absorb::atomic::write(path, bytes, absorb::atomic::Temp::FILE)?)
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use absorb::image;
-use absorb::{Job, Progress, Sampling};
+use absorb::{GenerateSpec, Progress, Sampling};
 
 use super::args::{BenchArgs, CheckVariantArgs, Common, EvalArgs, InfoArgs, WarmupArgs};
 use super::{load, load_grid, write_atomic};
@@ -97,8 +97,13 @@ pub fn warmup(a: WarmupArgs) -> Result<()> {
         };
         for batch in [1, a.max_batch] {
             let t = Instant::now();
-            let mut job = Job::generate(p.bundle(), 0, 0, batch, &sampling, &Default::default(), None)?;
-            job.max_batch = batch;
+            let job = GenerateSpec {
+                count: batch,
+                sampling,
+                max_batch: batch,
+                ..GenerateSpec::default()
+            }
+            .job(p.bundle())?;
             let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
             let spec = p.bundle().manifest().image.clone();
             p.encode(&image::to_tensor(&made.pixels[0], &spec))?;
@@ -135,7 +140,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         temperature: a.temperature,
         ..Sampling::default()
     };
-    let settings = sampling.settings(p.bundle(), absorb::job::token_space(p.bundle()).len)?;
+    let settings = sampling.settings(p.bundle(), p.bundle().manifest().token_space().len)?;
     let b = absorb::bench::BenchSettings {
         settings,
         count: a.count,
@@ -143,7 +148,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         runs: a.runs,
         seed: a.seed,
     };
-    let report = absorb::bench::run(&mut p, &b, load)?;
+    let report = absorb::bench::measure(&mut p, &b, load)?;
     let json = serde_json::to_string_pretty(&report)?;
     match a.json.as_deref() {
         Some(path) if path == Path::new("-") => println!("{json}"),
@@ -188,10 +193,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 sampler: Some(kind),
                 class: None,
             };
-            let mut job = Job::generate(p.bundle(), a.seed, 0, a.count, &sampling, &Default::default(), None)?;
-            job.max_batch = a.max_batch;
+            let job = GenerateSpec {
+                seed: a.seed,
+                count: a.count,
+                sampling,
+                max_batch: a.max_batch,
+                ..GenerateSpec::default()
+            }
+            .job(p.bundle())?;
             let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
-            let (settings, timings) = (job.settings, made.timings);
+            let (settings, timings) = (*job.settings(), made.timings);
             let spec = p.bundle().manifest().image.clone();
             let tensors: Vec<_> = made.pixels.iter().map(|px| image::to_tensor(px, &spec)).collect();
             let v = judge.judge(&tensors)?;

@@ -22,6 +22,7 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, GraphKind};
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::param::Param;
 
 pub use runtime::{
@@ -105,9 +106,7 @@ impl Graphs {
     pub fn load(bundle: &Bundle, runtime: &Runtime, config: &ProviderConfig) -> Result<Graphs> {
         // `auto` decides on the first graph; the others follow that choice.
         let mut provider = config.provider;
-        if config.max_batch == 0 {
-            return Err(Error::param(Param::MaxBatch, "0 is not allowed: use 1 or more"));
-        }
+        limits::check_range(Param::MaxBatch, config.max_batch, limits::MAX_BATCH)?;
         let m = bundle.manifest();
         let (c, h, w) = (m.image.channels, m.image.height, m.image.width);
         let (th, tw, k) = (m.tokens.height, m.tokens.width, m.tokens.codebook_size);
@@ -567,7 +566,7 @@ impl Auxiliary {
     }
 
     /// Runs the graph on `data` of `shape`; returns the output values and shape.
-    pub fn run(&mut self, data: &[f32], shape: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+    pub fn infer(&mut self, data: &[f32], shape: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
         let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(Error::ort("preparing the input"))?;
         let outputs = self
             .session

@@ -136,7 +136,7 @@ impl Settings {
     /// With a linear temperature schedule from `temperature` to `end`.
     pub fn with_temperature_end(self, end: Option<f32>) -> Result<Settings> {
         if let Some(e) = end {
-            check_temperature(Param::Temperature, e)?;
+            check_temperature(Param::TemperatureEnd, e)?;
         }
         Ok(Settings {
             temperature_end: end,

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::worker::Shared;
+use super::shared::Shared;
 
 /// Where the service is in its life; the connections and the handlers watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,9 +2,9 @@
 //! processes on the device. The only async code in the crate: `connections.rs` (the accept loop:
 //! header and idle timeouts, the connection cap, the drain), `requests.rs` (request bodies parsed
 //! and validated into [`crate::Job`]s, no I/O: the fuzz targets drive it), `routes.rs` (the
-//! handlers, answers and errors), `jobs.rs` (asynchronous jobs, their status and event streams),
+//! handlers, answers and errors), `tasks.rs` (asynchronous jobs, `/v1/jobs`: their status and event streams),
 //! `metrics.rs` (the Prometheus registry and the request middleware); and two parts that are not
-//! async: `worker.rs` (the one thread that owns the [`crate::Pipeline`], its queue and batching)
+//! async: `shared.rs` (the state the routes and the worker share: the queue, the bundle, the limits), `worker.rs` (the one thread that owns the [`crate::Pipeline`], taking work from the queue and batching it)
 //! and `systemd.rs` (readiness, watchdog and status notifications). This file starts them and
 //! stops them.
 //!
@@ -29,11 +29,12 @@
 //! goes to the log). It does not sample, decode images or write PNGs itself: that is the library's.
 
 mod connections;
-pub mod jobs;
 mod metrics;
 pub mod requests;
 mod routes;
+mod shared;
 mod systemd;
+pub mod tasks;
 mod worker;
 
 use std::net::SocketAddr;
@@ -46,7 +47,8 @@ use crate::graphs::{ProviderConfig, RuntimeOptions};
 use crate::param::Param;
 
 pub use routes::app;
-pub use worker::{Service, Shared};
+pub use shared::Shared;
+pub use worker::Service;
 
 /// Limits on what one request may ask for and on how much work may wait.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,6 +83,38 @@ pub struct Limits {
     pub max_jobs: usize,
     /// How long a finished asynchronous job's results are kept (seconds).
     pub job_keep_s: u64,
+}
+
+impl Limits {
+    /// Checks that every limit allows something: none may be 0.
+    pub fn check(&self) -> Result<()> {
+        let steps = self.max_steps.map_or(1, |s| s as u64);
+        for (param, value) in [
+            (Param::MaxQueue, self.max_queue as u64),
+            (Param::MaxBatch, self.max_batch as u64),
+            (Param::MaxCount, self.max_count as u64),
+            (Param::MaxBody, self.max_body_bytes as u64),
+            (Param::MaxSteps, steps),
+            (Param::MaxConnections, self.max_connections as u64),
+            (Param::HeaderTimeoutMs, self.header_timeout_ms),
+            (Param::BodyTimeoutMs, self.body_timeout_ms),
+            (Param::MaxJobs, self.max_jobs as u64),
+        ] {
+            if value == 0 {
+                return Err(Error::param(param, "0 is not allowed: use 1 or more"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The caps these put on one request's job.
+    pub fn caps(&self) -> crate::spec::Caps {
+        crate::spec::Caps {
+            max_count: self.max_count,
+            max_steps: self.max_steps,
+            max_grid: Some(self.max_grid),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -130,22 +164,7 @@ pub struct ServeOptions {
 /// worker has stopped.
 pub fn serve(options: ServeOptions) -> Result<()> {
     let limits = options.limits.clone();
-    if limits.max_queue == 0
-        || limits.max_batch == 0
-        || limits.max_count == 0
-        || limits.max_body_bytes == 0
-        || limits.max_steps == Some(0)
-        || limits.max_connections == 0
-        || limits.header_timeout_ms == 0
-        || limits.body_timeout_ms == 0
-        || limits.max_jobs == 0
-    {
-        return Err(Error::param(
-            Param::MaxQueue,
-            "--max-queue, --max-batch, --max-count, --max-steps, --max-body, --max-connections, \
-             --header-timeout-ms, --body-timeout-ms and --max-jobs must be 1 or more",
-        ));
-    }
+    limits.check()?;
     let notify = systemd::Notifier::from_env();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -223,4 +242,44 @@ async fn shutdown_signal(
         shared.limits.drain_timeout_ms
     );
     notify.stopping(&format!("draining {pending} requests"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_of_zero_is_refused_naming_its_flag() {
+        assert!(Limits::default().check().is_ok());
+        let zero_steps = Limits {
+            max_steps: Some(0),
+            ..Limits::default()
+        };
+        let e = zero_steps.check().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Param {
+                    param: Param::MaxSteps,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let no_cap = Limits {
+            max_steps: None,
+            ..Limits::default()
+        };
+        assert!(no_cap.check().is_ok(), "no step cap is allowed");
+        let e = Limits {
+            body_timeout_ms: 0,
+            ..Limits::default()
+        }
+        .check()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid body_timeout_ms: 0 is not allowed: use 1 or more"
+        );
+    }
 }

@@ -10,8 +10,10 @@ use super::Limits;
 use crate::error::{Error, Result};
 use crate::image::{self, AnimationFormat};
 use crate::job::{self, Canvas, Job, Sampling};
+use crate::limits;
 use crate::param::Param;
 use crate::sampler::SamplerKind;
+use crate::spec::{self, Caps, GenerateSpec, InpaintSpec, OutpaintSpec};
 use crate::{Bundle, DecodeMode};
 
 /// `POST /v1/generate`. An empty body means all defaults.
@@ -105,8 +107,8 @@ pub enum Route {
 #[derive(Debug)]
 pub struct Parsed {
     pending: Pending,
-    /// The animation asked for, if any.
-    pub frames: Option<AnimationFormat>,
+    /// The animation of the reverse process asked for, if any.
+    pub animation: Option<AnimationFormat>,
     /// True when the answer names the grid (a larger grid, an outpainting or a preview).
     pub canvas: bool,
 }
@@ -121,12 +123,14 @@ enum Region {
 #[derive(Debug)]
 enum Pending {
     Ready(Job),
+    /// An edit's fields but its image, which is decoded off the async threads.
     Inpaint {
         image: Vec<u8>,
         region: Region,
         seed: u64,
         sampling: Sampling,
-        keep: bool,
+        keep_input: bool,
+        caps: Caps,
     },
     Outpaint {
         image: Vec<u8>,
@@ -134,9 +138,11 @@ enum Pending {
         seed: u64,
         sampling: Sampling,
         canvas: Canvas,
-        keep: bool,
+        keep_input: bool,
         edge: Option<usize>,
-        max_grid: usize,
+        frames: bool,
+        max_batch: usize,
+        caps: Caps,
     },
 }
 
@@ -165,15 +171,23 @@ impl Parsed {
                 region,
                 seed,
                 sampling,
-                keep,
+                keep_input,
+                caps,
             } => {
                 let (w, h) = (spec.width, spec.height);
-                let image = image::image_from_png(&image, spec, "image")?;
                 let mask = match region {
                     Region::Mask(m) => image::mask_from_png(&m, w, h, "mask")?,
                     Region::Rect(rect) => image::rect_mask(rect, w, h)?,
                 };
-                Job::inpaint(bundle, image, mask, seed, &sampling, keep)
+                InpaintSpec {
+                    image: image::image_from_png(&image, spec, "image")?,
+                    mask,
+                    seed,
+                    sampling,
+                    keep_input,
+                    caps,
+                }
+                .job(bundle)
             }
             Pending::Outpaint {
                 image,
@@ -181,24 +195,27 @@ impl Parsed {
                 seed,
                 sampling,
                 canvas,
-                keep,
+                keep_input,
                 edge,
-                max_grid,
+                frames,
+                max_batch,
+                caps,
             } => {
-                let f = job::token_pixels(bundle);
-                let max = [max_grid * f[1], max_grid * f[0]];
-                let image = image::image_any_from_png(&image, spec, "image", max)?;
-                Job::outpaint(
-                    bundle,
-                    image,
+                let f = bundle.manifest().token_pixels();
+                let side = caps.max_grid.unwrap_or(limits::MAX_GRID_SIDE);
+                OutpaintSpec {
+                    image: image::image_any_from_png(&image, spec, "image", [side * f[1], side * f[0]])?,
                     extend,
                     seed,
-                    &sampling,
-                    &canvas,
-                    keep,
+                    sampling,
+                    canvas,
+                    keep_input,
                     edge,
-                    Some(max_grid),
-                )
+                    frames,
+                    max_batch,
+                    caps,
+                }
+                .job(bundle)
             }
         }
     }
@@ -219,14 +236,7 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     } else {
         parse_json(body)?
     };
-    let count = req.count.unwrap_or(1);
-    if count == 0 || count > limits.max_count {
-        return Err(Error::param(
-            Param::Count,
-            format!("{count} images requested: must be 1..={}", limits.max_count),
-        ));
-    }
-    let trained = job::trained_grid(bundle);
+    let trained = bundle.manifest().grid();
     let canvas = req.grid.is_some_and(|g| g != trained) || req.frames.is_some();
     if !canvas && (req.stride.is_some() || req.window_margin.is_some() || req.decode.is_some()) {
         return Err(Error::param(
@@ -234,27 +244,33 @@ fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             "stride, window_margin and decode apply to a grid larger than the bundle's: give \"grid\"",
         ));
     }
-    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
-    let seed = req.seed.unwrap_or_else(crate::fresh_seed);
-    let canvas_of = Canvas {
-        grid: req.grid,
-        stride: req.stride,
-        window_margin: req.window_margin,
-        decode: req.decode.unwrap_or_default(),
+    let spec = GenerateSpec {
+        seed: req.seed.unwrap_or_else(crate::fresh_seed),
+        count: req.count.unwrap_or(1),
+        sampling: sampling_of!(req, bundle),
+        canvas: Canvas {
+            grid: req.grid,
+            stride: req.stride,
+            window_margin: req.window_margin,
+            decode: req.decode.unwrap_or_default(),
+        },
+        frames: req.frames.is_some(),
+        max_batch: limits.max_batch,
+        caps: limits.caps(),
+        ..GenerateSpec::default()
     };
-    let mut job = Job::generate(bundle, seed, 0, count, &sampling, &canvas_of, Some(limits.max_grid))?;
-    job.frames = req.frames.is_some();
     Ok(Parsed {
-        pending: Pending::Ready(job),
-        frames: req.frames,
+        pending: Pending::Ready(spec.job(bundle)?),
+        animation: req.frames,
         canvas,
     })
 }
 
 fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: InpaintRequest = parse_json(body)?;
-    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
-    sampling.settings(bundle, job::token_space(bundle).len)?;
+    let sampling = sampling_of!(req, bundle);
+    // The sampler fields are checked before any image is decoded.
+    spec::check_sampling(bundle, &sampling, &limits.caps())?;
     let image = base64_field(&req.image, Param::Image)?;
     let region = match (&req.mask, req.rect) {
         (Some(m), None) => Region::Mask(base64_field(m, Param::Mask)?),
@@ -272,9 +288,10 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             region,
             seed: req.seed.unwrap_or_else(crate::fresh_seed),
             sampling,
-            keep: !req.decode_all,
+            keep_input: !req.decode_all,
+            caps: limits.caps(),
         },
-        frames: None,
+        animation: None,
         canvas: false,
     })
 }
@@ -282,7 +299,8 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
 fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: OutpaintRequest = parse_json(body)?;
     let image = base64_field(&req.image, Param::Image)?;
-    let sampling = within_steps(bundle, limits, sampling_of!(req, bundle))?;
+    let sampling = sampling_of!(req, bundle);
+    spec::check_sampling(bundle, &sampling, &limits.caps())?;
     let e = &req.extend;
     Ok(Parsed {
         pending: Pending::Outpaint {
@@ -296,11 +314,13 @@ fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
                 window_margin: req.window_margin,
                 decode: req.decode.unwrap_or_default(),
             },
-            keep: !req.decode_all,
+            keep_input: !req.decode_all,
             edge: req.outpaint_edge,
-            max_grid: limits.max_grid,
+            frames: req.frames.is_some(),
+            max_batch: limits.max_batch,
+            caps: limits.caps(),
         },
-        frames: req.frames,
+        animation: req.frames,
         canvas: true,
     })
 }
@@ -343,18 +363,6 @@ fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option
         }
     };
     job::class_index(bundle, &text).map(Some)
-}
-
-/// A request's sampler fields, within the service's step cap.
-fn within_steps(bundle: &Bundle, limits: &Limits, sampling: Sampling) -> Result<Sampling> {
-    let want = sampling.steps.unwrap_or(bundle.manifest().sampling.steps);
-    if let Some(max) = limits.max_steps.filter(|&m| want > m) {
-        return Err(Error::param(
-            Param::Steps,
-            format!("{want} is above this service's limit of {max}"),
-        ));
-    }
-    Ok(sampling)
 }
 
 /// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).

@@ -18,10 +18,10 @@ use tokio::sync::oneshot;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use super::connections::Phase;
-use super::jobs;
 use super::metrics::{self, track, RequestId};
 use super::requests::{self, Route};
-use super::worker::{self, Answer, Refused, Shared, Work};
+use super::shared::{self, Answer, Refused, Shared, Work};
+use super::tasks;
 use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
 use crate::job::Job;
@@ -76,8 +76,8 @@ async fn submit(
     body: Body,
     route: Route,
 ) -> Result<Response, AppError> {
-    let (job, frames, canvas) = prepare(&s, &headers, body, route).await?;
-    answer(&s, id, job, frames, canvas).await
+    let (job, animation, canvas) = prepare(&s, &headers, body, route).await?;
+    answer(&s, id, job, animation, canvas).await
 }
 
 /// The body read, parsed and checked ([`requests::parse`]), its images decoded off the async
@@ -93,14 +93,14 @@ async fn prepare(
     if route == Route::Generate && s.test_panic.handler == Some(parsed.seed()) {
         panic!("injected by ABSORB_TEST_PANIC (handler:{})", parsed.seed());
     }
-    let (frames, canvas) = (parsed.frames, parsed.canvas);
+    let (animation, canvas) = (parsed.animation, parsed.canvas);
     let job = if parsed.decodes_images() {
         let shared = s.clone();
         decode_off_thread(s, move || parsed.into_job(&shared.bundle)).await?
     } else {
         parsed.into_job(&s.bundle)?
     };
-    Ok((job, frames, canvas))
+    Ok((job, animation, canvas))
 }
 
 async fn generate(
@@ -157,8 +157,8 @@ async fn create_job(
             .into())
         }
     };
-    let (job, frames, _) = prepare(&s, &headers, body, route).await?;
-    let Some((job_id, entry)) = s.jobs.create(&s, route, job.seed(), job.settings.steps) else {
+    let (job, animation, _) = prepare(&s, &headers, body, route).await?;
+    let Some((job_id, entry)) = s.tasks.create(&s, route, job.seed(), job.settings().steps) else {
         return Err(AppError::Busy {
             retry_after_s: s.metrics.retry_after_s(),
         });
@@ -168,15 +168,15 @@ async fn create_job(
     let queued = s.submit(Work {
         id: id.0,
         job,
-        frames,
+        animation,
         reply,
         progress: Some(entry.clone()),
     });
     if let Err(r) = queued {
-        s.jobs.discard(job_id);
+        s.tasks.discard(job_id);
         return Err(refused(r));
     }
-    jobs::wait(s.clone(), job_id, entry.clone(), rx);
+    tasks::wait(s.clone(), job_id, entry.clone(), rx);
     let mut json = serde_json::to_value(entry.status()).unwrap_or_default();
     json["position"] = position.into();
     json["events"] = format!("/v1/jobs/{job_id}/events").into();
@@ -187,10 +187,10 @@ async fn create_job(
     Ok(r)
 }
 
-impl From<jobs::Missing> for AppError {
-    fn from(m: jobs::Missing) -> Self {
+impl From<tasks::Missing> for AppError {
+    fn from(m: tasks::Missing) -> Self {
         AppError::NoJob {
-            gone: matches!(m, jobs::Missing::Gone),
+            gone: matches!(m, tasks::Missing::Gone),
         }
     }
 }
@@ -200,12 +200,12 @@ fn job_id(id: &str) -> Result<u64, AppError> {
     id.parse::<u64>().map_err(|_| AppError::NoJob { gone: false })
 }
 
-fn job_entry(s: &Shared, id: &str) -> Result<Arc<jobs::Entry>, AppError> {
-    Ok(s.jobs.get(s, job_id(id)?)?)
+fn job_entry(s: &Shared, id: &str) -> Result<Arc<tasks::Entry>, AppError> {
+    Ok(s.tasks.get(s, job_id(id)?)?)
 }
 
 /// A job's status as JSON: state, progress, and once done its images' URLs.
-fn status_json(st: &jobs::Status) -> serde_json::Value {
+fn status_json(st: &tasks::Status) -> serde_json::Value {
     let mut json = serde_json::to_value(st).unwrap_or_default();
     if let Some(a) = &st.answer {
         json["images"] = (0..a.pngs.len())
@@ -224,7 +224,7 @@ async fn job_status(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Res
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job (it stops before its next
 /// transformer call); a finished one is dropped. Answers the status it had.
 async fn delete_job(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, AppError> {
-    let status = s.jobs.delete(&s, job_id(&id)?)?;
+    let status = s.tasks.delete(&s, job_id(&id)?)?;
     Ok(json_response(StatusCode::OK, &status_json(&status)))
 }
 
@@ -258,16 +258,16 @@ async fn job_events(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Res
         pngs.iter().map(|p| b64.encode(p)).collect()
     };
     // The state: the receiver (none once the job has finished) and the preview last sent.
-    let start: (Option<_>, Option<Arc<jobs::Preview>>) = (Some(rx), None);
+    let start: (Option<_>, Option<Arc<tasks::Preview>>) = (Some(rx), None);
     let stream = futures_util::stream::unfold(start, move |(rx, sent)| async move {
         let mut rx = rx?;
         rx.changed().await.ok()?;
         let st = rx.borrow_and_update().clone();
         let mut json = status_json(&st);
         let name = match st.state {
-            jobs::State::Done => "done",
-            jobs::State::Failed => "failed",
-            jobs::State::Cancelled => "cancelled",
+            tasks::State::Done => "done",
+            tasks::State::Failed => "failed",
+            tasks::State::Cancelled => "cancelled",
             _ => "status",
         };
         if let Some(a) = &st.answer {
@@ -327,23 +327,21 @@ async fn answer(
     s: &Shared,
     id: RequestId,
     job: Job,
-    frames: Option<AnimationFormat>,
+    animation: Option<AnimationFormat>,
     canvas: bool,
 ) -> Result<Response, AppError> {
     let (reply, rx) = oneshot::channel();
-    let (seed, settings, grid) = (job.seed(), job.settings, job.grid(&s.bundle));
+    let (seed, settings, grid) = (job.seed(), *job.settings(), job.grid(&s.bundle));
     s.submit(Work {
         id: id.0,
         job,
-        frames,
+        animation,
         reply,
         progress: None,
     })
     .map_err(refused)?;
-    let Answer {
-        mut pngs,
-        frames: animation,
-    } = wait(s, rx).await?;
+    let format = animation;
+    let Answer { mut pngs, animation } = wait(s, rx).await?;
     if pngs.len() == 1 && animation.is_none() {
         return Ok(png_response(pngs.remove(0), seed, &settings));
     }
@@ -362,7 +360,7 @@ async fn answer(
         json["grid"] = serde_json::json!(grid);
     }
     json["images"] = pngs.iter().map(|p| b64.encode(p)).collect();
-    if let (Some(format), Some(bytes)) = (frames, animation) {
+    if let (Some(format), Some(bytes)) = (format, animation) {
         json["frames"] = serde_json::Value::String(b64.encode(bytes));
         json["frames_format"] = serde_json::Value::String(format.name().into());
     }
@@ -374,7 +372,7 @@ async fn answer(
 async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answer, AppError> {
     let mut phase = s.phase.subscribe();
     let answer = tokio::select! {
-        answer = tokio::time::timeout(worker::timeout(&s.limits), rx) => answer,
+        answer = tokio::time::timeout(shared::timeout(&s.limits), rx) => answer,
         _ = phase.wait_for(|p| *p == Phase::Expired) => {
             s.metrics.drain_expired.inc();
             return Err(AppError::ShuttingDown { drain_ms: s.limits.drain_timeout_ms });
@@ -408,7 +406,7 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let (queued, running) = s.jobs.unfinished();
+    let (queued, running) = s.tasks.unfinished();
     s.metrics.jobs_queued.set(queued as i64);
     s.metrics.jobs_running.set(running as i64);
     (

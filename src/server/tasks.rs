@@ -1,4 +1,6 @@
-//! Asynchronous jobs: `POST /v1/jobs?type=generate|inpaint|outpaint` takes the body of the
+//! Asynchronous jobs, called *tasks* in the code (so that "job" keeps one meaning, a
+//! [`crate::Job`]: what to make; the API and the metrics say jobs).
+//! `POST /v1/jobs?type=generate|inpaint|outpaint` takes the body of the
 //! synchronous route and answers 202 with the job's id at once; `GET /v1/jobs/{id}` gives its
 //! state and results, `GET /v1/jobs/{id}/events` streams its progress (Server-Sent Events, one
 //! per transformer call), `DELETE /v1/jobs/{id}` cancels it, queued or running.
@@ -18,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::requests::Route;
-use super::worker::{self, Answer, Shared};
+use super::shared::{self, Answer, Shared};
 use crate::error::Result;
 use crate::sampler::StepReport;
 
@@ -144,7 +146,7 @@ impl Entry {
 }
 
 /// The jobs the service holds.
-pub struct Jobs {
+pub struct Tasks {
     store: Mutex<Store>,
     next_id: AtomicU64,
 }
@@ -165,10 +167,10 @@ pub enum Missing {
     Gone,
 }
 
-impl Jobs {
+impl Tasks {
     /// An empty store.
-    pub fn new() -> Jobs {
-        Jobs {
+    pub fn new() -> Tasks {
+        Tasks {
             store: Mutex::new(Store::default()),
             next_id: AtomicU64::new(1),
         }
@@ -281,9 +283,9 @@ impl Jobs {
     }
 }
 
-impl Default for Jobs {
+impl Default for Tasks {
     fn default() -> Self {
-        Jobs::new()
+        Tasks::new()
     }
 }
 
@@ -305,7 +307,7 @@ pub fn wait(shared: Arc<Shared>, id: u64, entry: Arc<Entry>, rx: oneshot::Receiv
     tokio::spawn(async move {
         let m = &shared.metrics;
         let outcome = tokio::select! {
-            r = tokio::time::timeout(worker::timeout(&shared.limits), rx) => match r {
+            r = tokio::time::timeout(shared::timeout(&shared.limits), rx) => match r {
                 Ok(Ok(Ok(answer))) => Ok(answer),
                 Ok(Ok(Err(e))) => {
                     log::error!("job {id} failed: {e:#}");
@@ -333,6 +335,6 @@ pub fn wait(shared: Arc<Shared>, id: u64, entry: Arc<Entry>, rx: oneshot::Receiv
                 s.error = Some(why);
             }
         });
-        shared.jobs.finish(id);
+        shared.tasks.finish(id);
     });
 }

@@ -1,5 +1,5 @@
-//! The worker: the one thread that owns the [`Pipeline`] (its sessions need `&mut`), the
-//! bounded queue it takes jobs from, and the state the routes share with it.
+//! The worker: the one thread that owns the [`Pipeline`] (its sessions need `&mut`) and takes
+//! jobs from the bounded queue (`shared.rs` holds the queue and the state the routes share).
 //!
 //! Jobs of one batch's worth of images from all-masked grids with equal settings are run
 //! together (one [`Job`] of several seeds: shared transformer calls); everything else runs
@@ -7,198 +7,19 @@
 //! calls once every client merged into it has gone.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
+use std::time::Instant;
 
 use super::metrics::Metrics;
-use super::{Limits, ServeOptions};
-use crate::bundle::Bundle;
+use super::shared::{Answer, Item, Queued, Shared, Work};
+use super::ServeOptions;
 use crate::error::{Error, Result};
-use crate::image::{self, AnimationFormat, Pixels};
-use crate::job::{Job, Start};
+use crate::image::{self, Pixels};
+use crate::job::Job;
+use crate::spec::GenerateSpec;
 use crate::{Pipeline, PreviewSink, Progress};
-
-/// What a job's client gets: one PNG per image, then the animation when asked for.
-#[derive(Debug)]
-pub struct Answer {
-    /// PNG bytes per image, each with its own metadata.
-    pub pngs: Vec<Vec<u8>>,
-    /// The preview animation.
-    pub frames: Option<Vec<u8>>,
-}
-
-/// Where a job's answer (or its error) goes.
-pub type Reply = oneshot::Sender<Result<Answer>>;
-
-/// A job and how to answer it.
-pub struct Work {
-    /// The request's id (logs, `x-request-id`).
-    pub id: u64,
-    /// What to make.
-    pub job: Job,
-    /// The preview's format when the job records frames.
-    pub frames: Option<AnimationFormat>,
-    /// Where the answer goes.
-    pub reply: Reply,
-    /// An asynchronous job's entry, told when the job starts and after every transformer call.
-    pub progress: Option<Arc<super::jobs::Entry>>,
-}
-
-impl Work {
-    /// Runs with others of equal settings: images from all-masked grids of the bundle's size,
-    /// no preview, nobody watching its progress (merged jobs share their transformer calls).
-    fn batchable(&self) -> bool {
-        matches!(self.job.start, Start::Masked)
-            && self.job.tiling.is_none()
-            && !self.job.frames
-            && self.progress.is_none()
-    }
-}
-
-enum Item {
-    Work(Box<Work>),
-    Stop,
-}
-
-struct Queued {
-    item: Item,
-    accepted: Instant,
-}
-
-/// State shared by the handlers and the worker.
-pub struct Shared {
-    queue: SyncSender<Queued>,
-    /// Request and queue limits.
-    pub limits: Limits,
-    /// The bundle (its manifest validates requests without the pipeline).
-    pub bundle: Bundle,
-    /// The provider the graphs run on, as recorded in PNG metadata.
-    pub provider: String,
-    /// `/v1/model`'s answer.
-    pub model_info: serde_json::Value,
-    /// False once the worker thread has ended.
-    pub worker_alive: AtomicBool,
-    /// Serving, draining after SIGTERM, or past the drain deadline (see `connections.rs`).
-    pub phase: tokio::sync::watch::Sender<super::connections::Phase>,
-    /// `/metrics`.
-    pub metrics: Metrics,
-    /// Request ids handed out so far.
-    requests: AtomicU64,
-    /// Decoding of request images: at most this many at once, off the async threads.
-    pub decode_slots: tokio::sync::Semaphore,
-    /// Test-only fault injection (`ABSORB_TEST_PANIC`, see [`TestPanic`]).
-    pub test_panic: TestPanic,
-    /// Asynchronous jobs (`/v1/jobs`).
-    pub jobs: super::jobs::Jobs,
-}
-
-/// Requests to fail on purpose, for the tests of panic handling: `ABSORB_TEST_PANIC=worker:S`
-/// makes the worker panic on a job of seed S, `handler:S` makes the generate handler panic on a
-/// request of seed S (both may be given, comma-separated). Unset in production: nothing panics.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TestPanic {
-    /// Seed whose job panics in the worker.
-    pub worker: Option<u64>,
-    /// Seed whose request panics in its handler.
-    pub handler: Option<u64>,
-}
-
-impl TestPanic {
-    fn from_env() -> TestPanic {
-        let mut t = TestPanic::default();
-        let Ok(spec) = std::env::var("ABSORB_TEST_PANIC") else {
-            return t;
-        };
-        for part in spec.split(',') {
-            match part.split_once(':').map(|(k, v)| (k.trim(), v.trim().parse::<u64>())) {
-                Some(("worker", Ok(seed))) => t.worker = Some(seed),
-                Some(("handler", Ok(seed))) => t.handler = Some(seed),
-                _ => log::warn!("ABSORB_TEST_PANIC: ignoring {part:?} (worker:SEED or handler:SEED)"),
-            }
-        }
-        log::warn!("fault injection on: {t:?}");
-        t
-    }
-}
-
-impl Shared {
-    fn new(p: &Pipeline, queue: SyncSender<Queued>, limits: Limits) -> Shared {
-        let rt = p.runtime();
-        let model_info = serde_json::json!({
-            "bundle": {
-                "dir": p.bundle().dir(),
-                "sha256": p.bundle().sha256(),
-                "manifest": p.bundle().manifest(),
-            },
-            "provider": p.provider(),
-            "onnxruntime": {
-                "library": rt.library(),
-                "version": rt.library().version,
-                "threads": rt.threads(),
-            },
-            "cpu": crate::cpu::detect(),
-            "absorb": crate::VERSION,
-        });
-        Shared {
-            queue,
-            metrics: Metrics::new(limits.max_queue),
-            limits,
-            bundle: p.bundle().clone(),
-            provider: p.provider().to_string(),
-            model_info,
-            worker_alive: AtomicBool::new(true),
-            phase: tokio::sync::watch::Sender::new(super::connections::Phase::Serving),
-            requests: AtomicU64::new(0),
-            decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
-            test_panic: TestPanic::from_env(),
-            jobs: super::jobs::Jobs::new(),
-        }
-    }
-
-    /// A new request id.
-    pub fn next_request_id(&self) -> u64 {
-        self.requests.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Queues `work`, or says why not: the queue is full (429) or the worker has gone (503).
-    pub fn submit(&self, work: Work) -> std::result::Result<(), Refused> {
-        self.metrics.queue_depth.inc();
-        match self.queue.try_send(Queued {
-            item: Item::Work(Box::new(work)),
-            accepted: Instant::now(),
-        }) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.metrics.queue_depth.dec();
-                Err(match e {
-                    TrySendError::Full(_) => Refused::Busy {
-                        retry_after_s: self.metrics.retry_after_s(),
-                    },
-                    TrySendError::Disconnected(_) => Refused::WorkerGone,
-                })
-            }
-        }
-    }
-}
-
-/// Request images decoded at once: each is bounded by its declared size, and two keep both
-/// cores busy without letting a burst of uploads hold more memory.
-const DECODE_SLOTS: usize = 2;
-
-/// Why [`Shared::submit`] did not queue a job.
-pub enum Refused {
-    /// The queue is full.
-    Busy {
-        /// Seconds to wait.
-        retry_after_s: u64,
-    },
-    /// The worker thread has ended.
-    WorkerGone,
-}
 
 /// A loaded, warmed-up pipeline on its worker thread, and the state the routes share.
 pub struct Service {
@@ -210,7 +31,7 @@ impl Service {
     /// Loads the bundle and warms it up on a new thread, which then serves the queue. Returns
     /// once it is ready, or with the load error.
     pub fn start(options: &ServeOptions) -> Result<Service> {
-        let (queue, jobs) = mpsc::sync_channel::<Queued>(options.limits.max_queue);
+        let (sender, queue) = mpsc::sync_channel::<Queued>(options.limits.max_queue);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<Shared>>>();
         let options = options.clone();
         let handle = std::thread::Builder::new()
@@ -233,10 +54,10 @@ impl Service {
                         return;
                     }
                 };
-                let shared = Arc::new(Shared::new(&p, queue, options.limits.clone()));
+                let shared = Arc::new(Shared::new(&p, sender, options.limits.clone()));
                 let _alive = AliveGuard(shared.clone());
                 let _ = ready_tx.send(Ok(shared.clone()));
-                work(&mut p, &jobs, &shared);
+                work(&mut p, &queue, &shared);
             })
             .map_err(Error::os("starting the worker thread"))?;
         match ready_rx.recv() {
@@ -278,21 +99,24 @@ impl Drop for AliveGuard {
 /// for lazy initialisation (and a TensorRT engine build happens while systemd still waits).
 fn warm_up(p: &mut Pipeline) -> Result<()> {
     let start = Instant::now();
-    let mut job = Job::generate(p.bundle(), 0, 0, 1, &Default::default(), &Default::default(), None)?;
-    job.max_batch = 1;
+    let job = GenerateSpec {
+        max_batch: 1,
+        ..GenerateSpec::default()
+    }
+    .job(p.bundle())?;
     p.run(&job, &mut Progress::steps(&mut |_| {}))?;
     log::info!("warm-up generation took {:.0?}", start.elapsed());
     Ok(())
 }
 
-fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
+fn work(p: &mut Pipeline, queue: &Receiver<Queued>, shared: &Shared) {
     let m = &shared.metrics;
     let max_batch = shared.limits.max_batch;
     // A job taken from the queue while gathering a batch that it could not join: it runs next,
     // before anything newer, so the order stays first come, first served.
     let mut held: Option<Queued> = None;
     loop {
-        let Some(q) = held.take().or_else(|| jobs.recv().ok()) else {
+        let Some(q) = held.take().or_else(|| queue.recv().ok()) else {
             break;
         };
         m.queue_depth.dec();
@@ -306,11 +130,11 @@ fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
         let start = Instant::now();
         let waited = start.duration_since(q.accepted);
         let mut batch = vec![*first];
-        if batch[0].batchable() && batch[0].job.images.len() <= max_batch {
-            held = gather(&mut batch, jobs, max_batch, m);
+        if batch[0].batchable() && batch[0].job.images().len() <= max_batch {
+            held = gather(&mut batch, queue, max_batch, m);
         }
         let answered = batch.len();
-        let images = run(p, batch, shared);
+        let images = execute(p, batch, shared);
         let busy = start.elapsed();
         m.worked(answered, busy);
         log::debug!("{answered} jobs: first waited {waited:.1?}, ran {busy:.1?}, {images} images");
@@ -319,24 +143,24 @@ fn work(p: &mut Pipeline, jobs: &Receiver<Queued>, shared: &Shared) {
 
 /// Moves queued batchable jobs with the same settings into `batch` while all their images fit
 /// in one transformer batch. Returns the first job that cannot join, which must run next.
-fn gather(batch: &mut Vec<Work>, jobs: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
-    let (settings, class) = (batch[0].job.settings, batch[0].job.class);
-    let mut images: usize = batch[0].job.images.len();
+fn gather(batch: &mut Vec<Work>, queue: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
+    let (settings, class) = (*batch[0].job.settings(), batch[0].job.class());
+    let mut images: usize = batch[0].job.images().len();
     while images < max_batch {
-        let q = jobs.try_recv().ok()?;
+        let q = queue.try_recv().ok()?;
         match q.item {
             Item::Work(w)
                 if w.batchable()
-                    && w.job.settings == settings
-                    && w.job.class == class
-                    && images + w.job.images.len() <= max_batch =>
+                    && *w.job.settings() == settings
+                    && w.job.class() == class
+                    && images + w.job.images().len() <= max_batch =>
             {
                 m.queue_depth.dec();
                 if w.reply.is_closed() {
                     m.skipped.inc();
                     continue;
                 }
-                images += w.job.images.len();
+                images += w.job.images().len();
                 batch.push(*w);
             }
             item => {
@@ -353,36 +177,34 @@ fn gather(batch: &mut Vec<Work>, jobs: &Receiver<Queued>, max_batch: usize, m: &
 /// Runs `batch` (one job, or batchable jobs with equal settings merged into one) and answers
 /// each. Returns the images made. A panic while making them is caught: every job of the batch
 /// is answered with an error (500), logged with their request ids, and the worker goes on.
-fn run(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
+fn execute(p: &mut Pipeline, batch: Vec<Work>, shared: &Shared) -> usize {
     let m = &shared.metrics;
-    let mut job = batch[0].job.clone();
-    job.images = batch.iter().flat_map(|w| w.job.images.iter().copied()).collect();
-    job.max_batch = shared.limits.max_batch;
-    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(p, &job, &batch, shared))).unwrap_or_else(
-        |panic| {
-            let what = crate::error::panic_message(panic.as_ref());
-            let ids: Vec<u64> = batch.iter().map(|w| w.id).collect();
-            log::error!("requests {ids:?}: the worker panicked ({what}); answering 500 and going on");
-            m.panics.inc();
-            Err(Error::Panicked {
-                during: format!("the worker ran requests {ids:?}"),
-                message: what,
-            })
-        },
-    );
+    let steps = batch[0].job.settings().steps;
+    let images = batch.iter().flat_map(|w| w.job.images().iter().copied()).collect();
+    let merged = || make(p, &batch[0].job.with_images(images)?, &batch, shared);
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(merged)).unwrap_or_else(|panic| {
+        let what = crate::error::panic_message(panic.as_ref());
+        let ids: Vec<u64> = batch.iter().map(|w| w.id).collect();
+        log::error!("requests {ids:?}: the worker panicked ({what}); answering 500 and going on");
+        m.panics.inc();
+        Err(Error::Panicked {
+            during: format!("the worker ran requests {ids:?}"),
+            message: what,
+        })
+    });
     match made {
-        Ok((pngs, frames)) => {
+        Ok((pngs, animation)) => {
             let images = pngs.len();
             m.images.inc_by(images as u64);
-            m.steps.inc_by((images * job.settings.steps) as u64);
+            m.steps.inc_by((images * steps) as u64);
             let mut pngs = pngs.into_iter();
-            let mut frames = frames;
+            let mut animation = animation;
             // Metrics first, so a client that reads /metrics after its answer sees its images. A
             // client that has gone meanwhile just does not get it.
             for w in batch {
                 let answer = Answer {
-                    pngs: pngs.by_ref().take(w.job.images.len()).collect(),
-                    frames: frames.take(),
+                    pngs: pngs.by_ref().take(w.job.images().len()).collect(),
+                    animation: animation.take(),
                 };
                 let _ = w.reply.send(Ok(answer));
             }
@@ -421,7 +243,7 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
             .iter()
             .all(|w| w.reply.is_closed() || w.progress.as_ref().is_some_and(|e| e.is_cancelled()))
     };
-    let watched: Vec<&super::jobs::Entry> = batch.iter().filter_map(|w| w.progress.as_deref()).collect();
+    let watched: Vec<&super::tasks::Entry> = batch.iter().filter_map(|w| w.progress.as_deref()).collect();
     watched.iter().for_each(|e| e.running());
     let mut previews = Previews {
         watched: &watched,
@@ -441,19 +263,19 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
         .enumerate()
         .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(&shared.bundle, &shared.provider, k, 1))))
         .collect::<Result<Vec<_>>>()?;
-    let frames = match (&made.frames, batch[0].frames) {
+    let animation = match (&made.frames, batch[0].animation) {
         (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
         _ => None,
     };
     let m = &shared.metrics;
     m.transformer_calls.inc_by(made.timings.transformer_calls as u64);
     m.preview_s.inc_by(made.timings.preview.as_secs_f64());
-    Ok((pngs, frames))
+    Ok((pngs, animation))
 }
 
 /// Live previews of asynchronous jobs, while an event stream follows one of them.
 struct Previews<'a> {
-    watched: &'a [&'a super::jobs::Entry],
+    watched: &'a [&'a super::tasks::Entry],
     shared: &'a Shared,
 }
 
@@ -471,13 +293,8 @@ impl PreviewSink for Previews<'_> {
             Ok(pngs) => pngs,
             Err(e) => return log::warn!("a preview could not be encoded: {e:#}"),
         };
-        let preview = Arc::new(super::jobs::Preview { step, first, pngs });
+        let preview = Arc::new(super::tasks::Preview { step, first, pngs });
         self.watched.iter().for_each(|e| e.preview(preview.clone()));
         self.shared.metrics.previews.inc();
     }
-}
-
-/// How long a reply may take: see [`Limits::timeout_ms`].
-pub fn timeout(limits: &Limits) -> Duration {
-    Duration::from_millis(limits.timeout_ms)
 }

@@ -75,6 +75,12 @@ try {
   const manifest = JSON.parse(readFileSync(join(model, "model.json"), "utf8"));
   check(JSON.stringify(classes) === JSON.stringify(["", ...(manifest.classes || [])]) && (await page.isVisible("#class")) === !!manifest.classes,
     `the class menu lists the bundle's classes (${classes.length - 1})`);
+  // The sampler menu lists the samplers this build has (from /v1/model), the bundle's chosen.
+  const samplers = await page.$$eval("#sampler option", (os) => os.map((o) => o.value));
+  const served = (await (await fetch(base + "/v1/model")).json()).samplers.map((s) => s.name);
+  check(samplers.length >= 3 && JSON.stringify(samplers) === JSON.stringify(served) &&
+    (await page.inputValue("#sampler")) === (manifest.sampling.sampler || served[0]),
+    `the sampler menu lists the build's samplers (${samplers.join(", ")}), the bundle's selected`);
 
   // 1. Generate, watching the reverse process.
   await page.fill("#seed", "5"); await page.fill("#count", "3"); await page.fill("#steps", "5"); await page.fill("#temp", "0.9");

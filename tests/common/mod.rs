@@ -70,7 +70,7 @@ pub fn classify(p: &Pipeline, images: &[Tensor]) -> Vec<(f32, usize)> {
     let t = &images[0];
     let data: Vec<f32> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
     let (logits, shape) = c
-        .run(&data, &[images.len(), t.channels, t.height, t.width])
+        .infer(&data, &[images.len(), t.channels, t.height, t.width])
         .expect("classify");
     let classes = shape[1];
     logits
