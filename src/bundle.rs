@@ -489,6 +489,7 @@ impl Manifest {
     pub fn token_space(&self) -> crate::sampler::TokenSpace {
         crate::sampler::TokenSpace {
             len: self.tokens.len(),
+            width: self.tokens.width,
             codebook_size: self.tokens.codebook_size,
             mask_id: self.tokens.mask_id,
         }

@@ -119,11 +119,12 @@ impl Sampling {
         }
     }
 
-    /// Validated settings for sampling a grid of `len` tokens of `bundle`.
-    pub fn settings(&self, bundle: &Bundle, len: usize) -> Result<Settings> {
+    /// Validated settings for sampling a token grid `[h, w]` of `bundle`.
+    pub fn settings(&self, bundle: &Bundle, grid: [usize; 2]) -> Result<Settings> {
         let d = &bundle.manifest().sampling;
         let space = crate::sampler::TokenSpace {
-            len,
+            len: grid[0] * grid[1],
+            width: grid[1],
             ..bundle.manifest().token_space()
         };
         // A request's own temperature replaces the bundle's whole schedule.
@@ -340,7 +341,7 @@ impl Job {
     pub fn decode(bundle: &Bundle, grid: [usize; 2], grids: Vec<Vec<i64>>) -> Result<Job> {
         check_decode_grid(bundle, grid)?;
         check_grids(&grids, grid, bundle.manifest().tokens.codebook_size, None)?;
-        let settings = Sampling::default().settings(bundle, bundle.manifest().tokens.len())?;
+        let settings = Sampling::default().settings(bundle, bundle.manifest().grid())?;
         let canvas = Canvas {
             grid: Some(grid),
             decode: DecodeMode::Whole,

@@ -16,7 +16,7 @@
 //! ```
 //! use absorb::sampler::{self, Chain, Settings, TokenSpace};
 //!
-//! let space = TokenSpace { len: 16, codebook_size: 8, mask_id: 8 };
+//! let space = TokenSpace { len: 16, width: 4, codebook_size: 8, mask_id: 8 };
 //! let settings = Settings::new(4, 1.0, &space)?;
 //! let mut chains = vec![Chain::masked(&space, &settings, 42, 0)?];
 //! // one class per row (a class-conditional bundle's; `sampler::NO_CLASS` here)

@@ -146,6 +146,7 @@ impl Pipeline {
         let mut snapshots: Vec<Vec<Vec<i64>>> = Vec::new();
         let space = TokenSpace {
             len: grid[0] * grid[1],
+            width: grid[1],
             ..self.bundle.manifest().token_space()
         };
         // (1) + (2): images whose windows fill about max_batch rows per step go together.

@@ -118,7 +118,7 @@ impl GenerateSpec {
                     index: self.first_index + i,
                 })
                 .collect(),
-            settings: self.sampling.settings(bundle, grid[0] * grid[1])?,
+            settings: self.sampling.settings(bundle, grid)?,
             class: self.sampling.class(bundle)?,
             tiling,
             decode: self.canvas.decode,
@@ -354,7 +354,7 @@ impl OutpaintSpec {
         };
         let tiling = tiling(bundle, &canvas, grid, self.caps.max_grid)?;
         self.caps.check_steps(bundle, &self.sampling)?;
-        let settings = self.sampling.settings(bundle, grid[0] * grid[1])?;
+        let settings = self.sampling.settings(bundle, grid)?;
         let class = self.sampling.class(bundle)?;
         let start = Start::Outpaint {
             image: self.image,
@@ -421,7 +421,7 @@ impl FillSpec {
         let tiling = tiling(bundle, &self.canvas, grid, self.caps.max_grid)?;
         check_grids(&self.grids, grid, m.tokens.codebook_size, Some(m.tokens.mask_id))?;
         self.caps.check_steps(bundle, &self.sampling)?;
-        let settings = self.sampling.settings(bundle, grid[0] * grid[1])?;
+        let settings = self.sampling.settings(bundle, grid)?;
         let images = (0..count as u64)
             .map(|index| ImageId { seed: self.seed, index })
             .collect();
@@ -443,7 +443,7 @@ impl FillSpec {
 /// caps: what every edit checks before its images are decoded.
 pub fn check_sampling(bundle: &Bundle, sampling: &Sampling, caps: &Caps) -> Result<Settings> {
     caps.check_steps(bundle, sampling)?;
-    sampling.settings(bundle, bundle.manifest().tokens.len())
+    sampling.settings(bundle, bundle.manifest().grid())
 }
 
 /// Windows of the bundle's grid over `grid`; stride and margin default to the bundle's

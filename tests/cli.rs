@@ -1011,6 +1011,22 @@ fn golden_bytes_of_every_kind_of_output() {
             ],
         ),
         (
+            "halton",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--count",
+                "2",
+                "--steps",
+                "6",
+                "--sampler",
+                "halton",
+                "-o",
+                "halton.png",
+            ],
+        ),
+        (
             "inpaint",
             &[
                 "inpaint",

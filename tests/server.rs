@@ -879,6 +879,11 @@ fn golden_bytes_of_every_kind_of_answer() {
             r#"{"seed": 3, "steps": 8, "sampler": "even"}"#.into(),
         ),
         (
+            "halton",
+            "/v1/generate",
+            r#"{"seed": 3, "count": 2, "steps": 6, "sampler": "halton"}"#.into(),
+        ),
+        (
             "inpaint",
             "/v1/inpaint",
             format!(r#"{{"image": "{digit}", "rect": [8, 8, 16, 16], "seed": 5}}"#),
@@ -917,7 +922,7 @@ fn golden_bytes_of_every_kind_of_answer() {
             got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
         }
     }
-    assert_eq!(got.len(), 7 + 4 + 3, "{got:?}"); // single PNGs, the grid's 4, the preview's 2 + frames
+    assert_eq!(got.len(), 7 + 4 + 2 + 3, "{got:?}"); // single PNGs, the grid's 4, halton's 2, the preview's 2 + frames
     common::check_golden("server", &got);
 }
 

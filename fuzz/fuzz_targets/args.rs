@@ -98,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
                     temperature_end: end,
                     ..Sampling::default()
                 };
-                let _ = sampling.settings(bundle, 64);
+                let _ = sampling.settings(bundle, [8, 8]);
             }
         }
         _ => {

@@ -140,7 +140,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         temperature: a.temperature,
         ..Sampling::default()
     };
-    let settings = sampling.settings(p.bundle(), p.bundle().manifest().token_space().len)?;
+    let settings = sampling.settings(p.bundle(), p.bundle().manifest().grid())?;
     let b = absorb::bench::BenchSettings {
         settings,
         count: a.count,

@@ -88,7 +88,7 @@ impl Chain {
             .filter(|&p| tokens[p] == space.mask_id)
             .map(|p| p as u32)
             .collect();
-        let mut plan = settings.sampler.rule().plan(&masked, settings.steps, &mut rng);
+        let mut plan = settings.sampler.rule().plan(&masked, space, settings.steps, &mut rng);
         plan.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let (plan_t, plan_pos) = plan.into_iter().unzip();
         let initial_masked = masked.len();

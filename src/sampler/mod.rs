@@ -70,6 +70,8 @@ use crate::error::{Error, Result};
 pub struct TokenSpace {
     /// L, positions per image (row-major grid).
     pub len: usize,
+    /// Columns of the grid: position `p` is row `p / width`, column `p % width`.
+    pub width: usize,
     /// K, the number of codes; the denoiser returns K logits per position.
     pub codebook_size: usize,
     /// The absorbing (masked) state, outside `0..K`.
@@ -167,6 +169,7 @@ pub(crate) mod tests {
 
     pub(crate) const SPACE: TokenSpace = TokenSpace {
         len: 16,
+        width: 4,
         codebook_size: 8,
         mask_id: 8,
     };
@@ -309,7 +312,11 @@ pub(crate) mod tests {
         }
         // Every window of a larger grid is fed its chain's class.
         let t = Tiling::new([4, 8], [4, 4], [2, 2], [0, 0]).unwrap();
-        let big = TokenSpace { len: 32, ..SPACE };
+        let big = TokenSpace {
+            len: 32,
+            width: 8,
+            ..SPACE
+        };
         let s = Settings::new(4, 1.0, &big).unwrap();
         let mut chains: Vec<Chain> = classes
             .iter()

@@ -20,11 +20,18 @@ pub enum SamplerKind {
     Even,
     /// Confidence-based: sample every masked position, keep the most confident, cosine schedule.
     Maskgit,
+    /// Positions in a 2-D Halton order, spread over the image; arccos count per step.
+    Halton,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order help texts list them.
-    pub const ALL: &'static [SamplerKind] = &[SamplerKind::Absorbing, SamplerKind::Even, SamplerKind::Maskgit];
+    pub const ALL: &'static [SamplerKind] = &[
+        SamplerKind::Absorbing,
+        SamplerKind::Even,
+        SamplerKind::Maskgit,
+        SamplerKind::Halton,
+    ];
 
     /// The name used on the command line, in JSON and in PNG metadata.
     pub fn name(self) -> &'static str {
@@ -52,6 +59,7 @@ impl SamplerKind {
             SamplerKind::Absorbing => &rule::absorbing::Absorbing,
             SamplerKind::Even => &rule::even::Even,
             SamplerKind::Maskgit => &rule::maskgit::Maskgit,
+            SamplerKind::Halton => &rule::halton::Halton,
         }
     }
 }
@@ -186,7 +194,7 @@ mod tests {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.name()), "serde spells it as name()");
         }
-        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit");
+        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit, halton");
     }
 
     #[test]

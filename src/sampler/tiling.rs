@@ -371,6 +371,7 @@ mod tests {
     ) -> (Vec<Vec<i64>>, RunStats) {
         let big = TokenSpace {
             len: grid[0] * grid[1],
+            width: grid[1],
             ..SPACE
         };
         let s = Settings::new(steps, 1.0, &big).unwrap().with_sampler(kind);
@@ -410,7 +411,11 @@ mod tests {
         // The denoiser puts all mass on the code a row's first token names. Column 1 is voted by
         // window 0 only; column 3 by windows 0 and 1: half its draws are 1 and half 2.
         let t = Tiling::new([4, 8], WINDOW, [2, 2], [0, 0]).unwrap();
-        let big = TokenSpace { len: 32, ..SPACE };
+        let big = TokenSpace {
+            len: 32,
+            width: 8,
+            ..SPACE
+        };
         let named = |tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
             let rows = classes.len();
             out.clear();
@@ -443,10 +448,15 @@ mod tests {
         // The trained grid 16x16 (paper size) at S = 256, 1x2 wide, the default windows.
         let space = TokenSpace {
             len: 256,
+            width: 16,
             codebook_size: 4,
             mask_id: 4,
         };
-        let wide = TokenSpace { len: 512, ..space };
+        let wide = TokenSpace {
+            len: 512,
+            width: 32,
+            ..space
+        };
         let zeros = |_: &[i64], classes: &[i64], out: &mut Vec<f32>| -> Result<()> {
             out.clear();
             out.resize(classes.len() * 256 * 4, 0.0);

@@ -6,6 +6,7 @@
 use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
 
+use super::super::TokenSpace;
 use super::Rule;
 
 /// The paper's rule.
@@ -20,7 +21,7 @@ impl Rule for Absorbing {
         "the paper's rule: each masked position revealed at step t with probability 1/t"
     }
 
-    fn plan(&self, masked: &[u32], steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
+    fn plan(&self, masked: &[u32], _: &TokenSpace, steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
         let steps = steps as u128;
         masked
             .iter()
@@ -112,6 +113,7 @@ mod tests {
         let (l, steps, runs) = (16usize, 5usize, 4000u64);
         let space = TokenSpace {
             len: l,
+            width: 4,
             codebook_size: 2,
             mask_id: 2,
         };

@@ -5,6 +5,7 @@
 use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
 
+use super::super::TokenSpace;
 use super::Rule;
 
 /// Exactly the expected count per step.
@@ -19,7 +20,7 @@ impl Rule for Even {
         "exactly the expected number of reveals per step, in a seeded random order"
     }
 
-    fn plan(&self, masked: &[u32], steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
+    fn plan(&self, masked: &[u32], _: &TokenSpace, steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
         let steps = steps as u64;
         let mut order = masked.to_vec();
         for i in (1..order.len()).rev() {

@@ -10,6 +10,7 @@ use rand_core::RngCore;
 
 use super::super::chain::Chain;
 use super::super::draw::draw;
+use super::super::TokenSpace;
 use super::{Rule, Step};
 
 /// Gumbel-noise scale of the MaskGIT sampler at its first step (MaskGIT's default choice
@@ -28,7 +29,7 @@ impl Rule for Maskgit {
         "confidence-based: sample every masked position, keep the most confident, cosine schedule"
     }
 
-    fn plan(&self, _: &[u32], _: usize, _: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
+    fn plan(&self, _: &[u32], _: &TokenSpace, _: usize, _: &mut ChaCha20Rng) -> Vec<(u32, u32)> {
         Vec::new() // chosen while sampling, by confidence
     }
 

@@ -15,10 +15,11 @@ use rand_chacha::ChaCha20Rng;
 
 use super::chain::Chain;
 use super::draw::draw;
-use super::Settings;
+use super::{Settings, TokenSpace};
 
 pub(crate) mod absorbing;
 pub(crate) mod even;
+pub(crate) mod halton;
 pub(crate) mod maskgit;
 
 /// The step being executed, as a rule sees it.
@@ -60,9 +61,10 @@ pub(crate) trait Rule: Sync {
     /// One line for help texts.
     fn help(&self) -> &'static str;
 
-    /// `(t, position)` for every position of `masked` (raster order) whose reveal step is fixed
-    /// before sampling, drawn from `rng`; empty when the rule chooses while sampling.
-    fn plan(&self, masked: &[u32], steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)>;
+    /// `(t, position)` for every position of `masked` (raster order, positions of `space`'s grid)
+    /// whose reveal step is fixed before sampling, drawn from `rng`; empty when the rule chooses
+    /// while sampling.
+    fn plan(&self, masked: &[u32], space: &TokenSpace, steps: usize, rng: &mut ChaCha20Rng) -> Vec<(u32, u32)>;
 
     /// The positions of `chain` that step `t` draws, in raster order.
     fn sampled<'c>(&self, chain: &'c Chain, t: u32) -> &'c [u32] {
