@@ -204,12 +204,6 @@ pub fn check_decode_grid(bundle: &Bundle, grid: [usize; 2]) -> Result<()> {
         .map_err(|e| Error::Tokens(format!("the grid (height x width): {e}")))
 }
 
-/// Checks that every token of `grids` (of size `grid`) is one of the `k` codes: what the decoder
-/// can decode.
-pub fn check_codes(grids: &[Vec<i64>], grid: [usize; 2], k: usize) -> Result<()> {
-    check_grids(grids, grid, k, None)
-}
-
 /// Checks that each of `grids` has `grid`'s size and holds codes `0..k`, or the mask id `mask`
 /// where one is given (positions to sample).
 pub fn check_grids(grids: &[Vec<i64>], grid: [usize; 2], k: usize, mask: Option<i64>) -> Result<()> {

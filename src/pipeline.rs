@@ -485,7 +485,7 @@ impl Pipeline {
                 )));
             }
         }
-        job::check_codes(grids, grid, k)?;
+        job::check_grids(grids, grid, k, None)?;
         let start = Instant::now();
         let channels = self.bundle.manifest().image.channels;
         let mut out = Vec::with_capacity(grids.len());

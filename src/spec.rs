@@ -105,7 +105,7 @@ impl GenerateSpec {
         let max_batch = limits::check_range(Param::MaxBatch, self.max_batch, limits::MAX_BATCH)?;
         let grid = self.canvas.grid.unwrap_or(bundle.manifest().grid());
         let tiling = tiling(bundle, &self.canvas, grid, self.caps.max_grid)?;
-        self.caps.check_steps(bundle, &self.sampling)?;
+        let settings = check_sampling(bundle, &self.sampling, &self.caps, grid)?;
         let columns = match self.columns {
             Some(c) => limits::check_range(Param::Columns, c, count)?,
             None => image::grid_columns(count),
@@ -118,7 +118,7 @@ impl GenerateSpec {
                     index: self.first_index + i,
                 })
                 .collect(),
-            settings: self.sampling.settings(bundle, grid)?,
+            settings,
             class: self.sampling.class(bundle)?,
             tiling,
             decode: self.canvas.decode,
@@ -263,7 +263,7 @@ impl InpaintSpec {
 
     /// The job, every field checked against `bundle` and the caps.
     pub fn job(self, bundle: &Bundle) -> Result<Job> {
-        let settings = check_sampling(bundle, &self.sampling, &self.caps)?;
+        let settings = check_sampling(bundle, &self.sampling, &self.caps, bundle.manifest().grid())?;
         let grid = bundle.manifest().grid();
         let token_mask = image::pool_mask(&self.mask, grid);
         if !token_mask.iter().any(|&m| m) {
@@ -353,8 +353,7 @@ impl OutpaintSpec {
             ..self.canvas
         };
         let tiling = tiling(bundle, &canvas, grid, self.caps.max_grid)?;
-        self.caps.check_steps(bundle, &self.sampling)?;
-        let settings = self.sampling.settings(bundle, grid)?;
+        let settings = check_sampling(bundle, &self.sampling, &self.caps, grid)?;
         let class = self.sampling.class(bundle)?;
         let start = Start::Outpaint {
             image: self.image,
@@ -420,8 +419,7 @@ impl FillSpec {
         let grid = self.canvas.grid.unwrap_or(m.grid());
         let tiling = tiling(bundle, &self.canvas, grid, self.caps.max_grid)?;
         check_grids(&self.grids, grid, m.tokens.codebook_size, Some(m.tokens.mask_id))?;
-        self.caps.check_steps(bundle, &self.sampling)?;
-        let settings = self.sampling.settings(bundle, grid)?;
+        let settings = check_sampling(bundle, &self.sampling, &self.caps, grid)?;
         let images = (0..count as u64)
             .map(|index| ImageId { seed: self.seed, index })
             .collect();
@@ -439,11 +437,12 @@ impl FillSpec {
     }
 }
 
-/// The settings a request's sampler fields resolve to on the bundle's own grid, within the
-/// caps: what every edit checks before its images are decoded.
-pub fn check_sampling(bundle: &Bundle, sampling: &Sampling, caps: &Caps) -> Result<Settings> {
+/// The settings a request's sampler fields resolve to on a token `grid`, within the caps: every
+/// spec's one sampler check (the service runs it on the bundle's grid before an edit's images
+/// are decoded).
+pub fn check_sampling(bundle: &Bundle, sampling: &Sampling, caps: &Caps, grid: [usize; 2]) -> Result<Settings> {
     caps.check_steps(bundle, sampling)?;
-    sampling.settings(bundle, bundle.manifest().grid())
+    sampling.settings(bundle, grid)
 }
 
 /// Windows of the bundle's grid over `grid`; stride and margin default to the bundle's

@@ -270,7 +270,7 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: InpaintRequest = parse_json(body)?;
     let sampling = sampling_of!(req, bundle);
     // The sampler fields are checked before any image is decoded.
-    spec::check_sampling(bundle, &sampling, &limits.caps())?;
+    spec::check_sampling(bundle, &sampling, &limits.caps(), bundle.manifest().grid())?;
     let image = base64_field(&req.image, Param::Image)?;
     let region = match (&req.mask, req.rect) {
         (Some(m), None) => Region::Mask(base64_field(m, Param::Mask)?),
@@ -300,7 +300,7 @@ fn outpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
     let req: OutpaintRequest = parse_json(body)?;
     let image = base64_field(&req.image, Param::Image)?;
     let sampling = sampling_of!(req, bundle);
-    spec::check_sampling(bundle, &sampling, &limits.caps())?;
+    spec::check_sampling(bundle, &sampling, &limits.caps(), bundle.manifest().grid())?;
     let e = &req.extend;
     Ok(Parsed {
         pending: Pending::Outpaint {
