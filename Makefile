@@ -267,6 +267,15 @@ soak: ort build
 bench-paper-256:
 	$(MAKE) bench-paper PAPER_STEPS=256 PAPER_COUNT=1 PAPER_REPS=1 PAPER_THREADS=2
 
+# Train models/emoji (issue 40): hours on a 2-core CPU, so it checkpoints inside every stage and
+# goes on where it stopped (the same bytes as a run that never stopped). EMOJI_MINUTES=N stops it at a
+# checkpoint after N minutes of training; run the target again to go on. Run nothing heavy alongside.
+EMOJI_MINUTES ?= 0
+.PHONY: train-emoji
+train-emoji: venv ort build
+	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) \
+	  $(PY) -m export train-emoji --out models/emoji --resume --minutes $(EMOJI_MINUTES)
+
 # The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle); the scenes
 # bundle's wide images and one held-out crop of each source outpainted (the split is fixed).
 SCENE_CROPS := 004_brick 003_grass 002_gravel 000_hubble_deep_field

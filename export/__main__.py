@@ -18,6 +18,7 @@ COMMANDS = {
     "emoji-data": "export.emoji",  # 64x64 Noto and Twemoji images for issue 40, from npm
     "train": "export.images",  # train a bundle on a folder of images
     "train-digits": "export.train",  # train the small digits model and write models/digits
+    "train-emoji": "export.emoji_train",  # train the emoji bundle (issue 40), resumable across sessions
     "variants": "export.variants",  # int8 / fp16 transformer variants of a bundle
     "reference": "export.reference",  # the paper's sampler in torch and onnxruntime vs absorb bench
 }

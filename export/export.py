@@ -418,7 +418,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
     assert top_p is None or 0 < top_p <= 1, f"top_p {top_p} must be in (0, 1]"
-    assert sampler in (None, "absorbing", "even", "maskgit"), f"sampler {sampler!r} is not one absorb has"
+    assert sampler in (None, "absorbing", "even", "maskgit", "halton"), f"sampler {sampler!r} is not one absorb has"
     assert not outpaint_edge or 0 < 2 * outpaint_edge < vq.token_size, f"outpaint_edge {outpaint_edge} out of range"
     if pc.n_classes and (classes is None or len(classes) != pc.n_classes):
         raise ExportError(f"a prior of {pc.n_classes} classes needs their {pc.n_classes} names (classes=)")

@@ -61,6 +61,9 @@ class Config:
     ae_batch: int = 32
     ae_lr: float = 2e-3
     dead_code_every: int = 50  # re-init codes unused over that many iterations from encoder outputs
+    # "random" (the module's init) or "data": the codebook starts as random encoder outputs of a first
+    # batch of 64 images (a codebook of 512 x 64 otherwise collapsed to a handful of codes at once)
+    codebook_init: str = "random"
     denoise_iters: int = 300  # then the decoder alone learns to decode grids with some random tokens
     token_noise: float = 0.2  # ... up to this fraction of tokens replaced by random codes
     # stage 2: absorbing prior
@@ -185,6 +188,94 @@ def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine down to lr/10
 
 
+class Paused(Exception):
+    """A long run stopped at a checkpoint (asked to, or out of its time budget): --resume goes on."""
+
+
+class Progress:
+    """Checkpoints inside the stages of a long run (train-emoji: hours, across sessions).
+
+    Every `every` iterations of a stage's loop, and at once when asked to stop (SIGINT, SIGTERM, the
+    time budget), the loop's whole state goes to one file: weights, optimiser, the CPU generator,
+    the iteration and the seconds spent. Finished stages stay in it (`done`). A run started from the
+    file continues where it stopped with the same ops on the same state: the same bytes as a run
+    that never stopped (test_train.py checks it). `config`: the settings the file must match."""
+
+    def __init__(self, path: Path, config: dict, every: int = 100, budget_s: float = 0.0, resume: bool = False):
+        self.path, self.config, self.every = Path(path), config, every
+        self.deadline = time.time() + budget_s if budget_s > 0 else None
+        self.stop_asked = False
+        self.saved = {"config": config, "done": {}, "current": None}
+        if resume:
+            try:
+                saved = torch.load(self.path, weights_only=False)
+            except FileNotFoundError:
+                saved = None  # nothing to resume: start
+            except Exception as e:  # truncated, not ours: say which file and why
+                raise ValueError(f"--resume: cannot read {self.path} ({type(e).__name__}: {e})") from None
+            if saved is not None:
+                differ = settings_differ(saved["config"], config)
+                if differ:
+                    raise ValueError(f"--resume: {self.path} was trained with other settings ({', '.join(differ)})")
+                self.saved = saved
+
+    def watch_signals(self):
+        """SIGINT and SIGTERM: save at the end of the current iteration, then stop (Paused)."""
+        import signal
+
+        def ask(signum, frame):
+            print(f"signal {signum}: saving at the end of this iteration")
+            self.stop_asked = True
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, ask)
+
+    def done(self, stage: str):
+        """A finished stage's saved state, or None."""
+        return self.saved["done"].get(stage)
+
+    def current(self, stage: str):
+        """The saved state of `stage` part way, or None."""
+        cur = self.saved["current"]
+        return cur if cur is not None and cur["stage"] == stage else None
+
+    def _write(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(self.saved, tmp)
+        os.replace(tmp, self.path)
+
+    def step(self, stage: str, it: int, state):
+        """After iteration `it` (1-based count done) of `stage`: save every `every` and when asked to
+        stop; `state()` builds the dict to save. Raises Paused after saving a stop."""
+        stop = self.stop_asked or (self.deadline is not None and time.time() >= self.deadline)
+        if it % self.every and not stop:
+            return
+        # the global generator too: dropout draws from it
+        self.saved["current"] = {"stage": stage, "it": it, "rng": torch.get_rng_state(), **state()}
+        self._write()
+        if stop:
+            raise Paused(f"stopped in stage {stage} after iteration {it}; saved to {self.path}")
+
+    def finish(self, stage: str, state: dict):
+        self.saved["done"][stage] = state
+        self.saved["current"] = None
+        self._write()
+
+
+def resumed(progress, stage: str, gen: torch.Generator, modules: dict):
+    """(first iteration, seconds already spent): from `progress`'s state of `stage` part way (its
+    modules, optimisers and generator loaded), else (0, 0.0)."""
+    cur = progress.current(stage) if progress is not None else None
+    if cur is None:
+        return 0, 0.0
+    for k, m in modules.items():
+        m.load_state_dict(cur[k])
+    gen.set_state(cur["gen"])
+    torch.set_rng_state(cur["rng"])
+    print(f"{stage}: resumed after iteration {cur['it']} ({cur['seconds']:.0f} s spent)")
+    return cur["it"], cur["seconds"]
+
+
 # ---------------------------------------------------------------------------------------------
 # stage 1: VQ autoencoder
 
@@ -223,14 +314,26 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device = CPU) -> Autoencoder:
-    """draw(n, gen) -> a training batch (n, C, S, S) in [0, 1]. Trains on `dev`, returns on the CPU."""
+def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device = CPU,
+                      progress: Progress | None = None) -> Autoencoder:
+    """draw(n, gen) -> a training batch (n, C, S, S) in [0, 1]. Trains on `dev`, returns on the CPU.
+    progress: checkpoints inside the loop (and the state to resume from)."""
     ae = Autoencoder(cfg.vq).to(dev)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9))
     K = cfg.codebook_size
     used = torch.zeros(K, dtype=torch.bool, device=dev)
-    t0 = time.time()
-    for it in range(cfg.ae_iters):
+    if cfg.codebook_init == "data":
+        with torch.no_grad():
+            z = ae.encode(draw(64, gen).to(dev)).permute(0, 2, 3, 1).reshape(-1, cfg.emb_dim)
+            pick = torch.randperm(len(z), generator=gen)[:K]
+            ae.quantize.embedding.weight.copy_(z[pick.to(dev)])
+    elif cfg.codebook_init != "random":
+        raise ValueError(f"codebook_init is {cfg.codebook_init!r}, must be random or data")
+    start, spent = resumed(progress, "autoencoder", gen, {"ae": ae, "opt": opt})
+    if start:
+        used.copy_(progress.current("autoencoder")["used"])
+    t0 = time.time() - spent
+    for it in range(start, cfg.ae_iters):
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.ae_iters, cfg.ae_lr, cfg.ae_iters // 20 + 1)
         x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
@@ -253,17 +356,23 @@ def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device
             psnr = -10 * math.log10(F.mse_loss(x_rec.clamp(0, 1), x).item() + 1e-12)
             print(f"ae {it:5d} loss {loss.item():.4f} vq {vq_loss.item():.4f} psnr {psnr:.1f} dB "
                   f"{time.time() - t0:.0f}s")
+        if progress is not None:
+            progress.step("autoencoder", it + 1, lambda: {"ae": ae.state_dict(), "opt": opt.state_dict(),
+                                                          "gen": gen.get_state(), "used": used.clone(),
+                                                          "seconds": time.time() - t0})
     return ae.cpu().eval()
 
 
-def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, dev: torch.device = CPU) -> Autoencoder:
+def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, dev: torch.device = CPU,
+                     progress: Progress | None = None) -> Autoencoder:
     """Decoder only (encoder and codebook fixed): decode token grids in which a random fraction, up to
     cfg.token_noise, is replaced by random codes, to the clean image; sampled grids have such slips.
-    Trains on `dev`, returns on the CPU."""
+    Trains on `dev`, returns on the CPU. progress: as in train_autoencoder."""
     ae = ae.to(dev)
     opt = torch.optim.Adam(ae.generator.parameters(), lr=cfg.ae_lr / 4, betas=(0.5, 0.9))
-    K, t0 = cfg.codebook_size, time.time()
-    for it in range(cfg.denoise_iters):
+    start, spent = resumed(progress, "decoder", gen, {"ae": ae, "opt": opt})
+    K, t0 = cfg.codebook_size, time.time() - spent
+    for it in range(start, cfg.denoise_iters):
         x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
         with torch.no_grad():
             tokens = ae.quantize_tokens(ae.encode(x)).cpu()  # (B, h, w)
@@ -277,6 +386,9 @@ def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, d
         opt.step()
         if it % 100 == 0 or it == cfg.denoise_iters - 1:
             print(f"decoder {it:5d} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if progress is not None:
+            progress.step("decoder", it + 1, lambda: {"ae": ae.state_dict(), "opt": opt.state_dict(),
+                                                      "gen": gen.get_state(), "seconds": time.time() - t0})
     return ae.cpu().eval()
 
 
@@ -328,15 +440,16 @@ def bf16_matmul_in_hardware() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def overrides(sets: list[str]) -> dict:
-    """`--set KEY=VALUE` flags -> Config fields: VALUE is JSON (a number, a list), or a bare string for
-    a string field. Raises ValueError naming the flag."""
-    fields, out = Config.__dataclass_fields__, {}
+def overrides(sets: list[str], cls=None) -> dict:
+    """`--set KEY=VALUE` flags -> fields of Config (or the dataclass `cls`): VALUE is JSON (a number,
+    a list, true), or a bare string for a string field. Raises ValueError naming the flag."""
+    cls = cls or Config
+    fields, out = cls.__dataclass_fields__, {}
     for kv in sets:
         k, _, v = kv.partition("=")
         if k not in fields:
-            raise ValueError(f"--set {kv}: no setting {k!r} in train.Config")
-        default = getattr(Config(), k)
+            raise ValueError(f"--set {kv}: no setting {k!r} in {cls.__module__.split('.')[-1]}.{cls.__name__}")
+        default = getattr(cls(), k)
         try:
             out[k] = v if isinstance(default, str) else type(default)(json.loads(v))
         except (TypeError, ValueError) as e:
@@ -361,11 +474,12 @@ def use_bf16(cfg, dev: torch.device = None) -> bool:
 
 
 def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=None,
-                dev: torch.device = CPU, labels=None, held_labels=None) -> Transformer:
+                dev: torch.device = CPU, labels=None, held_labels=None,
+                progress: Progress | None = None) -> Transformer:
     """tokens: (N, L) int64. token_aug: optional fn(batch_tokens, gen) -> batch_tokens. held: optional
     (M, L) held-out tokens whose loss (EMA weights) is printed with the training loss. labels (N,) and
     held_labels (M,): the classes, for a conditional prior (cfg.conditional). Trains on `dev`,
-    returns the EMA weights on the CPU."""
+    returns the EMA weights on the CPU. progress: as in train_autoencoder."""
     n_classes = cfg.prior.n_classes
     if n_classes and (labels is None or (held is not None and held_labels is None)):
         raise ValueError("a conditional prior (conditional=true) trains on labelled tokens")
@@ -376,10 +490,12 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
     other = [p for n, p in prior.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg.prior_lr, betas=(0.9, 0.99))
-    t0, avg, bf16 = time.time(), None, use_bf16(cfg, dev)
+    start, spent = resumed(progress, "prior", gen, {"prior": prior, "ema": ema, "opt": opt})
+    t0, bf16 = time.time() - spent, use_bf16(cfg, dev)
+    avg = progress.current("prior")["avg"] if start else None
     print(f"prior: {sum(p.numel() for p in prior.parameters())} parameters on {dev}, "
           f"{'bfloat16' if bf16 else 'float32'} products")
-    for it in range(cfg.prior_iters):
+    for it in range(start, cfg.prior_iters):
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.prior_iters, cfg.prior_lr, cfg.warmup)
         idx = torch.randint(0, len(tokens), (cfg.prior_batch,), generator=gen)
@@ -401,6 +517,10 @@ def train_prior(cfg: Config, tokens, gen: torch.Generator, token_aug=None, held=
         if it % 250 == 0 or it == cfg.prior_iters - 1:
             val = "" if held is None else f" held-out {heldout_loss(ema, held, cfg.mask_T, labels=held_labels):.4f}"
             print(f"prior {it:5d} loss {avg:.4f}{val} {time.time() - t0:.0f}s")
+        if progress is not None:
+            progress.step("prior", it + 1, lambda: {"prior": prior.state_dict(), "ema": ema.state_dict(),
+                                                    "opt": opt.state_dict(), "gen": gen.get_state(), "avg": avg,
+                                                    "seconds": time.time() - t0})
     return ema.cpu().eval()
 
 
@@ -424,7 +544,7 @@ def settings_differ(saved: dict, now: dict) -> list[str]:
         return json.loads(json.dumps(v))
     def before(k):  # what a setting's absence means
         return LEGACY.get(k, getattr(Config(), k))
-    return sorted(k for k in now if norm(saved.get(k, before(k))) != norm(now[k]))
+    return sorted(k for k in now if norm(saved[k] if k in saved else before(k)) != norm(now[k]))
 
 
 def choose_and_measure(out: Path, cfg: Config, x_train, x_held, absorb: Path, quick: bool):
