@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "export.images",  # train a bundle on a folder of images
     "train-digits": "export.train",  # train the small digits model and write models/digits
     "train-emoji": "export.emoji_train",  # train the emoji bundle (issue 40), resumable across sessions
+    "cache": "export.cache",  # cached-attention graphs (issue 39) for a bundle, next to its transformer
     "variants": "export.variants",  # int8 / fp16 transformer variants of a bundle
     "reference": "export.reference",  # the paper's sampler in torch and onnxruntime vs absorb bench
 }

@@ -393,7 +393,7 @@ def clear_stale(out_dir: Path) -> None:
     transformer and their probe rows). Everything else is rewritten."""
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir / "eval" / "heldout", ignore_errors=True)
-    for f in [*out_dir.glob("transformer.*.onnx"), out_dir / "eval" / "variant-probe.json"]:
+    for f in [*out_dir.glob("transformer.*.onnx"), out_dir / "eval" / "variant-probe.json", out_dir / "cache.json"]:
         f.unlink(missing_ok=True)
 
 
@@ -412,8 +412,9 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  window_stride: tuple[int, int] | None = None,
                  window_margin: tuple[int, int] | None = None, sampler: str | None = None,
                  temperature_end: float | None = None, outpaint_edge: int | None = None,
-                 top_p: float | None = None, classes: list[str] | None = None) -> Path:
-    """Export the three graphs to `out_dir`, check them against torch, then write model.json."""
+                 top_p: float | None = None, classes: list[str] | None = None, cache: bool = True) -> Path:
+    """Export the three graphs to `out_dir`, check them against torch, then write model.json; with
+    `cache`, the cached-attention graph and cache.json too (cache.py)."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
@@ -456,6 +457,10 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
     tmp = out_dir / "model.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out_dir / "model.json")
+    if cache:  # cached attention between steps (cache.py): a graph and cache.json beside model.json
+        from .cache import write_cache
+
+        write_cache(prior, out_dir)
     return out_dir
 
 

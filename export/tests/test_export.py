@@ -335,7 +335,7 @@ def test_cli_random_init_writes_a_contract_bundle(tmp_path):
     assert {"exporter", "opset", "source", "metrics"} <= set(prov)
     assert prov["opset"] == 17 and prov["exporter"].startswith("absorb export ")
     assert sorted(p.name for p in out.iterdir()) == [
-        "decoder.onnx", "encoder.onnx", "model.json", "transformer.onnx"]
+        "cache.json", "decoder.onnx", "encoder.onnx", "model.json", "transformer.cached.onnx", "transformer.onnx"]
 
 
 def test_cli_bad_checkpoint_exits_non_zero_naming_the_key(tmp_path):
