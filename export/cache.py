@@ -215,38 +215,53 @@ def write_cache(prior: Transformer, out_dir: Path) -> dict:
 
 
 def prior_from_onnx(path: Path, pc: PriorConfig) -> Transformer:
-    """The Transformer whose export is `path`: named initializers (embeddings, biases, norms) by
-    name; each Linear's weight is the matrix its MatMul multiplies by, found through the Add of its
-    named bias (the head has none: the MatMul left over). Checked: the module's logits equal the
-    graph's (CacheError otherwise)."""
+    """The Transformer whose export is `path`, found by the graph's structure (the exporter folds
+    equal tensors, such as an untrained model's LayerNorm weights, into one initializer, so names
+    alone do not do): the MatMuls by a weight, in the order the forward pass runs them (each block's
+    key, query, value, proj, mlp.0, mlp.2, then the head), each with the bias its Add adds; the
+    LayerNormalizations in order (each block's ln1, ln2, then ln_f); the embeddings by name.
+    Checked: the module's logits equal the graph's (CacheError otherwise)."""
     model = onnx.load(str(path))
     init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    state, used = {}, set()
+    for n in model.graph.node:  # a folded duplicate is an Identity of the one kept
+        if n.op_type == "Identity" and n.input[0] in init:
+            init[n.output[0]] = init[n.input[0]]
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def t(a):
+        return torch.from_numpy(np.array(a, copy=True))
+
+    linears = [f"blocks.{b}.{name}" for b in range(pc.bert_n_layers)
+               for name in ("attn.key", "attn.query", "attn.value", "attn.proj", "mlp.0", "mlp.2")] + ["head"]
+    norms = [f"blocks.{b}.{name}" for b in range(pc.bert_n_layers) for name in ("ln1", "ln2")] + ["ln_f"]
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in init]
+    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    if len(matmuls) != len(linears) or len(lns) != len(norms):
+        raise CacheError(f"{path}: {len(matmuls)} weight products and {len(lns)} layer norms, expected "
+                         f"{len(linears)} and {len(norms)} for {pc.bert_n_layers} layers")
+    state = {}
+    for name, mm in zip(linears, matmuls):
+        if mm.op_type != "MatMul":
+            raise CacheError(f"{path}: {name} is a {mm.op_type}, expected a MatMul")
+        state[f"{name}.weight"] = t(init[mm.input[1]].T)
+        if name != "head":
+            adds = [a for a in consumers.get(mm.output[0], []) if a.op_type == "Add"]
+            bias = [i for a in adds for i in a.input if i in init]
+            if len(bias) != 1:
+                raise CacheError(f"{path}: no single bias added after {name}'s MatMul")
+            state[f"{name}.bias"] = t(init[bias[0]])
+    for name, ln in zip(norms, lns):
+        state[f"{name}.weight"], state[f"{name}.bias"] = t(init[ln.input[1]]), t(init[ln.input[2]])
     prior = Transformer(pc)
-    names = prior.state_dict().keys()
-    for name in names:
-        if name in init:
-            state[name] = torch.from_numpy(init[name].copy())
-    for node in model.graph.node:  # Linear = MatMul(x, W^T) then Add(., bias)
-        if node.op_type != "Add":
-            continue
-        bias = [i for i in node.input if i in init and i.endswith(".bias")]
-        other = [i for i in node.input if i not in init]
-        if len(bias) != 1 or len(other) != 1 or other[0] not in producer:
-            continue
-        mm = producer[other[0]]
-        w = [i for i in mm.input if i in init]
-        if mm.op_type == "MatMul" and len(w) == 1:
-            state[bias[0][:-len(".bias")] + ".weight"] = torch.from_numpy(init[w[0]].T.copy())
-            used.add(w[0])
-    left = [i for n in model.graph.node if n.op_type == "MatMul" for i in n.input if i in init and i not in used]
-    if "head.weight" not in state and len(left) == 1:
-        state["head.weight"] = torch.from_numpy(init[left[0]].T.copy())
-    missing = [n for n in names if n not in state and n != "start_tok"]
-    if missing:
-        raise CacheError(f"{path}: cannot find {', '.join(missing[:5])} in the graph")
-    state.setdefault("start_tok", prior.start_tok.detach().clone())  # unused by the forward pass
+    for name in ("tok_emb.weight", "pos_emb", "class_emb.weight"):
+        if name in prior.state_dict():
+            if name not in init:
+                raise CacheError(f"{path}: no initializer {name}")
+            state[name] = t(init[name])
+    state["start_tok"] = prior.start_tok.detach().clone()  # unused by the forward pass
     prior.load_state_dict(state)
     prior.eval()
     check_rebuilt(prior, path)

@@ -73,10 +73,8 @@ def test_a_cheap_pass_on_a_fresh_cache_equals_the_full_pass(tmp_path, n_classes)
 
 def test_every_bundle_the_exporter_writes_has_the_cached_graph_and_old_ones_get_it_unchanged(tmp_path):
     vq, pc = config_from_hparams(TINY)
-    ae, _ = random_init(vq, pc, seed=0)
-    # weights like a trained model's: an untrained one's equal LayerNorm weights are folded into one
-    # initializer by the exporter, and prior_from_onnx finds tensors by name
-    prior = trained_like(pc)
+    # untrained: its LayerNorm weights are all equal, which the exporter folds into one initializer
+    ae, prior = random_init(vq, pc, seed=0)
     out = tmp_path / "b"
     write_bundle(ae, prior, vq, pc, out, name="tiny", steps=4, temperature=1.0, source="test")
     doc = json.loads((out / Cache.CACHE_FILE).read_text())
