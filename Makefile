@@ -240,14 +240,23 @@ $(PAPER_BUNDLE)/model.json: | venv
 	$(PY) -m export official --random-init --seed 0 --preset churches --out $(PAPER_BUNDLE)
 $(PAPER_BUNDLE)/transformer.int8.onnx: | $(PAPER_BUNDLE)/model.json
 	$(PY) -m export variants --bundle $(PAPER_BUNDLE) --only int8 --rows 16 --bar 0.85
+# The cached-attention graph of a paper-size bundle made before exporters wrote it.
+$(PAPER_BUNDLE)/cache.json: | $(PAPER_BUNDLE)/model.json
+	$(PY) -m export cache --bundle $(PAPER_BUNDLE)
 PAPER_REPS   ?= 2
 PAPER_THREADS ?= 1
-bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx
+# Cached attention against exact mode: the paper's sampler at S = 256, one image, both cores,
+# interleaved pairs (scripts/cache-speed.py; about 15 minutes with the default 2 pairs).
+PAPER_CACHE ?= 8
+PAPER_CACHE_PAIRS ?= 2
+bench-paper: ort build venv $(PAPER_BUNDLE)/transformer.int8.onnx $(PAPER_BUNDLE)/cache.json
 	@for v in "" "--variant int8"; do \
 	  ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m export reference --bundle $(PAPER_BUNDLE) \
 	    --steps $(PAPER_STEPS) --count $(PAPER_COUNT) --reps $(PAPER_REPS) --threads $(PAPER_THREADS) $$v \
 	    || exit 1; echo; \
 	done
+	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) python3 scripts/cache-speed.py --bundle $(PAPER_BUNDLE) --steps 256 \
+	  --cache $(PAPER_CACHE) --pairs $(PAPER_CACHE_PAIRS) --threads 2
 
 # The int8 variant's speed per transformer call against fp32 at paper size, 8 interleaved pairs
 # of `absorb bench` runs (about 5 minutes): the README's "The int8 variant and your CPU".

@@ -50,6 +50,12 @@ pub struct BenchReport {
     pub tokens: usize,
     /// Temperature.
     pub temperature: f32,
+    /// Sampler.
+    pub sampler: String,
+    /// Cached attention's period (`None`: exact mode).
+    pub cache: Option<usize>,
+    /// Positions the transformer computed per image, in full passes (L positions each).
+    pub full_passes_per_image: f64,
     /// Images per timed run.
     pub count: usize,
     /// Images per transformer call at most.
@@ -206,6 +212,9 @@ pub fn measure(p: &mut Pipeline, b: &BenchSettings, load: Duration) -> Result<Be
         steps: settings.steps,
         tokens: space.len,
         temperature: settings.temperature,
+        sampler: settings.sampler.name().to_string(),
+        cache: settings.cache,
+        full_passes_per_image: t.transformer_positions as f64 / (runs * b.count as f64 * space.len as f64),
         count: b.count,
         max_batch: b.max_batch,
         runs: b.runs,
@@ -255,9 +264,20 @@ impl BenchReport {
             (
                 "settings",
                 format!(
-                    "steps {}, temperature {}, {} images x {} runs, batch <= {}",
-                    self.steps, self.temperature, self.count, self.runs, self.max_batch
+                    "{} sampler, steps {}, temperature {}, cache {}, {} images x {} runs, batch <= {}",
+                    self.sampler,
+                    self.steps,
+                    self.temperature,
+                    self.cache
+                        .map_or_else(|| "off".to_string(), |n| format!("every {n} calls")),
+                    self.count,
+                    self.runs,
+                    self.max_batch
                 ),
+            ),
+            (
+                "work per image",
+                format!("{:.2} full transformer passes", self.full_passes_per_image),
             ),
             ("load", format!("{:.3} s", self.load_s)),
             ("first image", format!("{:.3} s after load", self.first_image_s)),

@@ -22,6 +22,31 @@ pub const FORMAT: &str = "absorb-bundle/1";
 /// Name of the manifest file inside a bundle directory.
 pub const MANIFEST_FILE: &str = "model.json";
 
+/// The cached-attention graph's manifest, beside model.json (export/cache.py).
+pub const CACHE_FILE: &str = "cache.json";
+
+/// Format of [`CACHE_FILE`].
+pub const CACHE_FORMAT: &str = "absorb-cache/1";
+
+/// A bundle's cached-attention graph (`cache.json`): the graph that computes chosen positions
+/// against a cache of every layer's keys and values. Not part of model.json, so a bundle's identity
+/// is the same with or without it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CacheGraph {
+    /// [`CACHE_FORMAT`].
+    pub format: String,
+    /// sha256 of the `transformer.onnx` whose weights the graph carries.
+    pub transformer_sha256: String,
+    /// Transformer layers N.
+    pub layers: usize,
+    /// Width D of a key or value.
+    pub width: usize,
+    /// The graph file, relative to the bundle.
+    pub file: String,
+    /// Its sha256.
+    pub sha256: String,
+}
+
 /// `model.json`, as written by `export/export.py`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +167,14 @@ pub struct SamplingDefaults {
     /// sets it when its own measurements favour another (`python -m export train-digits` does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<crate::sampler::SamplerKind>,
+    /// The `threshold` sampler's threshold in (0, 1] when a request gives none; read only when
+    /// that sampler runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    /// Cached attention by default: a full pass every this many calls (needs the bundle's
+    /// `cache.json`); absent = exact mode. A request's `cache` replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<usize>,
     /// Window stride `[rows, cols]` for grids larger than the trained one; absent = half a
     /// window. Data that is not stationary (one centred object per image, like digits) wants
     /// the full window: overlapping windows would each ask for an object centred on them.
@@ -199,6 +232,8 @@ pub struct Bundle {
     manifest: Manifest,
     manifest_sha256: String,
     variant: Option<String>,
+    /// The cached-attention graph, read and checked on first use (its file can be large).
+    cache: std::sync::Arc<std::sync::OnceLock<std::result::Result<CacheGraph, String>>>,
 }
 
 impl Bundle {
@@ -232,6 +267,7 @@ impl Bundle {
             manifest,
             manifest_sha256,
             variant: variant.map(str::to_string),
+            cache: Default::default(),
         };
         for kind in GraphKind::ALL {
             bundle.verify_graph(kind)?;
@@ -259,6 +295,80 @@ impl Bundle {
     /// metadata.
     pub fn sha256(&self) -> &str {
         &self.manifest_sha256
+    }
+
+    /// The cached-attention graph ([`CACHE_FILE`]) and its path, checked: present, of this format,
+    /// made from this bundle's transformer, the file's sha256 as recorded, its shape plausible.
+    /// Read once per bundle. Errors name what is wrong (a bundle without one: how to add it).
+    pub fn cache_graph(&self) -> Result<(CacheGraph, PathBuf)> {
+        if let Some(v) = &self.variant {
+            return Err(Error::param(
+                Param::Cache,
+                format!("cached attention runs the fp32 transformer, not the {v} variant: leave out --variant or use --cache off"),
+            ));
+        }
+        let path = self.dir.join(CACHE_FILE);
+        let checked = self.cache.get_or_init(|| self.read_cache_graph());
+        match checked {
+            Ok(c) => Ok((c.clone(), self.dir.join(&c.file))),
+            Err(m) if !path.exists() => Err(Error::param(Param::Cache, m.clone())),
+            Err(m) => Err(Error::GraphFile {
+                graph: "cached transformer",
+                path,
+                message: m.clone(),
+            }),
+        }
+    }
+
+    fn read_cache_graph(&self) -> std::result::Result<CacheGraph, String> {
+        let path = self.dir.join(CACHE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "the bundle {} has no cached-attention graph ({CACHE_FILE}): add it with                      `python -m export cache --bundle {}`, or use --cache off",
+                    self.manifest.name,
+                    self.dir.display()
+                ))
+            }
+            Err(e) => return Err(format!("cannot read it: {e}")),
+        };
+        let c: CacheGraph = serde_json::from_slice(&bytes).map_err(|e| format!("not a cache manifest: {e}"))?;
+        if c.format != CACHE_FORMAT {
+            return Err(format!(
+                "format is \"{}\", this build reads \"{CACHE_FORMAT}\"",
+                c.format
+            ));
+        }
+        if c.transformer_sha256 != self.manifest.graphs.transformer.sha256 {
+            return Err(format!(
+                "it was made from another transformer (sha256 {}, the bundle's is {}): make it again with                  `python -m export cache --bundle DIR`",
+                c.transformer_sha256, self.manifest.graphs.transformer.sha256
+            ));
+        }
+        if !(1..=4096).contains(&c.layers) || !(1..=1 << 16).contains(&c.width) {
+            return Err(format!(
+                "layers {} and width {} are not a transformer's",
+                c.layers, c.width
+            ));
+        }
+        if c.file.contains('/') || c.file.contains('\\') || c.file.starts_with('.') {
+            return Err(format!(
+                "file \"{}\" must be a plain name in the bundle directory",
+                c.file
+            ));
+        }
+        let graph = self.dir.join(&c.file);
+        let found = fs::read(&graph)
+            .map(|b| sha256_hex(&b))
+            .map_err(|e| format!("cannot read {}: {e}", graph.display()))?;
+        if found != c.sha256 {
+            return Err(format!(
+                "{}'s sha256 is {found}, {CACHE_FILE} records {}: the file was changed or truncated",
+                c.file, c.sha256
+            ));
+        }
+        Ok(c)
     }
 
     /// Path of a graph file.
@@ -413,8 +523,10 @@ fn validate(m: &Manifest) -> Result<(), String> {
             return Err(format!("sampling.{name} is {t}, must be a finite number > 0"));
         }
     }
-    if let Some(p) = s.top_p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
-        return Err(format!("sampling.top_p is {p}, must be a number > 0 and <= 1"));
+    for (name, p) in [("top_p", s.top_p), ("threshold", s.threshold)] {
+        if let Some(p) = p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
+            return Err(format!("sampling.{name} is {p}, must be a number > 0 and <= 1"));
+        }
     }
     let margin = s.window_margin.unwrap_or([0, 0]);
     if let Some([mh, mw]) = s.window_margin {

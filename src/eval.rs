@@ -1,8 +1,9 @@
 //! Sample quality as a bundle's own judge sees it: a classifier graph shipped with the bundle
-//! (`eval/classifier.onnx`, input `image`, output `logits` whose last class may be "not a digit")
-//! rates generated images; the same classifier on the bundle's held-out real images
-//! (`eval/heldout/*.png`) gives the reference. Reports mean confidence, its ratio to the real
-//! images', and the class histogram: a small, honest stand-in for FID on a toy model.
+//! (`eval/classifier.onnx`, else `eval/judge.onnx`; input `image`, output `logits` whose last
+//! class is "not real content", optionally `features`) rates generated images; the same graph on
+//! the bundle's held-out real images (`eval/heldout/*.png`) gives the reference. Reports mean
+//! confidence, its ratio to the real images', the class histogram, and with features the KID
+//! against the held-out images: small, honest stand-ins for FID on a toy model.
 //!
 //! It judges; it does not generate (the caller passes the images).
 
@@ -19,6 +20,8 @@ use crate::Pipeline;
 pub const CLASSIFIER_INPUT: &str = "image";
 /// Output: class logits `(B, classes)`.
 pub const CLASSIFIER_OUTPUT: &str = "logits";
+/// Optional output: `(B, F)` features, where KID is measured.
+pub const CLASSIFIER_FEATURES: &str = "features";
 
 /// The bar's least mean confidence, as a multiple of the real images'.
 pub const BAR_RATIO: f64 = 0.92;
@@ -30,8 +33,11 @@ pub const BAR_MAX_SHARE: f64 = 0.15;
 /// A loaded judge.
 pub struct Judge {
     classifier: Auxiliary,
-    /// Classes that count as real content (all but the last, reject class).
-    content_classes: usize,
+    /// Classes that count as real content (all but the last, reject class); `None`: all but the
+    /// last of what the graph returns.
+    content_classes: Option<usize>,
+    /// The graph has a `features` output.
+    features: bool,
 }
 
 /// Mean confidence and class spread of a set of images.
@@ -45,6 +51,8 @@ pub struct Verdict {
     pub histogram: Vec<usize>,
     /// Each image's predicted content class, in order.
     pub predicted: Vec<usize>,
+    /// Each image's features, `(count, F)` flat (empty when the judge has none).
+    pub features: Vec<f32>,
 }
 
 impl Verdict {
@@ -66,6 +74,45 @@ impl Verdict {
             && self.max_class_fraction() <= BAR_MAX_SHARE
     }
 
+    /// KID x 1000 of these images against `reference`'s (the held-out images): the unbiased
+    /// squared MMD with the cubic polynomial kernel `(x.y / d + 1)^3` (Binkowski et al. 2018) on
+    /// the judge's features, both divided by one number (the root mean square of `reference`'s),
+    /// as `export/judge.py` computes it. `None` without features.
+    pub fn kid_x1000(&self, reference: &Verdict) -> Option<f64> {
+        let (n, m) = (self.count, reference.count);
+        if self.features.is_empty() || reference.features.is_empty() || n < 2 || m < 2 {
+            return None;
+        }
+        let d = reference.features.len() / m;
+        let ms = reference.features.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / (m * d) as f64;
+        let unit = if ms > 0.0 { ms.sqrt() } else { 1.0 };
+        let scaled = |f: &[f32]| -> Vec<f64> { f.iter().map(|&x| x as f64 / unit).collect() };
+        let (a, b) = (scaled(&self.features), scaled(&reference.features));
+        let k = |x: &[f64], y: &[f64]| {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            libm::pow(dot / d as f64 + 1.0, 3.0)
+        };
+        let row = |v: &[f64], i: usize| v[i * d..(i + 1) * d].to_vec();
+        let mean_within = |v: &[f64], count: usize| {
+            let mut s = 0.0;
+            for i in 0..count {
+                for j in 0..count {
+                    if i != j {
+                        s += k(&row(v, i), &row(v, j));
+                    }
+                }
+            }
+            s / (count * (count - 1)) as f64
+        };
+        let mut cross = 0.0;
+        for i in 0..n {
+            for j in 0..m {
+                cross += k(&row(&a, i), &row(&b, j));
+            }
+        }
+        Some(1000.0 * (mean_within(&a, n) + mean_within(&b, m) - 2.0 * cross / (n * m) as f64))
+    }
+
     /// Every class predicted at least once.
     pub fn all_classes_present(&self) -> bool {
         self.histogram.iter().all(|&h| h > 0)
@@ -85,51 +132,73 @@ impl Verdict {
 }
 
 impl Judge {
-    /// Loads `classifier` (with `content_classes` real classes followed by a reject class).
-    pub fn load(runtime: &Runtime, classifier: &Path, content_classes: usize) -> Result<Judge> {
+    /// Loads `classifier` (with `content_classes` real classes followed by a reject class; `None`:
+    /// every class it returns but the last).
+    pub fn load(runtime: &Runtime, classifier: &Path, content_classes: Option<usize>) -> Result<Judge> {
         let classifier = Auxiliary::load(runtime, classifier, CLASSIFIER_INPUT, CLASSIFIER_OUTPUT)?;
+        let features = classifier.has_output(CLASSIFIER_FEATURES);
         Ok(Judge {
             classifier,
             content_classes,
+            features,
         })
     }
 
-    /// The bundle's own judge: `eval/classifier.onnx`, 10 digit classes + reject.
+    /// The bundle's own judge: `eval/classifier.onnx` (the digits' and emoji's: their classes and
+    /// a reject class), else `eval/judge.onnx` (`python -m export train`'s: one class per source
+    /// and "fake").
     pub fn for_bundle(p: &Pipeline) -> Result<Judge> {
-        let path = p.bundle().dir().join("eval/classifier.onnx");
-        if !path.exists() {
+        let dir = p.bundle().dir().join("eval");
+        let Some(path) = ["classifier.onnx", "judge.onnx"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|f| f.exists())
+        else {
             return Err(Error::GraphFile {
                 graph: "classifier",
-                path,
-                message: "this bundle has no eval classifier; quality cannot be measured".into(),
+                path: dir.join("classifier.onnx"),
+                message: "this bundle has no eval classifier or judge; quality cannot be measured".into(),
             });
-        }
-        Judge::load(p.runtime(), &path, 10)
+        };
+        Judge::load(p.runtime(), &path, None)
     }
 
     /// Judges images (all of one shape), 64 at a time.
     pub fn judge(&mut self, images: &[Tensor]) -> Result<Verdict> {
         let mut confidence = 0.0f64;
-        let mut histogram = vec![0usize; self.content_classes];
+        let mut histogram = Vec::new();
         let mut predicted = Vec::with_capacity(images.len());
+        let mut features = Vec::new();
+        let names: &[&str] = if self.features {
+            &[CLASSIFIER_OUTPUT, CLASSIFIER_FEATURES]
+        } else {
+            &[CLASSIFIER_OUTPUT]
+        };
         for chunk in images.chunks(64) {
             let t = &chunk[0];
             let data: Vec<f32> = chunk.iter().flat_map(|i| i.data.iter().copied()).collect();
-            let (logits, shape) = self
-                .classifier
-                .infer(&data, &[chunk.len(), t.channels, t.height, t.width])?;
+            let mut outs =
+                self.classifier
+                    .infer_outputs(&data, &[chunk.len(), t.channels, t.height, t.width], names)?;
+            if self.features {
+                features.extend_from_slice(&outs[1].0);
+            }
+            let (logits, shape) = outs.swap_remove(0);
             let classes = shape.get(1).copied().unwrap_or(0);
-            if classes < self.content_classes {
+            let content = self.content_classes.unwrap_or(classes.saturating_sub(1));
+            if classes < content.max(1) {
                 return Err(Error::Tokens(format!(
                     "classifier returned {classes} classes, expected at least {}",
-                    self.content_classes
+                    content.max(1)
                 )));
             }
+            histogram.resize(content.max(1), 0);
+            let content = content.max(1);
             for row in logits.chunks(classes) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
                 let exp: Vec<f64> = row.iter().map(|&x| libm::exp(x as f64 - max)).collect();
                 let sum: f64 = exp.iter().sum();
-                let (best, p) = exp[..self.content_classes]
+                let (best, p) = exp[..content]
                     .iter()
                     .enumerate()
                     .fold((0, 0.0), |b, (i, &e)| if e > b.1 { (i, e) } else { b });
@@ -143,6 +212,7 @@ impl Judge {
             mean_confidence: confidence / images.len().max(1) as f64,
             histogram,
             predicted,
+            features,
         })
     }
 }
@@ -175,7 +245,36 @@ mod tests {
             mean_confidence,
             histogram,
             predicted,
+            features: Vec::new(),
         }
+    }
+
+    #[test]
+    fn kid_is_near_zero_for_one_distribution_and_grows_with_a_shift() {
+        use rand_core::RngCore;
+        // 200 images' features in 4 dimensions, uniform on [offset, offset + 1), from a seeded stream.
+        let draws = |offset: f64, seed: u64| -> Vec<f32> {
+            let mut rng = crate::sampler::image_rng(seed, 0);
+            (0..800)
+                .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 + offset) as f32)
+                .collect()
+        };
+        let with = |features: Vec<f32>| Verdict {
+            features,
+            ..verdict(0.9, vec![100, 100])
+        };
+        let real = with(draws(0.0, 1));
+        let same = with(draws(0.0, 7)).kid_x1000(&real).unwrap();
+        let moved = with(draws(0.3, 7)).kid_x1000(&real).unwrap();
+        assert!(
+            same.abs() < 5.0 && moved > 20.0 * same.abs().max(1.0),
+            "same {same}, moved {moved}"
+        );
+        assert_eq!(
+            verdict(0.9, vec![100, 100]).kid_x1000(&real),
+            None,
+            "no features, no KID"
+        );
     }
 
     #[test]

@@ -379,6 +379,12 @@ pub struct Metadata {
     /// Nucleus (top-p) truncation, when below 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
+    /// The `threshold` sampler's threshold (that sampler only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    /// Cached attention: a full pass every this many calls of the image (absent: exact mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<usize>,
     /// Execution provider that ran the graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -686,6 +692,8 @@ mod tests {
             temperature: Some(0.9),
             temperature_end: None,
             top_p: None,
+            threshold: None,
+            cache: None,
             provider: Some("cpu".into()),
             variant: None,
             grid: Some([8, 16]),

@@ -84,10 +84,74 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Reveal rule.
     pub sampler: Option<SamplerKind>,
+    /// The `threshold` sampler's least probability for a reveal, in (0, 1] (an error with
+    /// another sampler).
+    pub threshold: Option<f32>,
+    /// Cached attention between steps (`--cache N|off`); absent = the bundle's default, else off.
+    pub cache: Option<CacheMode>,
     /// The class to make, an index into a class-conditional bundle's `classes` ([`class_index`]
     /// reads a name). Absent: generation gives the classes in turn ([`sampler::spread_class`]),
     /// edits use none.
     pub class: Option<usize>,
+}
+
+/// Exact mode or cached attention, as a request gives it: `"off"` or a period N (a full
+/// transformer pass every N calls of an image, cheap passes between). JSON: `"off"` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Every call a full pass of the bundle's transformer (exact mode).
+    Off,
+    /// A full pass every N calls of an image.
+    Every(usize),
+}
+
+impl serde::Serialize for CacheMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            CacheMode::Off => s.serialize_str("off"),
+            CacheMode::Every(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CacheMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<CacheMode, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = CacheMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"off\" or a whole number of calls (not a cache mode)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<CacheMode, E> {
+                Ok(CacheMode::Every(usize::try_from(n).unwrap_or(usize::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<CacheMode, E> {
+                CacheMode::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+impl CacheMode {
+    /// Parses `off` or a whole number (the command line's `--cache`).
+    pub fn parse(s: &str) -> std::result::Result<CacheMode, String> {
+        match s.trim() {
+            "off" => Ok(CacheMode::Off),
+            n => n
+                .parse::<usize>()
+                .map(CacheMode::Every)
+                .map_err(|_| format!("\"{s}\" is not a cache mode: give off or a number of calls")),
+        }
+    }
+
+    /// The period, or `None` for exact mode.
+    pub fn period(self) -> Option<usize> {
+        match self {
+            CacheMode::Off => None,
+            CacheMode::Every(n) => Some(n),
+        }
+    }
 }
 
 /// The class a request names (`--class`, the service's `class`), by name or index, as an
@@ -132,14 +196,20 @@ impl Sampling {
             Some(_) => self.temperature_end,
             None => self.temperature_end.or(d.temperature_end),
         };
-        Settings::new(
+        let settings = Settings::new(
             self.steps.unwrap_or(d.steps),
             self.temperature.unwrap_or(d.temperature),
             &space,
         )?
         .with_sampler(self.sampler.or(d.sampler).unwrap_or_default())
         .with_temperature_end(temperature_end)?
-        .with_top_p(self.top_p.or(d.top_p))
+        .with_top_p(self.top_p.or(d.top_p))?;
+        // The bundle's threshold goes with its threshold sampler only; a request's must match.
+        let threshold = self
+            .threshold
+            .or(d.threshold.filter(|_| settings.sampler == SamplerKind::Threshold));
+        let cache = self.cache.map_or(d.cache, CacheMode::period);
+        settings.with_threshold(threshold)?.with_cache(cache)
     }
 }
 
@@ -446,6 +516,8 @@ impl Job {
             temperature: None,
             temperature_end: None,
             top_p: None,
+            threshold: None,
+            cache: None,
             provider: Some(provider.to_string()),
             variant: bundle.variant().map(str::to_string),
             grid: None,
@@ -462,6 +534,9 @@ impl Job {
         meta.temperature = Some(self.settings.temperature);
         meta.temperature_end = self.settings.temperature_end;
         meta.top_p = self.settings.top_p;
+        meta.threshold =
+            (self.settings.sampler == SamplerKind::Threshold).then(|| self.settings.threshold_or_default());
+        meta.cache = self.settings.cache;
         let names = bundle.manifest().classes.as_deref().unwrap_or_default();
         meta.class = self.class.and_then(|c| names.get(c).cloned());
         let ImageId { seed, index } = self.images.get(k).copied().unwrap_or_default();

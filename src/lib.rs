@@ -60,7 +60,7 @@ pub mod tokens;
 pub use crate::bundle::Bundle;
 pub use crate::error::{Error, Result};
 pub use crate::graphs::{Provider, ProviderConfig, Runtime, RuntimeOptions};
-pub use crate::job::{Canvas, ImageId, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
+pub use crate::job::{CacheMode, Canvas, ImageId, Job, Made, Sampling, Start, DEFAULT_MAX_BATCH};
 pub use crate::param::Param;
 pub use crate::pipeline::{Pipeline, Progress, Timings};
 pub use crate::preview::PreviewSink;

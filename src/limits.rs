@@ -76,6 +76,10 @@ pub fn check_range(name: Param, value: usize, max: usize) -> Result<usize> {
     }
 }
 
+/// Most calls between two full passes of a cached run (`--cache N`): a full pass at least this
+/// often (a larger N would be a cache that is never refreshed within any run absorb allows).
+pub const MAX_CACHE_PERIOD: usize = 1 << 16;
+
 /// `first + count` images must have indices that fit in a u64: the last index is
 /// `first + count - 1`.
 pub fn check_indices(name: Param, first: u64, count: usize) -> Result<()> {

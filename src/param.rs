@@ -18,6 +18,8 @@ pub enum Param {
     Temperature,
     TemperatureEnd,
     TopP,
+    Threshold,
+    Cache,
     Sampler,
     Class,
     Grid,
@@ -65,6 +67,8 @@ const PARAMS: &[(Param, &str, Option<&str>)] = &[
     // The command line gives both ends in one flag: `-t START:END`.
     (Param::TemperatureEnd, "temperature_end", Some("--temperature")),
     (Param::TopP, "top_p", Some("--top-p")),
+    (Param::Threshold, "threshold", Some("--threshold")),
+    (Param::Cache, "cache", Some("--cache")),
     (Param::Sampler, "sampler", Some("--sampler")),
     (Param::Class, "class", Some("--class")),
     (Param::Grid, "grid", Some("--grid")),

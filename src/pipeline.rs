@@ -30,6 +30,9 @@ pub struct Timings {
     pub transformer: Duration,
     /// Transformer calls made.
     pub transformer_calls: usize,
+    /// Positions the transformer computed over those calls (a full pass: L per image; cached
+    /// attention's cheap passes fewer).
+    pub transformer_positions: usize,
     /// Sampling outside the transformer: reveal schedule, softmax, draws, buffer copies.
     pub sampler: Duration,
     /// Encoder and decoder graphs.
@@ -45,6 +48,7 @@ impl Timings {
     pub fn add(&mut self, other: &Timings) {
         self.transformer += other.transformer;
         self.transformer_calls += other.transformer_calls;
+        self.transformer_positions += other.transformer_positions;
         self.sampler += other.sampler;
         self.decode += other.decode;
         self.preview += other.preview;
@@ -430,17 +434,33 @@ impl Pipeline {
             previews.previews += 1;
         };
         let settings = job.settings();
-        match job.tiling() {
-            Some(t) => {
+        let stats = match (job.tiling(), settings.cache) {
+            (Some(t), _) => {
                 sampler::sample_windows(chains, t, &space, settings, job.max_batch(), &mut denoise, &mut report)?
             }
-            None => sampler::sample(chains, &space, settings, &mut denoise, &mut report)?,
+            (None, Some(_)) => {
+                let bundle = this.borrow().bundle.clone();
+                let (graph, _) = bundle.cache_graph()?;
+                let shape = sampler::CacheShape {
+                    layers: graph.layers,
+                    width: graph.width,
+                };
+                let mut cached = |call: &sampler::CachedCall<'_>, out: &mut sampler::CachedOut| {
+                    if cancelled() {
+                        return Err(Error::Cancelled);
+                    }
+                    this.borrow_mut().graphs.cached(&bundle, call, out)
+                };
+                sampler::sample_cached(chains, &space, settings, shape, &mut cached, &mut report)?
+            }
+            (None, None) => sampler::sample(chains, &space, settings, &mut denoise, &mut report)?,
         };
         let total = start.elapsed();
         let after = self.graphs.transformer_stats;
         let in_graph = after.time - before.time;
         timings.transformer += in_graph;
         timings.transformer_calls += after.calls - before.calls;
+        timings.transformer_positions += stats.positions;
         timings.sampler += total.saturating_sub(in_graph + previews.preview);
         timings.preview += previews.preview;
         timings.previews += previews.previews;

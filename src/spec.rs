@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::bundle::{self, Bundle, Manifest};
 use crate::error::{Error, Result};
 use crate::image::{self, Mask, Metadata, Tensor};
-use crate::job::{check_grids, class_index, Canvas, ImageId, Job, Sampling, Start};
+use crate::job::{check_grids, class_index, CacheMode, Canvas, ImageId, Job, Sampling, Start};
 use crate::limits;
 use crate::param::Param;
 use crate::sampler::SamplerKind;
@@ -183,6 +183,9 @@ impl GenerateSpec {
             // Made before top-p existed, or without it: no truncation (not the bundle's default).
             top_p: Some(m.top_p.unwrap_or(1.0)),
             sampler: Some(sampler),
+            threshold: m.threshold,
+            // Absent: exact mode (not the bundle's default).
+            cache: Some(m.cache.map_or(CacheMode::Off, CacheMode::Every)),
             // Absent: spread over the images again, by seed and index.
             class: m
                 .class
@@ -442,7 +445,29 @@ impl FillSpec {
 /// are decoded).
 pub fn check_sampling(bundle: &Bundle, sampling: &Sampling, caps: &Caps, grid: [usize; 2]) -> Result<Settings> {
     caps.check_steps(bundle, sampling)?;
-    sampling.settings(bundle, grid)
+    let settings = sampling.settings(bundle, grid)?;
+    if settings.cache.is_none() {
+        return Ok(settings);
+    }
+    let own = bundle.manifest().grid();
+    if grid != own {
+        // A bundle's default gives way to exact mode on larger grids; a request's own is refused.
+        if sampling.cache.is_none() {
+            return Ok(Settings {
+                cache: None,
+                ..settings
+            });
+        }
+        return Err(Error::param(
+            Param::Cache,
+            format!(
+                "cached attention runs on the bundle's own {}x{} token grid, not {}x{}: use cache off for larger grids",
+                own[0], own[1], grid[0], grid[1]
+            ),
+        ));
+    }
+    bundle.cache_graph()?;
+    Ok(settings)
 }
 
 /// Windows of the bundle's grid over `grid`; stride and margin default to the bundle's

@@ -541,6 +541,119 @@ fn top_p_truncates_from_the_flag_or_the_bundle_is_recorded_and_one_turns_it_off(
 }
 
 #[test]
+fn the_threshold_sampler_and_cached_attention_are_recorded_reproduced_and_checked() {
+    let d = tmp();
+    let b = bundle_copy(d.path());
+    let bs = b.to_string_lossy().into_owned();
+    let gen =
+        |extra: &[&str], out: &str| generate_with_metadata(d.path(), &bs, &["--seed", "5", "--count", "3"], extra, out);
+    // threshold: recorded with its threshold (the default one when none is given), --from
+    // reproduces it, another threshold changes the images.
+    let (t9, meta) = gen(&["--sampler", "threshold"], "t9.png");
+    assert_eq!(
+        (meta["sampler"].as_str(), meta["threshold"].as_f64()),
+        (Some("threshold"), Some(0.9)),
+        "{meta}"
+    );
+    let (t5, meta) = gen(&["--sampler", "threshold", "--threshold", "0.5"], "t5.png");
+    assert_eq!(meta["threshold"].as_f64(), Some(0.5), "{meta}");
+    assert_ne!(t9, t5);
+    ok(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "t5.png", "-o", "t5-again.png"],
+    );
+    assert_eq!(fs::read(d.path().join("t5-again.png")).unwrap(), t5);
+    fails(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &bs,
+            "--sampler",
+            "maskgit",
+            "--threshold",
+            "0.5",
+            "-o",
+            "x.png",
+        ],
+        2,
+        &["invalid --threshold:", "only the threshold sampler"],
+    );
+    for bad in ["0", "1.5", "nan"] {
+        fails(
+            d.path(),
+            &[
+                "generate",
+                "-m",
+                &bs,
+                "--sampler",
+                "threshold",
+                "--threshold",
+                bad,
+                "-o",
+                "x.png",
+            ],
+            2,
+            &["invalid --threshold:"],
+        );
+    }
+    // cache: recorded, reproduced, other than exact mode's images (cheap passes see stale keys),
+    // and absent from exact mode's metadata.
+    let (exact, meta) = gen(&[], "exact.png");
+    assert!(meta.get("cache").is_none(), "{meta}");
+    let (off, _) = gen(&["--cache", "off"], "off.png");
+    assert_eq!(off, exact, "--cache off is exact mode");
+    let (c4, meta) = gen(&["--cache", "4"], "c4.png");
+    assert_eq!(meta["cache"].as_u64(), Some(4), "{meta}");
+    ok(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "c4.png", "-o", "c4-again.png"],
+    );
+    assert_eq!(fs::read(d.path().join("c4-again.png")).unwrap(), c4);
+    for (args, code, needles) in [
+        (vec!["--cache", "0"], 2, vec!["invalid --cache:", "0 is out of range"]),
+        (vec!["--cache", "sometimes"], 2, vec!["--cache", "not a cache mode"]),
+        (
+            vec!["--cache", "4", "--grid", "8x16"],
+            2,
+            vec!["invalid --cache:", "own 8x8 token grid"],
+        ),
+        (
+            vec!["--cache", "4", "--variant", "int8"],
+            2,
+            vec!["invalid --cache:", "not the int8 variant"],
+        ),
+    ] {
+        let mut all = vec!["generate", "-m", &bs, "-o", "x.png"];
+        all.extend(args);
+        fails(d.path(), &all, code, &needles);
+    }
+    // A bundle whose cached graph is damaged, stale or missing: exact mode runs, --cache says why.
+    fs::write(b.join("transformer.cached.onnx"), b"not a graph").unwrap();
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "--cache", "4", "-o", "x.png"],
+        1,
+        &["cache.json records"],
+    );
+    ok(d.path(), &["generate", "-m", &bs, "-o", "still.png"]);
+    fs::write(b.join("cache.json"), b"{").unwrap();
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "--cache", "4", "-o", "x.png"],
+        1,
+        &["not a cache manifest"],
+    );
+    fs::remove_file(b.join("cache.json")).unwrap();
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "--cache", "4", "-o", "x.png"],
+        2,
+        &["no cached-attention graph", "python -m export cache"],
+    );
+}
+
+#[test]
 fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
     let d = tmp();
     let p = d.path();
@@ -1024,6 +1137,42 @@ fn golden_bytes_of_every_kind_of_output() {
                 "halton",
                 "-o",
                 "halton.png",
+            ],
+        ),
+        (
+            "threshold",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--count",
+                "2",
+                "--steps",
+                "16",
+                "--sampler",
+                "threshold",
+                "--threshold",
+                "0.8",
+                "-o",
+                "threshold.png",
+            ],
+        ),
+        (
+            "cache",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--count",
+                "2",
+                "--steps",
+                "16",
+                "--sampler",
+                "absorbing",
+                "--cache",
+                "4",
+                "-o",
+                "cache.png",
             ],
         ),
         (

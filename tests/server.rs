@@ -528,6 +528,12 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
         "POST" "/v1/generate" r#"{"temperature_end": 0}"# => 400 "temperature_end" "out of range";
         "POST" "/v1/generate" r#"{"top_p": 1.5}"# => 400 "top_p" "out of range";
         "POST" "/v1/generate" r#"{"top_p": 0}"# => 400 "top_p" "out of range";
+        "POST" "/v1/generate" r#"{"sampler": "threshold", "threshold": 1.5}"# => 400 "threshold" "out of range";
+        "POST" "/v1/generate" r#"{"sampler": "maskgit", "threshold": 0.5}"# => 400 "threshold" "only the threshold sampler";
+        "POST" "/v1/generate" r#"{"cache": 0}"# => 400 "cache" "out of range";
+        "POST" "/v1/generate" r#"{"cache": "sometimes"}"# => 400 "cache" "not a cache mode";
+        "POST" "/v1/generate" r#"{"cache": -3}"# => 400 "cache" "not a cache mode";
+        "POST" "/v1/generate" r#"{"cache": 4, "grid": [8, 16]}"# => 400 "cache" "own 8x8 token grid";
         "POST" "/v1/generate" r#"{"count": 0}"# => 400 "count" "1..=4";
         "POST" "/v1/generate" r#"{"count": 5}"# => 400 "count" "1..=4";
         "POST" "/v1/generate" r#"{"seed": -1}"# => 400 "seed" "u64";
@@ -884,6 +890,16 @@ fn golden_bytes_of_every_kind_of_answer() {
             r#"{"seed": 3, "count": 2, "steps": 6, "sampler": "halton"}"#.into(),
         ),
         (
+            "threshold",
+            "/v1/generate",
+            r#"{"seed": 3, "count": 2, "steps": 16, "sampler": "threshold", "threshold": 0.8}"#.into(),
+        ),
+        (
+            "cache",
+            "/v1/generate",
+            r#"{"seed": 3, "count": 2, "steps": 16, "sampler": "absorbing", "cache": 4}"#.into(),
+        ),
+        (
             "inpaint",
             "/v1/inpaint",
             format!(r#"{{"image": "{digit}", "rect": [8, 8, 16, 16], "seed": 5}}"#),
@@ -922,7 +938,8 @@ fn golden_bytes_of_every_kind_of_answer() {
             got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
         }
     }
-    assert_eq!(got.len(), 7 + 4 + 2 + 3, "{got:?}"); // single PNGs, the grid's 4, halton's 2, the preview's 2 + frames
+    // single PNGs, the grid's 4, halton's, threshold's and the cache's 2 each, the preview's 2 + frames
+    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 3, "{got:?}");
     common::check_golden("server", &got);
 }
 

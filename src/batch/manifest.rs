@@ -54,6 +54,12 @@ pub struct Entry {
     /// Nucleus (top-p) truncation, when below 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
+    /// The `threshold` sampler's threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    /// Cached attention's period (absent: exact mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<usize>,
     /// Execution provider that made the file (from its metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -80,6 +86,8 @@ impl Entry {
             temperature: expected.temperature.unwrap_or_default(),
             temperature_end: expected.temperature_end,
             top_p: expected.top_p,
+            threshold: expected.threshold,
+            cache: expected.cache,
             provider: made.provider.clone(),
             absorb: made.absorb.clone(),
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
-use absorb::job::class_index;
+use absorb::job::{class_index, CacheMode};
 use absorb::parse::{parse_extend, parse_pair, parse_rect, parse_shard, parse_temperature};
 use absorb::sampler::SamplerKind;
 use absorb::{Bundle, Canvas, DecodeMode, Provider, Sampling};
@@ -66,6 +66,15 @@ pub struct SamplingArgs {
     /// Reveal rule (the sampler). Default: the bundle's (`absorb info`), else absorbing.
     #[arg(long, value_parser = choice(SamplerKind::ALL, SamplerKind::name, SamplerKind::help))]
     pub sampler: Option<SamplerKind>,
+    /// With `--sampler threshold`: reveal every masked position whose drawn token has at least
+    /// this probability, in (0, 1] (default: the bundle's, else 0.9); `--steps` caps the calls.
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
+    pub threshold: Option<f32>,
+    /// Cached attention between steps: `N` = a full transformer pass every N calls of an image and
+    /// cheap passes between (the positions a step needs, against cached keys and values; needs the
+    /// bundle's cache.json); `off` = exact mode. Default: the bundle's, else off.
+    #[arg(long, value_name = "N|off", value_parser = CacheMode::parse)]
+    pub cache: Option<CacheMode>,
     /// The class to make, by name or index, with a class-conditional model (`absorb info` lists
     /// its classes; the digits model's are 0-9). Default: generate takes the classes in turn,
     /// shuffled by the seed; inpaint and outpaint use none.
@@ -84,6 +93,8 @@ impl SamplingArgs {
             temperature_end,
             top_p: self.top_p,
             sampler: self.sampler,
+            threshold: self.threshold,
+            cache: self.cache,
             class: self.class.as_deref().map(|c| class_index(bundle, c)).transpose()?,
         })
     }
@@ -114,7 +125,7 @@ pub struct GenerateArgs {
     pub max_batch: usize,
     /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
     /// temperature from its metadata).
-    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "class", "count", "first_index", "columns"])]
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "class", "count", "first_index", "columns"])]
     pub from: Option<PathBuf>,
     /// Also write the generated token grids as JSON (one entry per image, with its index).
     #[arg(long, value_name = "JSON")]
@@ -269,6 +280,12 @@ pub struct BenchArgs {
     /// Temperature (default: the bundle's).
     #[arg(long, short = 't')]
     pub temperature: Option<f32>,
+    /// Reveal rule (default: the bundle's).
+    #[arg(long, value_parser = choice(SamplerKind::ALL, SamplerKind::name, SamplerKind::help))]
+    pub sampler: Option<SamplerKind>,
+    /// Cached attention: `N` or `off` (default: the bundle's, else off).
+    #[arg(long, value_name = "N|off", value_parser = CacheMode::parse)]
+    pub cache: Option<CacheMode>,
     /// Images per timed run.
     #[arg(long, short = 'n', default_value_t = 16, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,
@@ -303,6 +320,13 @@ pub struct EvalArgs {
     /// Nucleus (top-p) share in (0, 1] (default: the bundle's).
     #[arg(long, value_name = "P", allow_hyphen_values = true)]
     pub top_p: Option<f32>,
+    /// The threshold sampler's threshold in (0, 1] (its rows only; default: the bundle's, else 0.9).
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
+    pub threshold: Option<f32>,
+    /// Cache modes to compare, comma-separated (`off` and periods N, e.g. off,4,8): each cached row
+    /// also reports its tokens' agreement with exact mode at the same seed.
+    #[arg(long = "cache", value_delimiter = ',', default_value = "off", value_parser = CacheMode::parse)]
+    pub caches: Vec<CacheMode>,
     /// Images per row of the table.
     #[arg(long, short = 'n', default_value_t = 256, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,

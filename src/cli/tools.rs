@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use absorb::image;
+use absorb::sampler::SamplerKind;
 use absorb::{GenerateSpec, Progress, Sampling};
 
 use super::args::{BenchArgs, CheckVariantArgs, Common, EvalArgs, InfoArgs, WarmupArgs};
@@ -138,6 +139,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let sampling = Sampling {
         steps: a.steps,
         temperature: a.temperature,
+        sampler: a.sampler,
+        cache: a.cache,
         ..Sampling::default()
     };
     let settings = sampling.settings(p.bundle(), p.bundle().manifest().grid())?;
@@ -173,61 +176,96 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         a.steps.clone()
     };
+    // Exact mode first: the cached rows are compared with it, token by token.
+    let mut caches = a.caches.clone();
+    caches.sort_by_key(|c| c.period().unwrap_or(0));
+    caches.dedup();
     let (t0, t1) = a.temperature.map_or((None, None), |(x, y)| (Some(x), y));
+    let l = p.bundle().manifest().grid().iter().product::<usize>();
     println!(
         "real held-out images: mean confidence {:.3} over {} images\n",
         real.mean_confidence, real.count
     );
     println!(
-        "| sampler | steps | transformer calls per batch | mean confidence | vs real | classes | max class share | bar |"
+        "| sampler | steps | cache | calls per batch | full passes per image | ms per image | mean confidence | vs real | \
+         class agreement | KID x 1000 | tokens as exact | classes | max class share | bar |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for &kind in &a.samplers {
         for &s in &steps {
-            let sampling = Sampling {
-                steps: Some(s),
-                temperature: t0,
-                temperature_end: t1,
-                top_p: a.top_p,
-                sampler: Some(kind),
-                class: None,
-            };
-            let job = GenerateSpec {
-                seed: a.seed,
-                count: a.count,
-                sampling,
-                max_batch: a.max_batch,
-                ..GenerateSpec::default()
+            let mut exact: Option<Vec<Vec<i64>>> = None;
+            for &cache in &caches {
+                let sampling = Sampling {
+                    steps: Some(s),
+                    temperature: t0,
+                    temperature_end: t1,
+                    top_p: a.top_p,
+                    sampler: Some(kind),
+                    // The threshold is the threshold sampler's; the other rows take none.
+                    threshold: a.threshold.filter(|_| kind == SamplerKind::Threshold),
+                    cache: Some(cache),
+                    class: None,
+                };
+                let job = GenerateSpec {
+                    seed: a.seed,
+                    count: a.count,
+                    sampling,
+                    max_batch: a.max_batch,
+                    ..GenerateSpec::default()
+                }
+                .job(p.bundle())?;
+                let start = Instant::now();
+                let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
+                let seconds = start.elapsed().as_secs_f64();
+                let (settings, timings) = (*job.settings(), made.timings);
+                let spec = p.bundle().manifest().image.clone();
+                let tensors: Vec<_> = made.pixels.iter().map(|px| image::to_tensor(px, &spec)).collect();
+                let v = judge.judge(&tensors)?;
+                // A class-conditional bundle: how often the classifier names the class an image was made as.
+                let agreement = v.agreement(&made.classes);
+                let ratio = v.mean_confidence / real.mean_confidence;
+                let meets = v.meets_bar(&real);
+                let kid = v.kid_x1000(&real);
+                let n = a.count as f64;
+                // Calls per batch of max_batch images (each call feeds some of the batch's images);
+                // the work per image is the positions computed, in full passes.
+                let calls = timings.transformer_calls as f64 * a.max_batch.min(a.count) as f64 / n;
+                let full = timings.transformer_positions as f64 / (l as f64 * n);
+                let same = match (&exact, cache.period()) {
+                    (Some(e), Some(_)) => Some(token_agreement(e, &made.tokens)),
+                    _ => None,
+                };
+                if cache.period().is_none() {
+                    exact = Some(made.tokens.clone());
+                }
+                let cache_name = cache.period().map_or_else(|| "off".to_string(), |n| n.to_string());
+                let pct = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{:.1}%", 100.0 * x));
+                println!(
+                    "| {} | {s} | {cache_name} | {calls:.1} | {full:.2} | {:.1} | {:.3} | {:.3} | {} | {} | {} | {}/{} | {:.2} | {} |",
+                    kind.name(),
+                    1000.0 * seconds / n,
+                    v.mean_confidence,
+                    ratio,
+                    pct(agreement),
+                    kid.map_or_else(|| "-".to_string(), |k| format!("{k:.2}")),
+                    pct(same),
+                    v.histogram.iter().filter(|&&h| h > 0).count(),
+                    v.histogram.len(),
+                    v.max_class_fraction(),
+                    if meets { "meets" } else { "below" }
+                );
+                rows.push(serde_json::json!({
+                    "sampler": kind.name(), "steps": s, "cache": cache, "temperature": settings.temperature,
+                    "temperature_end": settings.temperature_end, "top_p": settings.top_p,
+                    "threshold": (kind == SamplerKind::Threshold).then(|| settings.threshold_or_default()),
+                    "count": v.count, "calls_per_batch": calls, "full_passes_per_image": full,
+                    "ms_per_image": 1000.0 * seconds / n,
+                    "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,
+                    "meets_bar": meets, "class_agreement": agreement, "token_agreement_with_exact": same,
+                    "kid_x1000": kid,
+                }));
             }
-            .job(p.bundle())?;
-            let made = p.run(&job, &mut Progress::steps(&mut |_| {}))?;
-            let (settings, timings) = (*job.settings(), made.timings);
-            let spec = p.bundle().manifest().image.clone();
-            let tensors: Vec<_> = made.pixels.iter().map(|px| image::to_tensor(px, &spec)).collect();
-            let v = judge.judge(&tensors)?;
-            // A class-conditional bundle: how often the classifier names the class an image was made as.
-            let agreement = v.agreement(&made.classes);
-            let ratio = v.mean_confidence / real.mean_confidence;
-            let meets = v.meets_bar(&real);
-            // Calls per batch of max_batch images (each call feeds the whole batch).
-            let calls = timings.transformer_calls as f64 * a.max_batch.min(a.count) as f64 / a.count as f64;
-            println!(
-                "| {} | {s} | {calls:.1} | {:.3} | {:.2} | {}/{} | {:.2} | {} |",
-                kind.name(),
-                v.mean_confidence,
-                ratio,
-                v.histogram.iter().filter(|&&h| h > 0).count(),
-                v.histogram.len(),
-                v.max_class_fraction(),
-                if meets { "meets" } else { "below" }
-            );
-            rows.push(serde_json::json!({
-                "sampler": kind.name(), "steps": s, "temperature": settings.temperature,
-                "temperature_end": settings.temperature_end, "top_p": settings.top_p, "count": v.count,
-                "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,
-                "meets_bar": meets, "class_agreement": agreement,
-            }));
         }
     }
     if let Some(path) = &a.json {
@@ -235,4 +273,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// The share of positions where two sets of token grids agree.
+fn token_agreement(a: &[Vec<i64>], b: &[Vec<i64>]) -> f64 {
+    let (same, all) = a.iter().zip(b).fold((0usize, 0usize), |(s, n), (x, y)| {
+        (s + x.iter().zip(y).filter(|(p, q)| p == q).count(), n + x.len())
+    });
+    same as f64 / all.max(1) as f64
 }

@@ -45,6 +45,17 @@ pub const TRANSFORMER_INPUT: &str = "tokens";
 pub const CLASS_INPUT: &str = "class";
 /// Transformer output: logits `(B, L, K)`.
 pub const TRANSFORMER_OUTPUT: &str = "logits";
+/// The cached graph's extra inputs and outputs (export/cache.py; its `tokens`, `class` and
+/// `logits` are the transformer's names).
+pub const CACHED_POSITIONS: &str = "positions";
+/// Input: `(N, B, L, D)` cached keys.
+pub const CACHED_KEYS: &str = "keys";
+/// Input: `(N, B, L, D)` cached values.
+pub const CACHED_VALUES: &str = "values";
+/// Output: `(N, B, Q, D)` the query positions' keys.
+pub const CACHED_NEW_KEYS: &str = "new_keys";
+/// Output: `(N, B, Q, D)` the query positions' values.
+pub const CACHED_NEW_VALUES: &str = "new_values";
 
 /// Expected dimension of a graph input or output.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +90,10 @@ pub struct Graphs {
     encoder: Session,
     decoder: Session,
     transformer: Session,
+    /// The cached-attention graph, loaded on first use (`--cache N`).
+    cached: Option<Session>,
+    runtime: &'static Runtime,
+    config: ProviderConfig,
     provider: Provider,
     image: [usize; 3],
     grid: [usize; 2],
@@ -103,7 +118,7 @@ pub struct CallStats {
 impl Graphs {
     /// Builds the three sessions on the requested provider and checks each one's inputs and
     /// outputs against the manifest.
-    pub fn load(bundle: &Bundle, runtime: &Runtime, config: &ProviderConfig) -> Result<Graphs> {
+    pub fn load(bundle: &Bundle, runtime: &'static Runtime, config: &ProviderConfig) -> Result<Graphs> {
         // `auto` decides on the first graph; the others follow that choice.
         let mut provider = config.provider;
         limits::check_range(Param::MaxBatch, config.max_batch, limits::MAX_BATCH)?;
@@ -196,6 +211,9 @@ impl Graphs {
             encoder,
             decoder,
             transformer,
+            cached: None,
+            runtime,
+            config: config.clone(),
             provider,
             image: [c, h, w],
             grid: [th, tw],
@@ -245,6 +263,100 @@ impl Graphs {
         expect_shape("transformer", TRANSFORMER_OUTPUT, shape, &[rows, l, self.codebook_size])?;
         logits.clear();
         logits.extend_from_slice(data);
+        self.transformer_stats.calls += 1;
+        self.transformer_stats.rows += rows;
+        self.transformer_stats.time += start.elapsed();
+        Ok(())
+    }
+
+    /// The cached-attention graph ([`crate::sampler::CachedCall`]): loads and checks it on the
+    /// first call (`bundle.cache_graph()`: present, made from this transformer, intact). It runs on
+    /// the CPU or CUDA (TensorRT would need a shape profile per query count: on TensorRT it runs on
+    /// CUDA).
+    pub fn cached(
+        &mut self,
+        bundle: &Bundle,
+        call: &crate::sampler::CachedCall<'_>,
+        out: &mut crate::sampler::CachedOut,
+    ) -> Result<()> {
+        let (cache, path) = bundle.cache_graph()?;
+        let session = match self.cached.take() {
+            Some(session) => session,
+            None => {
+                let provider = match self.provider {
+                    Provider::Tensorrt => Provider::Cuda,
+                    p => p,
+                };
+                let gpu = GpuPlan {
+                    config: &self.config,
+                    cache: self.config.engine_cache(bundle, self.runtime.library()),
+                    profile: Default::default(),
+                };
+                let (session, _) = build_session(self.runtime, &path, GraphKind::Transformer, provider, &gpu)?;
+                let (l, k) = (self.grid[0] * self.grid[1], self.codebook_size);
+                let (n, d) = (cache.layers, cache.width);
+                let i64s = |name, dims: &[Dim]| Port::new(name, TensorElementType::Int64, dims);
+                let f32s = |name, dims: &[Dim]| Port::new(name, TensorElementType::Float32, dims);
+                let mut inputs = vec![
+                    i64s(TRANSFORMER_INPUT, &[Dim::Batch, Dim::Any]),
+                    i64s(CACHED_POSITIONS, &[Dim::Batch, Dim::Any]),
+                ];
+                if self.classes > 0 {
+                    inputs.push(i64s(CLASS_INPUT, &[Dim::Batch]));
+                }
+                inputs.push(f32s(CACHED_KEYS, &[Dim::Is(n), Dim::Batch, Dim::Is(l), Dim::Is(d)]));
+                inputs.push(f32s(CACHED_VALUES, &[Dim::Is(n), Dim::Batch, Dim::Is(l), Dim::Is(d)]));
+                let outputs = [
+                    f32s(TRANSFORMER_OUTPUT, &[Dim::Batch, Dim::Any, Dim::Is(k)]),
+                    f32s(CACHED_NEW_KEYS, &[Dim::Is(n), Dim::Batch, Dim::Any, Dim::Is(d)]),
+                    f32s(CACHED_NEW_VALUES, &[Dim::Is(n), Dim::Batch, Dim::Any, Dim::Is(d)]),
+                ];
+                check_ports(&session, GraphKind::Transformer, &path, "input", &inputs)?;
+                check_ports(&session, GraphKind::Transformer, &path, "output", &outputs)?;
+                session
+            }
+        };
+        let session = self.cached.insert(session);
+        let (rows, q, l, n, d) = (
+            call.rows,
+            call.query,
+            self.grid[0] * self.grid[1],
+            cache.layers,
+            cache.width,
+        );
+        let start = Instant::now();
+        let tokens =
+            TensorRef::from_array_view(([rows, q], call.tokens)).map_err(Error::ort("preparing the cached tokens"))?;
+        let positions = TensorRef::from_array_view(([rows, q], call.positions))
+            .map_err(Error::ort("preparing the cached positions"))?;
+        let keys = TensorRef::from_array_view(([n, rows, l, d], call.keys))
+            .map_err(Error::ort("preparing the cached keys"))?;
+        let values = TensorRef::from_array_view(([n, rows, l, d], call.values))
+            .map_err(Error::ort("preparing the cached values"))?;
+        let outputs = if self.classes > 0 {
+            let class =
+                TensorRef::from_array_view(([rows], call.classes)).map_err(Error::ort("preparing the class input"))?;
+            session.run(
+                ort::inputs![TRANSFORMER_INPUT => tokens, CACHED_POSITIONS => positions, CLASS_INPUT => class,
+                CACHED_KEYS => keys, CACHED_VALUES => values],
+            )
+        } else {
+            session.run(ort::inputs![TRANSFORMER_INPUT => tokens, CACHED_POSITIONS => positions,
+                CACHED_KEYS => keys, CACHED_VALUES => values])
+        }
+        .map_err(Error::ort("running the cached transformer"))?;
+        let read = |name: &str, want: &[usize], into: &mut Vec<f32>| -> Result<()> {
+            let (shape, data) = outputs[name]
+                .try_extract_tensor::<f32>()
+                .map_err(Error::ort("reading the cached transformer's output"))?;
+            expect_shape("cached transformer", name, shape, want)?;
+            into.clear();
+            into.extend_from_slice(data);
+            Ok(())
+        };
+        read(TRANSFORMER_OUTPUT, &[rows, q, self.codebook_size], &mut out.logits)?;
+        read(CACHED_NEW_KEYS, &[n, rows, q, d], &mut out.keys)?;
+        read(CACHED_NEW_VALUES, &[n, rows, q, d], &mut out.values)?;
         self.transformer_stats.calls += 1;
         self.transformer_stats.rows += rows;
         self.transformer_stats.time += start.elapsed();
@@ -563,6 +675,34 @@ impl Auxiliary {
             input: input.to_string(),
             output: output.to_string(),
         })
+    }
+
+    /// Whether the graph has an output of this name.
+    pub fn has_output(&self, name: &str) -> bool {
+        self.session.outputs().iter().any(|p| p.name() == name)
+    }
+
+    /// Runs the graph on `data` of `shape`; returns the values and shape of each output in `names`.
+    pub fn infer_outputs(
+        &mut self,
+        data: &[f32],
+        shape: &[usize],
+        names: &[&str],
+    ) -> Result<Vec<(Vec<f32>, Vec<usize>)>> {
+        let input = TensorRef::from_array_view((shape.to_vec(), data)).map_err(Error::ort("preparing the input"))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => input])
+            .map_err(Error::ort("running the auxiliary graph"))?;
+        names
+            .iter()
+            .map(|&name| {
+                let (shape, values) = outputs[name]
+                    .try_extract_tensor::<f32>()
+                    .map_err(Error::ort("reading the output"))?;
+                Ok((values.to_vec(), shape.iter().map(|&d| d.max(0) as usize).collect()))
+            })
+            .collect()
     }
 
     /// Runs the graph on `data` of `shape`; returns the output values and shape.

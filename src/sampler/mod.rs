@@ -52,6 +52,7 @@
 //!
 //! Changing any of this changes the tokens for a given seed: a breaking change.
 
+mod cached;
 mod chain;
 mod draw;
 mod reverse;
@@ -59,6 +60,7 @@ pub(crate) mod rule;
 mod settings;
 mod tiling;
 
+pub use cached::{CacheShape, CachedCall, CachedDenoiser, CachedOut};
 pub use chain::{image_rng, spread_class, Chain, NO_CLASS};
 pub use settings::{SamplerKind, Settings};
 pub use tiling::Tiling;
@@ -104,6 +106,9 @@ pub struct RunStats {
     pub rows: usize,
     /// Tokens drawn.
     pub revealed: usize,
+    /// Positions the denoiser computed over all calls (a full pass: L per row; a cached run's
+    /// cheap pass: its query positions).
+    pub positions: usize,
 }
 
 /// The denoiser: given token rows of length L concatenated, `(rows, L)`, and each row's class
@@ -120,8 +125,26 @@ pub fn sample(
     denoise: &mut Denoiser<'_>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<RunStats> {
-    let mut feed = reverse::Rows::new(space);
-    reverse::reverse(chains, &mut feed, space, settings, denoise, on_step)
+    let mut feed = reverse::Rows::new(space, denoise);
+    reverse::reverse(chains, &mut feed, space, settings, on_step)
+}
+
+/// Runs the reverse process on `chains` (the bundle's own grid) with cached attention between
+/// steps (`settings.cache`: a full pass every that many of a chain's calls, cheap passes between;
+/// `cached.rs`). Chains stay independent.
+pub fn sample_cached(
+    chains: &mut [Chain],
+    space: &TokenSpace,
+    settings: &Settings,
+    shape: CacheShape,
+    denoise: &mut CachedDenoiser<'_>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<RunStats> {
+    let Some(period) = settings.cache else {
+        return Err(Error::Internal("a cached run without a cache period".into()));
+    };
+    let mut feed = cached::Cached::new(space, shape, period, chains.len(), denoise);
+    reverse::reverse(chains, &mut feed, space, settings, on_step)
 }
 
 /// Runs the reverse process on `chains` over the big grid of `tiling` (each chain's tokens are
@@ -158,8 +181,8 @@ pub fn sample_windows(
             tiling.grid()[1]
         )));
     }
-    let mut feed = tiling::Windows::new(tiling, window_space, chains.len(), max_rows);
-    reverse::reverse(chains, &mut feed, window_space, settings, denoise, on_step)
+    let mut feed = tiling::Windows::new(tiling, window_space, chains.len(), max_rows, denoise);
+    reverse::reverse(chains, &mut feed, window_space, settings, on_step)
 }
 
 #[cfg(test)]

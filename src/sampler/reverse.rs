@@ -8,17 +8,13 @@ use super::rule::Step;
 use super::{Denoiser, RunStats, Settings, StepReport, TokenSpace};
 use crate::error::{Error, Result};
 
-/// How a step's chains become the denoiser's rows, and its logits each chain's.
+/// How a step's chains become the denoiser's rows, and its logits each chain's. A feed holds its
+/// denoiser.
 pub(super) trait Feed {
     /// Calls the denoiser for every chain `c` with positions in `needed[c]` (an empty list: the
-    /// chain sits this step out); counts the calls in `stats`; returns the rows fed.
-    fn call(
-        &mut self,
-        chains: &[Chain],
-        needed: &[Vec<u32>],
-        denoise: &mut Denoiser<'_>,
-        stats: &mut RunStats,
-    ) -> Result<usize>;
+    /// chain sits this step out); counts the calls and positions computed in `stats`; returns the
+    /// rows fed.
+    fn call(&mut self, chains: &[Chain], needed: &[Vec<u32>], stats: &mut RunStats) -> Result<usize>;
 
     /// Chain `c`'s `(L, K)` logits from the last call, valid at `positions` (its `needed`).
     fn logits(&mut self, c: usize, positions: &[u32]) -> &[f32];
@@ -30,7 +26,6 @@ pub(super) fn reverse(
     feed: &mut dyn Feed,
     space: &TokenSpace,
     settings: &Settings,
-    denoise: &mut Denoiser<'_>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<RunStats> {
     let rule = settings.sampler.rule();
@@ -46,7 +41,7 @@ pub(super) fn reverse(
             stats.skipped_steps += 1;
             continue;
         }
-        let rows = feed.call(chains, &needed, denoise, &mut stats)?;
+        let rows = feed.call(chains, &needed, &mut stats)?;
         let step = Step::new(settings, t, space.mask_id);
         let mut revealed = 0;
         for (c, chain) in chains.iter_mut().enumerate() {
@@ -81,7 +76,8 @@ pub(super) fn check_logits(logits: &[f32], rows: usize, l: usize, k: usize) -> R
 }
 
 /// Each chain one row of the denoiser (the bundle's own grid).
-pub(super) struct Rows {
+pub(super) struct Rows<'d, 'a> {
+    denoise: &'d mut Denoiser<'a>,
     l: usize,
     k: usize,
     input: Vec<i64>,
@@ -91,9 +87,10 @@ pub(super) struct Rows {
     row_of: Vec<usize>,
 }
 
-impl Rows {
-    pub(super) fn new(space: &TokenSpace) -> Rows {
+impl<'d, 'a> Rows<'d, 'a> {
+    pub(super) fn new(space: &TokenSpace, denoise: &'d mut Denoiser<'a>) -> Rows<'d, 'a> {
         Rows {
+            denoise,
             l: space.len,
             k: space.codebook_size,
             input: Vec::new(),
@@ -104,14 +101,8 @@ impl Rows {
     }
 }
 
-impl Feed for Rows {
-    fn call(
-        &mut self,
-        chains: &[Chain],
-        needed: &[Vec<u32>],
-        denoise: &mut Denoiser<'_>,
-        stats: &mut RunStats,
-    ) -> Result<usize> {
+impl Feed for Rows<'_, '_> {
+    fn call(&mut self, chains: &[Chain], needed: &[Vec<u32>], stats: &mut RunStats) -> Result<usize> {
         self.input.clear();
         self.classes.clear();
         self.row_of.clear();
@@ -124,9 +115,10 @@ impl Feed for Rows {
             }
         }
         let rows = self.classes.len();
-        denoise(&self.input, &self.classes, &mut self.logits)?;
+        (self.denoise)(&self.input, &self.classes, &mut self.logits)?;
         check_logits(&self.logits, rows, self.l, self.k)?;
         stats.calls += 1;
+        stats.positions += rows * self.l;
         Ok(rows)
     }
 

@@ -2,9 +2,10 @@
 //! truncation, and which sampler. Checked once, against the token space; nothing here draws.
 
 use crate::error::{Error, Result};
-use crate::limits::MAX_TEMPERATURE;
+use crate::limits::{MAX_CACHE_PERIOD, MAX_TEMPERATURE};
 use crate::param::Param;
 
+use super::rule::threshold::DEFAULT_THRESHOLD;
 use super::rule::{self, Rule};
 use super::TokenSpace;
 
@@ -22,6 +23,8 @@ pub enum SamplerKind {
     Maskgit,
     /// Positions in a 2-D Halton order, spread over the image; arccos count per step.
     Halton,
+    /// Adaptive: each call reveals every masked position drawn with probability >= the threshold.
+    Threshold,
 }
 
 impl SamplerKind {
@@ -31,6 +34,7 @@ impl SamplerKind {
         SamplerKind::Even,
         SamplerKind::Maskgit,
         SamplerKind::Halton,
+        SamplerKind::Threshold,
     ];
 
     /// The name used on the command line, in JSON and in PNG metadata.
@@ -60,6 +64,7 @@ impl SamplerKind {
             SamplerKind::Even => &rule::even::Even,
             SamplerKind::Maskgit => &rule::maskgit::Maskgit,
             SamplerKind::Halton => &rule::halton::Halton,
+            SamplerKind::Threshold => &rule::threshold::Threshold,
         }
     }
 }
@@ -79,6 +84,13 @@ pub struct Settings {
     pub top_p: Option<f32>,
     /// Which reveal rule.
     pub sampler: SamplerKind,
+    /// The `threshold` sampler's least probability for a reveal, in (0, 1]; `None` = its default
+    /// ([`DEFAULT_THRESHOLD`]). Only that sampler reads it; with another it is `None`.
+    pub threshold: Option<f32>,
+    /// Cached attention between steps: a full pass every this many of an image's transformer
+    /// calls, cheap passes between (`--cache N`); `None` = exact mode (`--cache off`), every call
+    /// a full pass of the bundle's transformer.
+    pub cache: Option<usize>,
 }
 
 fn check_temperature(param: Param, t: f32) -> Result<()> {
@@ -111,6 +123,8 @@ impl Settings {
             temperature_end: None,
             top_p: None,
             sampler: SamplerKind::Absorbing,
+            threshold: None,
+            cache: None,
         })
     }
 
@@ -136,9 +150,53 @@ impl Settings {
         self.top_p.map_or(1.0, f64::from)
     }
 
-    /// With another sampler.
+    /// With another sampler (a threshold is kept only for the `threshold` sampler).
     pub fn with_sampler(self, sampler: SamplerKind) -> Settings {
-        Settings { sampler, ..self }
+        let threshold = self.threshold.filter(|_| sampler == SamplerKind::Threshold);
+        Settings {
+            sampler,
+            threshold,
+            ..self
+        }
+    }
+
+    /// With the `threshold` sampler's threshold: `p` finite in (0, 1]. Set after the sampler: a
+    /// threshold for another sampler is refused (it would change nothing).
+    pub fn with_threshold(self, p: Option<f32>) -> Result<Settings> {
+        let Some(p) = p else { return Ok(self) };
+        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+            return Err(Error::param(
+                Param::Threshold,
+                format!("{p} is out of range: must be a number > 0 and <= 1"),
+            ));
+        }
+        if self.sampler != SamplerKind::Threshold {
+            return Err(Error::param(
+                Param::Threshold,
+                format!(
+                    "only the threshold sampler has a threshold (this is {}); add sampler threshold or leave it out",
+                    self.sampler.name()
+                ),
+            ));
+        }
+        Ok(Settings {
+            threshold: Some(p),
+            ..self
+        })
+    }
+
+    /// With cached attention (a full pass every `period` calls of an image; 1..=MAX_CACHE_PERIOD),
+    /// or exact mode (`None`).
+    pub fn with_cache(self, period: Option<usize>) -> Result<Settings> {
+        if let Some(n) = period {
+            crate::limits::check_range(Param::Cache, n, MAX_CACHE_PERIOD)?;
+        }
+        Ok(Settings { cache: period, ..self })
+    }
+
+    /// The threshold the `threshold` sampler uses.
+    pub fn threshold_or_default(&self) -> f32 {
+        self.threshold.unwrap_or(DEFAULT_THRESHOLD)
     }
 
     /// With a linear temperature schedule from `temperature` to `end`.
@@ -194,7 +252,7 @@ mod tests {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.name()), "serde spells it as name()");
         }
-        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit, halton");
+        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit, halton, threshold");
     }
 
     #[test]

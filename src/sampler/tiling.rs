@@ -197,7 +197,8 @@ impl Tiling {
 }
 
 /// The rows of a windowed step: `(chain, window)` pairs, and each chain's combined logits.
-pub(super) struct Windows<'t> {
+pub(super) struct Windows<'t, 'd, 'a> {
+    denoise: &'d mut Denoiser<'a>,
     tiling: &'t Tiling,
     l: usize,
     k: usize,
@@ -216,11 +217,18 @@ pub(super) struct Windows<'t> {
     probs: Vec<f64>,
 }
 
-impl<'t> Windows<'t> {
-    pub(super) fn new(tiling: &'t Tiling, window_space: &TokenSpace, chains: usize, max_rows: usize) -> Windows<'t> {
+impl<'t, 'd, 'a> Windows<'t, 'd, 'a> {
+    pub(super) fn new(
+        tiling: &'t Tiling,
+        window_space: &TokenSpace,
+        chains: usize,
+        max_rows: usize,
+        denoise: &'d mut Denoiser<'a>,
+    ) -> Windows<'t, 'd, 'a> {
         let k = window_space.codebook_size;
         let big = tiling.grid[0] * tiling.grid[1];
         Windows {
+            denoise,
             tiling,
             l: window_space.len,
             k,
@@ -239,14 +247,8 @@ impl<'t> Windows<'t> {
     }
 }
 
-impl Feed for Windows<'_> {
-    fn call(
-        &mut self,
-        chains: &[Chain],
-        needed: &[Vec<u32>],
-        denoise: &mut Denoiser<'_>,
-        stats: &mut RunStats,
-    ) -> Result<usize> {
+impl Feed for Windows<'_, '_, '_> {
+    fn call(&mut self, chains: &[Chain], needed: &[Vec<u32>], stats: &mut RunStats) -> Result<usize> {
         let (tiling, nw) = (self.tiling, self.tiling.windows());
         self.row_of.iter_mut().for_each(|r| *r = None);
         self.selected.clear();
@@ -272,10 +274,11 @@ impl Feed for Windows<'_> {
                 tiling.cut(chains[c].tokens(), w, &mut self.input);
                 self.classes.push(chains[c].class());
             }
-            denoise(&self.input, &self.classes, &mut self.part)?;
+            (self.denoise)(&self.input, &self.classes, &mut self.part)?;
             check_logits(&self.part, chunk.len(), self.l, self.k)?;
             self.logits.extend_from_slice(&self.part);
             stats.calls += 1;
+            stats.positions += chunk.len() * self.l;
         }
         Ok(self.selected.len())
     }

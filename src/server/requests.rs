@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::Limits;
 use crate::error::{Error, Result};
 use crate::image::{self, AnimationFormat};
-use crate::job::{self, Canvas, Job, Sampling};
+use crate::job::{self, CacheMode, Canvas, Job, Sampling};
 use crate::limits;
 use crate::param::Param;
 use crate::sampler::SamplerKind;
@@ -27,6 +27,8 @@ struct GenerateRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    threshold: Option<f32>,
+    cache: Option<CacheMode>,
     /// A class-conditional bundle's class, by name or index (the CLI's `--class`).
     class: Option<serde_json::Value>,
     /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
@@ -50,6 +52,8 @@ struct OutpaintRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    threshold: Option<f32>,
+    cache: Option<CacheMode>,
     class: Option<serde_json::Value>,
     stride: Option<[usize; 2]>,
     window_margin: Option<[usize; 2]>,
@@ -87,6 +91,8 @@ struct InpaintRequest {
     temperature_end: Option<f32>,
     top_p: Option<f32>,
     sampler: Option<SamplerKind>,
+    threshold: Option<f32>,
+    cache: Option<CacheMode>,
     class: Option<serde_json::Value>,
     #[serde(default)]
     decode_all: bool,
@@ -334,6 +340,8 @@ macro_rules! sampling_of {
             temperature_end: $req.temperature_end,
             top_p: $req.top_p,
             sampler: $req.sampler,
+            threshold: $req.threshold,
+            cache: $req.cache,
             class: class_of($bundle, $req.class.as_ref())?,
         }
     };

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
 use crate::job::Job;
 use crate::param::Param;
-use crate::sampler::Settings;
+use crate::sampler::{SamplerKind, Settings};
 
 /// The routes over `shared`; tests may drive it without a socket.
 pub fn app(shared: Arc<Shared>) -> Router {
@@ -356,6 +356,12 @@ async fn answer(
     if let Some(p) = settings.top_p {
         json["top_p"] = serde_json::json!(p);
     }
+    if settings.sampler == SamplerKind::Threshold {
+        json["threshold"] = serde_json::json!(settings.threshold_or_default());
+    }
+    json["cache"] = settings
+        .cache
+        .map_or(serde_json::json!("off"), |n| serde_json::json!(n));
     if canvas {
         json["grid"] = serde_json::json!(grid);
     }
@@ -464,6 +470,15 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
         h.insert("x-absorb-top-p", v);
     }
     h.insert("x-absorb-sampler", HeaderValue::from_static(settings.sampler.name()));
+    if settings.sampler == SamplerKind::Threshold {
+        if let Ok(v) = HeaderValue::from_str(&settings.threshold_or_default().to_string()) {
+            h.insert("x-absorb-threshold", v);
+        }
+    }
+    let cache = settings.cache.map_or_else(|| "off".to_string(), |n| n.to_string());
+    if let Ok(v) = HeaderValue::from_str(&cache) {
+        h.insert("x-absorb-cache", v);
+    }
     r
 }
 

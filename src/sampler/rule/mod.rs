@@ -21,6 +21,7 @@ pub(crate) mod absorbing;
 pub(crate) mod even;
 pub(crate) mod halton;
 pub(crate) mod maskgit;
+pub(crate) mod threshold;
 
 /// The step being executed, as a rule sees it.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,8 @@ pub(crate) struct Step {
     pub temperature: f64,
     /// Nucleus share (1 = off).
     pub top_p: f64,
+    /// The `threshold` sampler's least probability for a reveal.
+    pub threshold: f64,
     /// The absorbing state.
     pub mask_id: i64,
 }
@@ -48,6 +51,7 @@ impl Step {
             steps: settings.steps,
             temperature: settings.temperature_at(index),
             top_p: settings.nucleus(),
+            threshold: settings.threshold_or_default() as f64,
             mask_id,
         }
     }
