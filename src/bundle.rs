@@ -175,6 +175,10 @@ pub struct SamplingDefaults {
     /// `cache.json`); absent = exact mode. A request's `cache` replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<usize>,
+    /// Variations (`absorb vary`): the share of an image's tokens masked and redone when a
+    /// request gives no `strength`, in (0, 1]; absent = [`crate::job::DEFAULT_STRENGTH`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
     /// Window stride `[rows, cols]` for grids larger than the trained one; absent = half a
     /// window. Data that is not stationary (one centred object per image, like digits) wants
     /// the full window: overlapping windows would each ask for an object centred on them.
@@ -523,7 +527,7 @@ fn validate(m: &Manifest) -> Result<(), String> {
             return Err(format!("sampling.{name} is {t}, must be a finite number > 0"));
         }
     }
-    for (name, p) in [("top_p", s.top_p), ("threshold", s.threshold)] {
+    for (name, p) in [("top_p", s.top_p), ("threshold", s.threshold), ("strength", s.strength)] {
         if let Some(p) = p.filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0)) {
             return Err(format!("sampling.{name} is {p}, must be a number > 0 and <= 1"));
         }

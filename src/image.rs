@@ -385,6 +385,12 @@ pub struct Metadata {
     /// Cached attention: a full pass every this many calls of the image (absent: exact mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<usize>,
+    /// A variation's strength: the share of the source's tokens masked and redone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
+    /// sha256 of the source image file a variation was made from (`--from` checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
     /// Execution provider that ran the graphs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -694,6 +700,8 @@ mod tests {
             top_p: None,
             threshold: None,
             cache: None,
+            strength: Some(0.25),
+            source_sha256: Some("cd".into()),
             provider: Some("cpu".into()),
             variant: None,
             grid: Some([8, 16]),

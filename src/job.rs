@@ -32,6 +32,39 @@ pub struct ImageId {
     pub index: u64,
 }
 
+/// A variation's strength when neither the request nor the bundle gives one.
+pub const DEFAULT_STRENGTH: f32 = 0.5;
+
+/// Tokens a variation of `strength` masks in a grid of `len`: `strength * len` rounded to the
+/// nearest whole token, at least one and at most all.
+pub fn vary_count(strength: f32, len: usize) -> usize {
+    ((f64::from(strength) * len as f64).round() as usize).clamp(1, len.max(1))
+}
+
+/// The positions (sorted, raster order) image `index` of `seed` masks in a variation: `count`
+/// of `0..len`, drawn from a stream of their own (ChaCha20 keyed by the seed and "vary", stream
+/// `index`) by a partial Fisher-Yates shuffle: for `i` in `0..count`, swap position `i` with
+/// `i + floor(u * (len - i))`, `u` the next 64-bit word as a fraction. The sampler's own stream
+/// (`image_rng(seed, index)`) is untouched, so the draw order of the reverse process is that of
+/// an inpainting of the same tokens.
+pub fn vary_positions(seed: u64, index: u64, len: usize, count: usize) -> Vec<usize> {
+    use rand_core::{RngCore, SeedableRng};
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..12].copy_from_slice(b"vary");
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(key);
+    rng.set_stream(index);
+    let mut order: Vec<usize> = (0..len).collect();
+    let count = count.min(len);
+    for i in 0..count {
+        let j = i + ((u128::from(rng.next_u64()) * (len - i) as u128) >> 64) as usize;
+        order.swap(i, j);
+    }
+    order.truncate(count);
+    order.sort_unstable();
+    order
+}
+
 /// Where sampling starts.
 #[derive(Debug, Clone)]
 pub enum Start {
@@ -64,6 +97,18 @@ pub enum Start {
         edge: usize,
         /// Keep the input's own pixels.
         keep_input: bool,
+    },
+    /// Variations: `image` (the bundle's size) encoded once; each image of the job masks its own
+    /// seeded draw of `masked` of those tokens ([`vary_positions`]) and samples them again.
+    Vary {
+        /// The source image.
+        image: Tensor,
+        /// sha256 of the source image's file, recorded in metadata.
+        source_sha256: String,
+        /// The share of tokens redone, in (0, 1].
+        strength: f32,
+        /// Tokens masked per image: [`vary_count`] of `strength`.
+        masked: usize,
     },
     /// One known grid per image; positions holding the mask id are sampled, the rest kept
     /// (none masked: the job only decodes).
@@ -481,6 +526,7 @@ impl Job {
                     .count();
                 h * w - kept
             }
+            Start::Vary { masked, .. } => self.images.len() * masked,
             Start::Tokens(grids) => {
                 let mask_id = bundle.manifest().tokens.mask_id;
                 grids.iter().flatten().filter(|&&t| t == mask_id).count()
@@ -494,6 +540,7 @@ impl Job {
             Start::Masked => "generate",
             Start::Inpaint { .. } => "inpaint",
             Start::Outpaint { .. } => "outpaint",
+            Start::Vary { .. } => "vary",
             Start::Tokens(_) => "decode",
         }
     }
@@ -518,6 +565,8 @@ impl Job {
             top_p: None,
             threshold: None,
             cache: None,
+            strength: None,
+            source_sha256: None,
             provider: Some(provider.to_string()),
             variant: bundle.variant().map(str::to_string),
             grid: None,
@@ -537,6 +586,15 @@ impl Job {
         meta.threshold =
             (self.settings.sampler == SamplerKind::Threshold).then(|| self.settings.threshold_or_default());
         meta.cache = self.settings.cache;
+        if let Start::Vary {
+            strength,
+            source_sha256,
+            ..
+        } = &self.start
+        {
+            meta.strength = Some(*strength);
+            meta.source_sha256 = Some(source_sha256.clone());
+        }
         let names = bundle.manifest().classes.as_deref().unwrap_or_default();
         meta.class = self.class.and_then(|c| names.get(c).cloned());
         let ImageId { seed, index } = self.images.get(k).copied().unwrap_or_default();
@@ -557,6 +615,34 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_variation_masks_its_share_of_distinct_positions_drawn_by_seed_and_index() {
+        assert_eq!(vary_count(0.5, 64), 32);
+        assert_eq!(vary_count(0.001, 64), 1, "at least one token");
+        assert_eq!(vary_count(1.0, 256), 256);
+        assert_eq!(vary_count(0.3, 256), 77, "rounded to the nearest token");
+        for (seed, index, len, count) in [(0, 0, 64, 16), (7, 3, 256, 77), (1, 1, 5, 5), (2, 0, 64, 1)] {
+            let p = vary_positions(seed, index, len, count);
+            assert_eq!(p.len(), count);
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "sorted and distinct: {p:?}");
+            assert!(p.iter().all(|&x| x < len));
+            assert_eq!(p, vary_positions(seed, index, len, count), "the same draw every time");
+        }
+        let a = vary_positions(9, 0, 64, 16);
+        assert_ne!(a, vary_positions(9, 1, 64, 16), "each index has its own draw");
+        assert_ne!(a, vary_positions(10, 0, 64, 16), "each seed has its own draw");
+        // A smaller share is not a prefix of a larger one's sorted set but is drawn first:
+        // the first draws of a partial shuffle are those of any longer one.
+        let small = vary_positions(9, 0, 64, 8);
+        assert!(small.iter().all(|x| a.contains(x)), "{small:?} within {a:?}");
+        // Spread over the grid: 1000 draws of one position hit every position.
+        let mut hit = [false; 64];
+        for i in 0..1000 {
+            hit[vary_positions(4, i, 64, 1)[0]] = true;
+        }
+        assert!(hit.iter().all(|&h| h), "every position can be drawn");
+    }
 
     #[test]
     fn outpainting_regenerates_only_the_edge_facing_each_extended_side() {

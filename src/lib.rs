@@ -64,7 +64,7 @@ pub use crate::job::{CacheMode, Canvas, ImageId, Job, Made, Sampling, Start, DEF
 pub use crate::param::Param;
 pub use crate::pipeline::{Pipeline, Progress, Timings};
 pub use crate::preview::PreviewSink;
-pub use crate::spec::{Caps, FillSpec, GenerateSpec, InpaintSpec, OutpaintSpec};
+pub use crate::spec::{Caps, FillSpec, GenerateSpec, InpaintSpec, OutpaintSpec, VarySpec};
 
 /// This crate's version, recorded in PNG metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -30,6 +30,9 @@ enum Command {
     Inpaint(InpaintArgs),
     /// Extend an image beyond its borders; its tokens are kept (but a bundle's `outpaint_edge` on new sides).
     Outpaint(OutpaintArgs),
+    /// Variations of an image: mask a seeded random share of its tokens (--strength) and let the
+    /// reverse process redo them.
+    Vary(VaryArgs),
     /// Encode an image to its token grid (JSON).
     Encode(EncodeArgs),
     /// Decode a token grid (JSON, as `encode` writes it) to a PNG.
@@ -56,6 +59,7 @@ impl Command {
             Command::Generate(a) => &a.common,
             Command::Inpaint(a) => &a.common,
             Command::Outpaint(a) => &a.common,
+            Command::Vary(a) => &a.common,
             Command::Encode(a) => &a.common,
             Command::Decode(a) => &a.common,
             Command::Info(a) => &a.common,
@@ -135,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cli::generate::generate(a),
         Command::Inpaint(a) => cli::edit::inpaint(a),
         Command::Outpaint(a) => cli::edit::outpaint(a),
+        Command::Vary(a) => cli::edit::vary(a),
         Command::Encode(a) => cli::tokens::encode(a),
         Command::Decode(a) => cli::tokens::decode(a),
         Command::Info(a) => cli::tools::info(a),

@@ -339,6 +339,19 @@ impl Pipeline {
                 }
                 vec![chain]
             }
+            Start::Vary { image, masked, .. } => {
+                let (source, _) = self.encode_exact(image)?;
+                chunk
+                    .iter()
+                    .map(|id| {
+                        let mut tokens = source.clone();
+                        for p in job::vary_positions(id.seed, id.index, tokens.len(), *masked) {
+                            tokens[p] = space.mask_id;
+                        }
+                        one(tokens, id)
+                    })
+                    .collect::<Result<_>>()?
+            }
             Start::Tokens(grids) => grids[first..first + chunk.len()]
                 .iter()
                 .zip(chunk)

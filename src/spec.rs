@@ -137,14 +137,62 @@ impl GenerateSpec {
     /// The request that made `png` (its metadata `m`), checked against `bundle`: `--from`. The
     /// PNG's image count and sheet columns come along; errors name the PNG and the key.
     pub fn from_metadata(bundle: &Bundle, provider: &str, png: &Path, m: &Metadata) -> Result<GenerateSpec> {
+        let r = Recorded::read(bundle, provider, png, m, "generate")?;
+        let decode = match &m.decode {
+            Some(name) => DecodeMode::from_name(name)
+                .ok_or_else(|| r.bad(format!("decode \"{name}\" is not a mode this build has")))?,
+            None => DecodeMode::default(),
+        };
+        let canvas = Canvas {
+            grid: m.grid,
+            stride: m.stride,
+            window_margin: m.window_margin,
+            decode,
+        };
+        let spec = GenerateSpec {
+            seed: r.seed,
+            first_index: r.index,
+            count: r.count,
+            sampling: r.sampling,
+            canvas,
+            columns: m.columns,
+            caps: Caps::NONE,
+            ..GenerateSpec::default()
+        };
+        spec.job(bundle)
+            .map_err(|e| r.naming_png(e))?
+            .check_sheet(bundle)
+            .map_err(|e| r.naming_png(e))?;
+        Ok(spec)
+    }
+}
+
+/// What a PNG's metadata records of the request that made it, checked against the bundle
+/// `--from` loads: the part every mode shares.
+struct Recorded {
+    png: std::path::PathBuf,
+    seed: u64,
+    index: u64,
+    count: usize,
+    sampling: Sampling,
+}
+
+impl Recorded {
+    /// Reads `m` (of `png`, made by `absorb {mode}`).
+    fn read(bundle: &Bundle, provider: &str, png: &Path, m: &Metadata, mode: &str) -> Result<Recorded> {
         let bad = |message: String| Error::Metadata {
             path: png.to_path_buf(),
             message,
         };
-        if m.mode != "generate" {
+        if m.mode != mode {
             return Err(bad(format!(
-                "was made by `absorb {}`; only generated images can be reproduced with --from",
-                m.mode
+                "was made by `absorb {}`; `absorb {mode} --from` reproduces only images made by `absorb {mode}`{}",
+                m.mode,
+                if matches!(m.mode.as_str(), "generate" | "vary") {
+                    format!(": use `absorb {} --from`", m.mode)
+                } else {
+                    String::new()
+                }
             )));
         }
         if m.bundle_sha256 != bundle.sha256() {
@@ -171,11 +219,6 @@ impl GenerateSpec {
         let name = m.sampler.as_deref().unwrap_or(SamplerKind::default().name());
         let sampler = SamplerKind::from_name(name)
             .ok_or_else(|| Error::param(Param::Sampler, format!("\"{name}\" is not a sampler this build has")))?;
-        let decode = match &m.decode {
-            Some(name) => DecodeMode::from_name(name)
-                .ok_or_else(|| bad(format!("decode \"{name}\" is not a mode this build has")))?,
-            None => DecodeMode::default(),
-        };
         let sampling = Sampling {
             steps: m.steps,
             temperature: m.temperature,
@@ -197,37 +240,176 @@ impl GenerateSpec {
                     e => e,
                 })?,
         };
-        let canvas = Canvas {
-            grid: m.grid,
-            stride: m.stride,
-            window_margin: m.window_margin,
-            decode,
-        };
         if count > limits::MAX_SHEET_IMAGES {
             return Err(bad(format!(
                 "its metadata's count: {count} images is above the limit of {} in one PNG",
                 limits::MAX_SHEET_IMAGES
             )));
         }
-        // Checked exactly as the flags are; errors name the PNG and the field.
-        let from_png = |e: Error| match e {
-            Error::Param { param, message } => bad(format!("its metadata's {param}: {message}")),
-            e => e,
-        };
-        let spec = GenerateSpec {
+        Ok(Recorded {
+            png: png.to_path_buf(),
             seed,
-            first_index: index,
+            index,
             count,
             sampling,
-            canvas,
-            columns: m.columns,
+        })
+    }
+
+    fn bad(&self, message: String) -> Error {
+        Error::Metadata {
+            path: self.png.clone(),
+            message,
+        }
+    }
+
+    /// A parameter error raised by the recorded values, as an error naming the PNG and the key:
+    /// they are checked exactly as the flags are.
+    fn naming_png(&self, e: Error) -> Error {
+        match e {
+            Error::Param { param, message } => self.bad(format!("its metadata's {param}: {message}")),
+            e => e,
+        }
+    }
+}
+
+/// A variation's strength: `given`, else the bundle's `sampling.strength`, else
+/// [`crate::job::DEFAULT_STRENGTH`]; checked to lie in (0, 1].
+pub fn strength(bundle: &Bundle, given: Option<f32>) -> Result<f32> {
+    let s = given
+        .or(bundle.manifest().sampling.strength)
+        .unwrap_or(crate::job::DEFAULT_STRENGTH);
+    if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+        return Err(Error::param(
+            Param::Strength,
+            format!("{s} is not in (0, 1]: it is the share of the image's tokens to redo"),
+        ));
+    }
+    Ok(s)
+}
+
+/// `vary`: variations of `image` (the bundle's size). It is encoded once; image `index` of
+/// `seed` masks its own seeded draw of `strength` of the tokens (at least one) and runs the
+/// reverse process from there: the forward process applied part way, then undone. Each image
+/// is the same whatever else is made with it.
+#[derive(Debug, Clone)]
+pub struct VarySpec {
+    /// The source image.
+    pub image: Tensor,
+    /// sha256 of the source image's file (recorded, and checked by `--from`).
+    pub source_sha256: String,
+    /// The share of tokens redone, in (0, 1]; absent: the bundle's `sampling.strength`, else
+    /// [`crate::job::DEFAULT_STRENGTH`].
+    pub strength: Option<f32>,
+    /// The seed of every image's stream.
+    pub seed: u64,
+    /// Index of the first image.
+    pub first_index: u64,
+    /// How many variations.
+    pub count: usize,
+    /// Sampler settings; absent values are the bundle's.
+    pub sampling: Sampling,
+    /// Columns of a sheet of the images (absent: about square).
+    pub columns: Option<usize>,
+    /// Images per transformer call.
+    pub max_batch: usize,
+    /// The service's caps.
+    pub caps: Caps,
+}
+
+impl VarySpec {
+    /// One variation of `image`, whose file held `source` (bytes), with the defaults: seed 0,
+    /// the bundle's strength and sampling.
+    pub fn new(image: Tensor, source: &[u8]) -> VarySpec {
+        VarySpec {
+            image,
+            source_sha256: bundle::sha256_hex(source),
+            strength: None,
+            seed: 0,
+            first_index: 0,
+            count: 1,
+            sampling: Sampling::default(),
+            columns: None,
+            max_batch: DEFAULT_MAX_BATCH,
             caps: Caps::NONE,
-            ..GenerateSpec::default()
+        }
+    }
+
+    /// The strength this spec resolves to with `bundle`, checked.
+    pub fn strength(&self, bundle: &Bundle) -> Result<f32> {
+        strength(bundle, self.strength)
+    }
+
+    /// The job, every field checked against `bundle` and the caps.
+    pub fn job(self, bundle: &Bundle) -> Result<Job> {
+        let strength = self.strength(bundle)?;
+        let count = limits::check_range(Param::Count, self.count, self.caps.max_count.min(limits::MAX_IMAGES))?;
+        limits::check_indices(Param::FirstIndex, self.first_index, count)?;
+        let max_batch = limits::check_range(Param::MaxBatch, self.max_batch, limits::MAX_BATCH)?;
+        let grid = bundle.manifest().grid();
+        let settings = check_sampling(bundle, &self.sampling, &self.caps, grid)?;
+        let columns = match self.columns {
+            Some(c) => limits::check_range(Param::Columns, c, count)?,
+            None => image::grid_columns(count),
         };
-        spec.job(bundle)
-            .map_err(from_png)?
+        let masked = crate::job::vary_count(strength, grid[0] * grid[1]);
+        Ok(Job {
+            start: Start::Vary {
+                image: self.image,
+                source_sha256: self.source_sha256,
+                strength,
+                masked,
+            },
+            images: (0..count as u64)
+                .map(|i| ImageId {
+                    seed: self.seed,
+                    index: self.first_index + i,
+                })
+                .collect(),
+            settings,
+            class: self.sampling.class(bundle)?,
+            tiling: None,
+            decode: DecodeMode::default(),
+            record_frames: false,
+            columns,
+            max_batch,
+        })
+    }
+
+    /// The variation `png` (its metadata `m`) of `image`, whose file held `source`: `absorb
+    /// vary --from`. The source must be the one recorded (by sha256); errors name the PNG and
+    /// the key.
+    pub fn from_metadata(
+        bundle: &Bundle,
+        provider: &str,
+        png: &Path,
+        m: &Metadata,
+        image: Tensor,
+        source: &[u8],
+    ) -> Result<VarySpec> {
+        let r = Recorded::read(bundle, provider, png, m, "vary")?;
+        let (Some(strength), Some(recorded)) = (m.strength, m.source_sha256.as_deref()) else {
+            return Err(r.bad("metadata lacks strength or source_sha256".into()));
+        };
+        let spec = VarySpec {
+            strength: Some(strength),
+            seed: r.seed,
+            first_index: r.index,
+            count: r.count,
+            sampling: r.sampling,
+            columns: m.columns,
+            ..VarySpec::new(image, source)
+        };
+        if spec.source_sha256 != recorded {
+            return Err(r.bad(format!(
+                "is a variation of an image with sha256 {recorded}, but --image has {}: pass the image it was made from",
+                spec.source_sha256
+            )));
+        }
+        spec.clone()
+            .job(bundle)
+            .map_err(|e| r.naming_png(e))?
             .check_sheet(bundle)
-            .map_err(from_png)?;
+            .map_err(|e| r.naming_png(e))?;
         Ok(spec)
     }
 }

@@ -653,6 +653,156 @@ fn the_threshold_sampler_and_cached_attention_are_recorded_reproduced_and_checke
     );
 }
 
+/// `absorb vary -m BUNDLE --image SOURCE --steps 8 ARGS -o OUT` in `dir`: the PNG's bytes and
+/// its metadata.
+fn vary_with_metadata(
+    dir: &Path,
+    bundle: &str,
+    source: &str,
+    args: &[&str],
+    out: &str,
+) -> (Vec<u8>, serde_json::Value) {
+    let mut all = vec!["vary", "-m", bundle, "--image", source, "--steps", "8"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", out]);
+    ok(dir, &all);
+    let info = absorb(dir, &["info", out]);
+    (
+        fs::read(dir.join(out)).unwrap(),
+        serde_json::from_slice(&info.stdout).unwrap(),
+    )
+}
+
+#[test]
+fn variations_redo_a_seeded_share_of_the_tokens_are_batch_independent_and_reproduced_by_from() {
+    let d = tmp();
+    let b = bundle_copy(d.path());
+    let bs = b.to_string_lossy().into_owned();
+    let (source_path, _) = &common::heldout()[1];
+    let source = source_path.to_string_lossy().into_owned();
+    let vary = |args: &[&str], out: &str| vary_with_metadata(d.path(), &bs, &source, args, out);
+    // The source's tokens, to count what each variation kept.
+    let tokens_of = |png: &str, out: &str| -> Vec<i64> {
+        ok(d.path(), &["encode", "-m", &bs, "--image", png, "-o", out]);
+        let j: serde_json::Value = serde_json::from_slice(&fs::read(d.path().join(out)).unwrap()).unwrap();
+        j["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()))
+            .collect()
+    };
+    let (three, meta) = vary(&["--seed", "9", "--count", "3", "--strength", "0.25"], "three.png");
+    assert_eq!(
+        (meta["mode"].as_str(), meta["strength"].as_f64(), meta["count"].as_u64()),
+        (Some("vary"), Some(0.25), Some(3)),
+        "{meta}"
+    );
+    let sha = common::sha256(&fs::read(source_path).unwrap());
+    assert_eq!(meta["source_sha256"].as_str(), Some(sha.as_str()), "{meta}");
+    // Each variation is the same made alone (by its index) as in the batch, and they differ.
+    let mut alone = Vec::new();
+    for i in 0..3u64 {
+        let out = format!("v{i}.png");
+        let index = i.to_string();
+        let (png, meta) = vary(
+            &[
+                "--seed",
+                "9",
+                "--first-index",
+                &index,
+                "--strength",
+                "0.25",
+                "--max-batch",
+                "1",
+            ],
+            &out,
+        );
+        assert_eq!(meta["index"].as_u64(), Some(i), "{meta}");
+        alone.push((png, out));
+    }
+    assert_ne!(alone[0].0, alone[1].0, "two indices give two variations");
+    let (batched, _) = vary(&["--seed", "9", "--first-index", "1", "--strength", "0.25"], "b1.png");
+    assert_eq!(batched, alone[1].0, "the batch size does not change a variation");
+    // A variation keeps about 1 - strength of the source's tokens; strength 1 keeps few.
+    let src = tokens_of(&source, "src.json");
+    let kept = |png: &str, out: &str| {
+        let t = tokens_of(png, out);
+        t.iter().zip(&src).filter(|(a, b)| a == b).count() as f64 / src.len() as f64
+    };
+    let k25 = kept("v0.png", "v0.json");
+    assert!(k25 >= 0.6, "strength 0.25 kept {k25} of the tokens");
+    let (_, _) = vary(&["--seed", "9", "--strength", "1"], "all.png");
+    let k100 = kept("all.png", "all.json");
+    assert!(k100 < k25, "strength 1 kept {k100}, strength 0.25 {k25}");
+    // --from reproduces the sheet from the source, and refuses another source.
+    ok(
+        d.path(),
+        &[
+            "vary",
+            "-m",
+            &bs,
+            "--image",
+            &source,
+            "--from",
+            "three.png",
+            "-o",
+            "again.png",
+        ],
+    );
+    assert_eq!(fs::read(d.path().join("again.png")).unwrap(), three);
+    let other = common::heldout()[0].0.to_string_lossy().into_owned();
+    fails(
+        d.path(),
+        &[
+            "vary",
+            "-m",
+            &bs,
+            "--image",
+            &other,
+            "--from",
+            "three.png",
+            "-o",
+            "x.png",
+        ],
+        2,
+        &[
+            "three.png",
+            "is a variation of an image with sha256",
+            "pass the image it was made from",
+        ],
+    );
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "three.png", "-o", "x.png"],
+        2,
+        &["was made by `absorb vary`", "use `absorb vary --from`"],
+    );
+    // Bad strengths are refused naming the flag; so is a bundle default out of range.
+    for bad in ["0", "1.5", "nan", "-0.2"] {
+        fails(
+            d.path(),
+            &["vary", "-m", &bs, "--image", &source, "--strength", bad, "-o", "x.png"],
+            2,
+            &["invalid --strength:"],
+        );
+    }
+    edit_manifest(&b, |j| j["sampling"]["strength"] = serde_json::json!(0.3));
+    let (_, meta) = vary(&["--seed", "9"], "default.png");
+    assert_eq!(
+        meta["strength"].as_f64().map(|s| (s * 100.0).round()),
+        Some(30.0),
+        "{meta}"
+    );
+    edit_manifest(&b, |j| j["sampling"]["strength"] = serde_json::json!(2.0));
+    fails(
+        d.path(),
+        &["vary", "-m", &bs, "--image", &source, "-o", "x.png"],
+        1,
+        &["sampling.strength is 2"],
+    );
+}
+
 #[test]
 fn broken_bundles_are_refused_at_load_naming_the_file_and_field() {
     let d = tmp();
@@ -1173,6 +1323,24 @@ fn golden_bytes_of_every_kind_of_output() {
                 "4",
                 "-o",
                 "cache.png",
+            ],
+        ),
+        (
+            "vary",
+            &[
+                "vary",
+                "--image",
+                &digit,
+                "--strength",
+                "0.4",
+                "--seed",
+                "5",
+                "--count",
+                "2",
+                "--steps",
+                "8",
+                "-o",
+                "vary.png",
             ],
         ),
         (

@@ -393,6 +393,74 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         );
     }
 
+    // vary: one variation (a PNG with its strength in a header) and a sheet's worth (JSON), each
+    // the CLI's bytes; the source is the service's own PNG, as the page sends it.
+    let source = B64.encode(&one.body);
+    let v = s.post(
+        "/v1/vary",
+        &format!(r#"{{"image": "{source}", "strength": 0.3, "seed": 4, "steps": 8}}"#),
+    );
+    assert_eq!(v.status, 200, "{}", String::from_utf8_lossy(&v.body));
+    assert_eq!(v.header("x-absorb-strength"), Some("0.3"));
+    cli(
+        d.path(),
+        &[
+            "vary",
+            "-m",
+            &m,
+            "--image",
+            "x.png",
+            "--strength",
+            "0.3",
+            "--seed",
+            "4",
+            "--steps",
+            "8",
+            "-o",
+            "v.png",
+        ],
+    );
+    assert!(
+        v.body == std::fs::read(d.path().join("v.png")).unwrap(),
+        "vary: service PNG != CLI PNG"
+    );
+    let vs = s.post(
+        "/v1/vary",
+        &format!(r#"{{"image": "{source}", "strength": 0.3, "seed": 4, "steps": 8, "count": 2}}"#),
+    );
+    assert_eq!(vs.status, 200, "{}", String::from_utf8_lossy(&vs.body));
+    let j = vs.json();
+    assert_eq!(j["strength"].as_f64().map(|x| (x * 10.0).round()), Some(3.0), "{j}");
+    let images = j["images"].as_array().unwrap();
+    assert!(
+        B64.decode(images[0].as_str().unwrap()).unwrap() == v.body,
+        "variation 0 of 2 == the single one"
+    );
+    cli(
+        d.path(),
+        &[
+            "vary",
+            "-m",
+            &m,
+            "--image",
+            "x.png",
+            "--strength",
+            "0.3",
+            "--seed",
+            "4",
+            "--steps",
+            "8",
+            "--first-index",
+            "1",
+            "-o",
+            "v1.png",
+        ],
+    );
+    assert!(
+        B64.decode(images[1].as_str().unwrap()).unwrap() == std::fs::read(d.path().join("v1.png")).unwrap(),
+        "variation 1: service PNG != CLI PNG"
+    );
+
     // inpaint: a rectangle, and the same region as a mask PNG, both = the CLI's bytes.
     let (side, _) = shape(&s);
     let rect = format!("{},0,{},{}", side / 2, side / 2, side);
@@ -438,7 +506,12 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
         2.0
     );
-    assert_eq!(s.metric("absorb_images_total"), 10.0);
+    assert_eq!(
+        s.metric(r#"absorb_requests_total{route="/v1/vary",status="200"}"#),
+        2.0
+    );
+    // 10 generated and edited, 3 variations.
+    assert_eq!(s.metric("absorb_images_total"), 13.0);
     assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
     assert!(s.metric("absorb_images_per_second") > 0.0);
 
@@ -572,6 +645,16 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
         "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": 18446744073709551615}}"#) => 400 "outpaint_edge" "less than half the trained grid";
         "POST" "/v1/outpaint" format!(r#"{{"image": "{good}", "extend": {{"right": 8}}, "outpaint_edge": -1}}"#) => 400 "outpaint_edge" "invalid value";
         "POST" "/v1/outpaint" format!(r#"{{"image": "{garbage}", "extend": {{"right": 8}}}}"#) => 400 "image" "not a readable PNG";
+        // Variations.
+        "POST" "/v1/vary" "{}" => 400 "body" "missing field `image`";
+        "POST" "/v1/vary" format!(r#"{{"image": "{good}", "strength": 0}}"#) => 400 "strength" "not in (0, 1]";
+        "POST" "/v1/vary" format!(r#"{{"image": "{good}", "strength": 1.5}}"#) => 400 "strength" "not in (0, 1]";
+        "POST" "/v1/vary" format!(r#"{{"image": "{good}", "strength": "half"}}"#) => 400 "strength" "invalid type";
+        "POST" "/v1/vary" format!(r#"{{"image": "{good}", "count": 5}}"#) => 400 "count" "1..=4";
+        "POST" "/v1/vary" format!(r#"{{"image": "{small}"}}"#) => 400 "image" "resize";
+        "POST" "/v1/vary" format!(r#"{{"image": "{garbage}"}}"#) => 400 "image" "not a readable PNG";
+        "POST" "/v1/vary" format!(r#"{{"image": "{good}", "mask": "{good}"}}"#) => 400 "mask" "unknown field";
+        "POST" "/v1/jobs?type=paint" "{}" => 400 "type" "generate, inpaint, outpaint or vary";
         "GET" "/v1/generate" "" => 405 "" "method not allowed";
         "POST" "/v1/model" "" => 405 "" "method not allowed";
         "GET" "/v2/generate" "" => 404 "" "no such route";
@@ -914,6 +997,11 @@ fn golden_bytes_of_every_kind_of_answer() {
             "/v1/outpaint",
             format!(r#"{{"image": "{digit}", "extend": {{"right": 16, "down": 8}}, "seed": 2}}"#),
         ),
+        (
+            "vary",
+            "/v1/vary",
+            format!(r#"{{"image": "{digit}", "strength": 0.4, "seed": 5, "count": 2, "steps": 8}}"#),
+        ),
         ("wide", "/v1/generate", r#"{"seed": 11, "grid": [8, 16]}"#.into()),
         (
             "preview",
@@ -938,8 +1026,9 @@ fn golden_bytes_of_every_kind_of_answer() {
             got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
         }
     }
-    // single PNGs, the grid's 4, halton's, threshold's and the cache's 2 each, the preview's 2 + frames
-    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 3, "{got:?}");
+    // single PNGs, the grid's 4, halton's, threshold's, the cache's and vary's 2 each, the
+    // preview's 2 + frames
+    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 2 + 3, "{got:?}");
     common::check_golden("server", &got);
 }
 

@@ -14,10 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    let route = match pick % 3 {
+    let route = match pick % 4 {
         0 => Route::Generate,
         1 => Route::Inpaint,
-        _ => Route::Outpaint,
+        2 => Route::Outpaint,
+        _ => Route::Vary,
     };
     let bundle = common::digits();
     if let Ok(parsed) = requests::parse(route, bundle, &Limits::default(), body) {

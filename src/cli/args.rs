@@ -247,6 +247,40 @@ pub struct InpaintArgs {
 }
 
 #[derive(Args)]
+pub struct VaryArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The source image (the bundle's size).
+    #[arg(long, short = 'i')]
+    pub image: PathBuf,
+    /// The share of the image's tokens masked and redone, in (0, 1]: near 0 keeps the image,
+    /// 1 is a fresh sample (default: the bundle's, else 0.5). At least one token is redone.
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    pub strength: Option<f32>,
+    /// Number of variations, each from its own stream (its own masked tokens).
+    #[arg(long, short = 'n', default_value_t = 1, value_parser = whole_usize, allow_hyphen_values = true)]
+    pub count: usize,
+    /// Index of the first variation.
+    #[arg(long, default_value_t = 0, value_parser = whole_u64, allow_hyphen_values = true)]
+    pub first_index: u64,
+    /// Output PNG (a sheet when count > 1).
+    #[arg(long, short = 'o', default_value = "varied.png")]
+    pub out: PathBuf,
+    /// Sheet columns when count > 1 (default: near square).
+    #[arg(long, value_parser = whole_usize, allow_hyphen_values = true)]
+    pub columns: Option<usize>,
+    /// Images per transformer call.
+    #[arg(long, default_value_t = absorb::DEFAULT_MAX_BATCH, value_parser = batch, allow_hyphen_values = true)]
+    pub max_batch: usize,
+    /// Reproduce the variation PNG made by absorb (strength, seed, index, count and sampling from
+    /// its metadata); --image must be its source (checked by sha256).
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "class", "count", "first_index", "columns", "strength"])]
+    pub from: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct EncodeArgs {
     #[command(flatten)]
     pub common: Common,

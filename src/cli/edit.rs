@@ -1,12 +1,12 @@
-//! `absorb inpaint` and `absorb outpaint`: an image and where to regenerate or extend it,
-//! made into a job; the image's known tokens never change.
+//! `absorb inpaint`, `absorb outpaint` and `absorb vary`: an image and where to regenerate or
+//! extend it (or how much of it to redo), made into a job.
 
 use anyhow::{bail, Context, Result};
 
 use absorb::image;
-use absorb::{spec, InpaintSpec, OutpaintSpec};
+use absorb::{spec, InpaintSpec, OutpaintSpec, VarySpec};
 
-use super::args::{InpaintArgs, OutpaintArgs};
+use super::args::{InpaintArgs, OutpaintArgs, VaryArgs};
 use super::{load, load_grid, log_timings, model_dir, run_with_progress, seed_or_fresh, write_frames};
 use absorb::Param;
 
@@ -86,5 +86,57 @@ pub fn outpaint(a: OutpaintArgs) -> Result<()> {
         a.out.display()
     );
     log_timings(&p, &made.timings, took, 1);
+    Ok(())
+}
+
+pub fn vary(a: VaryArgs) -> Result<()> {
+    super::check_out_dir(&a.out)?;
+    if !a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        bail!(absorb::Error::param(
+            Param::Out,
+            format!("{} must end in .png", a.out.display())
+        ));
+    }
+    let mut p = super::load_grid(&a.common, a.max_batch, None)?;
+    let spec = p.bundle().manifest().image.clone();
+    let input = image::load_image(&a.image, &spec)?;
+    // The file as it was decoded: its sha256 goes into the metadata.
+    let source = std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
+    let provider = p.provider().to_string();
+    let spec = match &a.from {
+        Some(png) => VarySpec::from_metadata(p.bundle(), &provider, png, &image::read_metadata(png)?, input, &source)?,
+        None => VarySpec {
+            strength: a.strength,
+            seed: seed_or_fresh(a.sampling.seed),
+            first_index: a.first_index,
+            count: a.count,
+            sampling: a.sampling.sampling(p.bundle())?,
+            columns: a.columns,
+            ..VarySpec::new(input, &source)
+        },
+    };
+    let job = VarySpec {
+        max_batch: a.max_batch,
+        ..spec
+    }
+    .job(p.bundle())?;
+    job.check_sheet(p.bundle())?;
+    eprintln!("seed {}", job.seed());
+    let count = job.images().len();
+    let masked = job.masked_tokens(p.bundle()) / count.max(1);
+    let (made, took) = run_with_progress(&mut p, &job)?;
+    let meta = job.metadata(p.bundle(), &provider, 0, count);
+    let img = if count == 1 {
+        made.pixels[0].clone()
+    } else {
+        image::grid(&made.pixels, job.columns())
+    };
+    image::write_png(&a.out, &img, Some(&meta))?;
+    let total = made.grid[0] * made.grid[1];
+    eprintln!(
+        "redid {masked} of {total} tokens in each of {count} variation(s); wrote {}",
+        a.out.display()
+    );
+    log_timings(&p, &made.timings, took, count);
     Ok(())
 }

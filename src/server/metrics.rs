@@ -23,11 +23,12 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
 ];
 
 /// Routes are a fixed set of labels, so a scanner cannot blow up the series count.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 10] = [
     "/",
     "/v1/generate",
     "/v1/inpaint",
     "/v1/outpaint",
+    "/v1/vary",
     "/v1/jobs",
     "/v1/model",
     "/healthz",
@@ -345,7 +346,7 @@ pub async fn track(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -
         })
         .unwrap_or("other");
     let start = Instant::now();
-    let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint");
+    let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint" | "/v1/vary");
     let mut guard = work.then(|| {
         s.metrics.in_flight.inc();
         InFlight {

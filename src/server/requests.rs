@@ -13,7 +13,7 @@ use crate::job::{self, CacheMode, Canvas, Job, Sampling};
 use crate::limits;
 use crate::param::Param;
 use crate::sampler::SamplerKind;
-use crate::spec::{self, Caps, GenerateSpec, InpaintSpec, OutpaintSpec};
+use crate::spec::{self, Caps, GenerateSpec, InpaintSpec, OutpaintSpec, VarySpec};
 use crate::{Bundle, DecodeMode};
 
 /// `POST /v1/generate`. An empty body means all defaults.
@@ -98,6 +98,24 @@ struct InpaintRequest {
     decode_all: bool,
 }
 
+/// `POST /v1/vary`: a base64 PNG, the share of its tokens to redo, and how many variations.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VaryRequest {
+    image: String,
+    strength: Option<f32>,
+    seed: Option<u64>,
+    count: Option<usize>,
+    steps: Option<usize>,
+    temperature: Option<f32>,
+    temperature_end: Option<f32>,
+    top_p: Option<f32>,
+    sampler: Option<SamplerKind>,
+    threshold: Option<f32>,
+    cache: Option<CacheMode>,
+    class: Option<serde_json::Value>,
+}
+
 /// The routes that take a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -107,6 +125,8 @@ pub enum Route {
     Inpaint,
     /// `POST /v1/outpaint`
     Outpaint,
+    /// `POST /v1/vary`
+    Vary,
 }
 
 /// A request body that parsed and passed every check that needs no pixels.
@@ -150,6 +170,21 @@ enum Pending {
         max_batch: usize,
         caps: Caps,
     },
+    Vary {
+        image: Vec<u8>,
+        spec: VaryFields,
+    },
+}
+
+/// A variation request's fields but its image.
+#[derive(Debug)]
+struct VaryFields {
+    strength: Option<f32>,
+    seed: u64,
+    count: usize,
+    sampling: Sampling,
+    max_batch: usize,
+    caps: Caps,
 }
 
 impl Parsed {
@@ -164,6 +199,7 @@ impl Parsed {
         match &self.pending {
             Pending::Ready(job) => job.seed(),
             Pending::Inpaint { seed, .. } | Pending::Outpaint { seed, .. } => *seed,
+            Pending::Vary { spec, .. } => spec.seed,
         }
     }
 
@@ -223,6 +259,16 @@ impl Parsed {
                 }
                 .job(bundle)
             }
+            Pending::Vary { image, spec: f } => VarySpec {
+                strength: f.strength,
+                seed: f.seed,
+                count: f.count,
+                sampling: f.sampling,
+                max_batch: f.max_batch,
+                caps: f.caps,
+                ..VarySpec::new(image::image_from_png(&image, spec, "image")?, &image)
+            }
+            .job(bundle),
         }
     }
 }
@@ -233,7 +279,35 @@ pub fn parse(route: Route, bundle: &Bundle, limits: &Limits, body: &[u8]) -> Res
         Route::Generate => generate(bundle, limits, body),
         Route::Inpaint => inpaint(bundle, limits, body),
         Route::Outpaint => outpaint(bundle, limits, body),
+        Route::Vary => vary(bundle, limits, body),
     }
+}
+
+fn vary(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
+    let req: VaryRequest = parse_json(body)?;
+    let sampling = sampling_of!(req, bundle);
+    let caps = limits.caps();
+    // Everything but the image is checked before the image is decoded.
+    spec::check_sampling(bundle, &sampling, &caps, bundle.manifest().grid())?;
+    spec::strength(bundle, req.strength)?;
+    let count = req.count.unwrap_or(1);
+    limits::check_range(Param::Count, count, caps.max_count.min(limits::MAX_IMAGES))?;
+    let image = base64_field(&req.image, Param::Image)?;
+    Ok(Parsed {
+        pending: Pending::Vary {
+            image,
+            spec: VaryFields {
+                strength: req.strength,
+                seed: req.seed.unwrap_or_else(crate::fresh_seed),
+                count,
+                sampling,
+                max_batch: limits.max_batch,
+                caps,
+            },
+        },
+        animation: None,
+        canvas: false,
+    })
 }
 
 fn generate(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {

@@ -35,6 +35,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/v1/generate", post(generate))
         .route("/v1/inpaint", post(inpaint))
         .route("/v1/outpaint", post(outpaint))
+        .route("/v1/vary", post(vary))
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(job_status).delete(delete_job))
         .route("/v1/jobs/{id}/events", get(job_events))
@@ -130,7 +131,16 @@ async fn outpaint(
     submit(s, id, headers, body, Route::Outpaint).await
 }
 
-/// `POST /v1/jobs?type=generate|inpaint|outpaint` (default generate): the synchronous route's
+async fn vary(
+    State(s): State<Arc<Shared>>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    submit(s, id, headers, body, Route::Vary).await
+}
+
+/// `POST /v1/jobs?type=generate|inpaint|outpaint|vary` (default generate): the synchronous route's
 /// body, queued; answers 202 with the job's id, its place in the queue and where to look.
 async fn create_job(
     State(s): State<Arc<Shared>>,
@@ -149,10 +159,11 @@ async fn create_job(
         "generate" => Route::Generate,
         "inpaint" => Route::Inpaint,
         "outpaint" => Route::Outpaint,
+        "vary" => Route::Vary,
         other => {
             return Err(Error::param(
                 Param::JobType,
-                format!("\"{other}\" is not a job type: use generate, inpaint or outpaint"),
+                format!("\"{other}\" is not a job type: use generate, inpaint, outpaint or vary"),
             )
             .into())
         }
@@ -332,6 +343,10 @@ async fn answer(
 ) -> Result<Response, AppError> {
     let (reply, rx) = oneshot::channel();
     let (seed, settings, grid) = (job.seed(), *job.settings(), job.grid(&s.bundle));
+    let strength = match job.start() {
+        crate::job::Start::Vary { strength, .. } => Some(*strength),
+        _ => None,
+    };
     s.submit(Work {
         id: id.0,
         job,
@@ -343,7 +358,7 @@ async fn answer(
     let format = animation;
     let Answer { mut pngs, animation } = wait(s, rx).await?;
     if pngs.len() == 1 && animation.is_none() {
-        return Ok(png_response(pngs.remove(0), seed, &settings));
+        return Ok(png_response(pngs.remove(0), seed, &settings, strength));
     }
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut json = serde_json::json!({
@@ -362,6 +377,9 @@ async fn answer(
     json["cache"] = settings
         .cache
         .map_or(serde_json::json!("off"), |n| serde_json::json!(n));
+    if let Some(v) = strength {
+        json["strength"] = serde_json::json!(v);
+    }
     if canvas {
         json["grid"] = serde_json::json!(grid);
     }
@@ -451,7 +469,7 @@ async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::
     })
 }
 
-fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
+fn png_response(png: Vec<u8>, seed: u64, settings: &Settings, strength: Option<f32>) -> Response {
     let mut r = (StatusCode::OK, png).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
@@ -478,6 +496,9 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings) -> Response {
     let cache = settings.cache.map_or_else(|| "off".to_string(), |n| n.to_string());
     if let Ok(v) = HeaderValue::from_str(&cache) {
         h.insert("x-absorb-cache", v);
+    }
+    if let Some(v) = strength.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+        h.insert("x-absorb-strength", v);
     }
     r
 }

@@ -199,6 +199,7 @@ impl Tasks {
                     Route::Generate => "generate",
                     Route::Inpaint => "inpaint",
                     Route::Outpaint => "outpaint",
+                    Route::Vary => "vary",
                 },
                 state: State::Queued,
                 seed,

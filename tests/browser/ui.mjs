@@ -1,6 +1,6 @@
 // The page of `absorb serve` in a real browser (Debian's Chromium, headless, driven by
 // playwright-core): generate while watching the progress events, paint a mask and inpaint,
-// outpaint, watch the live previews reveal a generation, cancel a running job, then the same
+// outpaint, vary, watch the live previews reveal a generation, cancel a running job, then the same
 // on a phone's screen with touch; every PNG the page got must equal the CLI's for the same
 // parameters. `make browser-test` runs it; SHOTS=DIR saves screenshots there.
 //   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR
@@ -139,6 +139,17 @@ try {
   const px = await page.evaluate(() => document.getElementById("img").width / 8 * 4);
   cli("outpaint", "--image", "many/5-000000.png", "--extend", `right=${px}`, "--seed", "5", "--steps", "5", "-o", "wide.png");
   check(same(wide, "wide.png"), "outpainting = the CLI's outpaint");
+
+  // 3b. Vary the same image at strength 0.3 with the slider.
+  await page.fill("#strength", "0.3");
+  check((await page.textContent("#strengthout")) === "0.3", "the strength slider shows its value");
+  posted.length = 0;
+  await page.click("#vary");
+  await page.waitForFunction((w) => { const a = document.getElementById("after"); return a.dataset.final && a.src.split(",")[1] !== w; }, wide, { timeout: 60000 });
+  const varyBody = JSON.parse(posted.find((p) => p.url.includes("type=vary")).body);
+  const varied = await page.$eval("#after", (i) => i.src.split(",")[1]);
+  cli("vary", "--image", "many/5-000000.png", "--strength", "0.3", "--seed", "5", "--steps", "5", "-o", "varied.png");
+  check(varyBody.strength === 0.3 && same(varied, "varied.png"), "a variation at strength 0.3 = the CLI's vary");
 
   // 4. Watch a longer generation reveal itself (one event per transformer call, a decoded
   // preview every few), then cancel it: it ends as cancelled, and the worker stops.
