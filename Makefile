@@ -25,6 +25,19 @@ $(VENV)/.installed: export/requirements.txt
 pytest: venv ort build
 	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) $(PY) -m pytest -q export/tests
 
+# The OpenAI images API driven by the official `openai` client (tests/openai): a small venv of its
+# own (the client and pytest, pinned), not the export venv's torch.
+OPENAI_REQ   := tests/openai/requirements.txt
+OPENAI_VENV  ?= $(HOME)/.cache/absorb/openai-venv-$(shell sha256sum $(OPENAI_REQ) | cut -c1-12)
+.PHONY: openai-test
+$(OPENAI_VENV)/.installed: $(OPENAI_REQ)
+	python3 -m venv $(OPENAI_VENV)
+	$(OPENAI_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(OPENAI_REQ)
+	touch $@
+openai-test: $(OPENAI_VENV)/.installed ort build
+	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) \
+	  $(OPENAI_VENV)/bin/python -m pytest -q tests/openai
+
 ARCH := $(shell uname -m)
 # sha256 of each pinned wheel (onnxruntime-VERSION-cp311-...-ARCH.whl on PyPI).
 ORT_SHA256_1.31.1_x86_64 := 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
@@ -125,7 +138,7 @@ cross-test: cross build ort $(ORT_ARM_LIB)
 	scripts/cross-test.sh target/release/absorb $(CROSS_BIN) $(abspath $(ORT_ARM_LIB)) $(abspath $(ORT_LIB)) models/digits
 
 # The stages of `make test`, one after another; scripts/stages.sh prints each one's time at the end.
-TEST_STAGES := lint rust-test fuzz-smoke browser-test pytest cross-test verify-unit verify-k8s
+TEST_STAGES := lint rust-test fuzz-smoke browser-test pytest openai-test cross-test verify-unit verify-k8s
 test:
 	scripts/stages.sh $(MAKE) $(TEST_STAGES)
 

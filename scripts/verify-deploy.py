@@ -107,6 +107,11 @@ def check_container(name, c, image):
     mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
     if model and not any(model == d or model.startswith(d + "/") for d in image["copies"] + mounts):
         raise Invalid(f"{name}: --model {model} is neither baked into the image nor on a mounted volume")
+    # --models DIR: bundles baked under it, or a volume at it (or above it).
+    models = arg_after(args, "--models")
+    if models and not (any(d.rstrip("/").startswith(models.rstrip("/") + "/") for d in image["copies"])
+                       or any(models == d or models.startswith(d + "/") for d in mounts)):
+        raise Invalid(f"{name}: --models {models} holds no bundle baked into the image and is not on a mounted volume")
     res = c.get("resources", {})
     if not res.get("requests") or not res.get("limits", {}).get("memory"):
         raise Invalid(f"{name}: container {c['name']} needs resource requests and a memory limit")
@@ -315,7 +320,10 @@ def run_serve(bin_path, name, d):
     """Starts each serve container's args on the CPU and asks /healthz, then stops it."""
     c = container(d)
     args = list(c["args"])
-    args[args.index("--model") + 1] = os.path.join(ROOT, "models", "digits")
+    if "--model" in args:
+        args[args.index("--model") + 1] = os.path.join(ROOT, "models", "digits")
+    if "--models" in args:
+        args[args.index("--models") + 1] = os.path.join(ROOT, "models")
     args[args.index("--listen") + 1] = "127.0.0.1:0"
     if "--provider" in args:
         args[args.index("--provider") + 1] = "cpu"

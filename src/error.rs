@@ -179,6 +179,16 @@ pub enum Error {
     #[error("the run this request shared with others failed: {0}")]
     SharedRun(String),
 
+    /// One of the service's bundles cannot be read or loaded: its requests get this, the other
+    /// bundles' requests go on.
+    #[error("model \"{name}\" cannot be used: {message}")]
+    ModelUnavailable {
+        /// The bundle's name.
+        name: String,
+        /// Why (the read or load error).
+        message: String,
+    },
+
     /// A file could not be read or written.
     #[error("{}: {error}{}", .path.display(), io_hint(error))]
     Io {

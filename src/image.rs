@@ -257,13 +257,33 @@ fn white_mask(img: &::image::DynamicImage) -> Mask {
 
 /// Like [`load_mask`], for a PNG held in memory; `field` names it in errors (`mask`).
 pub fn mask_from_png(bytes: &[u8], width: usize, height: usize, field: &str) -> Result<Mask> {
-    let img = decode_bounded(
+    Ok(white_mask(&decode_mask(bytes, width, height, field)?))
+}
+
+/// A mask PNG held in memory, decoded only if its header says `width` x `height`.
+fn decode_mask(bytes: &[u8], width: usize, height: usize, field: &str) -> Result<::image::DynamicImage> {
+    decode_bounded(
         memory_reader(bytes),
         Path::new(field),
         "mask",
         Bound::Exactly([width, height]),
-    )?;
-    Ok(white_mask(&img))
+    )
+}
+
+/// The OpenAI images API's mask convention: the fully transparent pixels (alpha 0) of a PNG of
+/// `width` x `height` are the ones to regenerate. `field` names it in errors (`mask`, or `image`
+/// when the image's own alpha is the mask). A PNG without an alpha channel marks nothing: an
+/// error that says so.
+pub fn mask_from_alpha(bytes: &[u8], width: usize, height: usize, field: &str) -> Result<Mask> {
+    let img = decode_mask(bytes, width, height, field)?;
+    if !img.color().has_alpha() {
+        return Err(Error::Image {
+            path: field.into(),
+            message: "has no alpha channel: mark the pixels to regenerate fully transparent (alpha 0)".into(),
+        });
+    }
+    let data = img.to_rgba8().pixels().map(|p| p.0[3] == 0).collect();
+    Ok(Mask { height, width, data })
 }
 
 /// A rectangular mask `x,y,w,h` in pixels, clipped to nothing: it must lie inside the image.

@@ -515,7 +515,7 @@ impl Job {
         let [h, w] = self.grid(bundle);
         match &self.start {
             Start::Masked => self.images.len() * h * w,
-            Start::Inpaint { token_mask, .. } => token_mask.iter().filter(|&&m| m).count(),
+            Start::Inpaint { token_mask, .. } => self.images.len() * token_mask.iter().filter(|&&m| m).count(),
             Start::Outpaint {
                 image, extend, edge, ..
             } => {

@@ -135,6 +135,13 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let models = cli.command.common().model.len();
+    if models > 1 && !matches!(cli.command, Command::Serve(_)) {
+        anyhow::bail!(absorb::Error::param(
+            absorb::Param::Model,
+            format!("given {models} times: only `absorb serve` takes several bundles"),
+        ));
+    }
     match cli.command {
         Command::Generate(a) => cli::generate::generate(a),
         Command::Inpaint(a) => cli::edit::inpaint(a),

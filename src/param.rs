@@ -53,6 +53,10 @@ pub enum Param {
     HeaderTimeoutMs,
     BodyTimeoutMs,
     MaxJobs,
+    Model,
+    Models,
+    MaxLoaded,
+    MemoryBudget,
     JobType,
 }
 
@@ -104,6 +108,10 @@ const PARAMS: &[(Param, &str, Option<&str>)] = &[
     (Param::HeaderTimeoutMs, "header_timeout_ms", Some("--header-timeout-ms")),
     (Param::BodyTimeoutMs, "body_timeout_ms", Some("--body-timeout-ms")),
     (Param::MaxJobs, "max_jobs", Some("--max-jobs")),
+    (Param::Model, "model", Some("--model")),
+    (Param::Models, "models", Some("--models")),
+    (Param::MaxLoaded, "max_loaded", Some("--max-loaded")),
+    (Param::MemoryBudget, "memory_budget", Some("--memory-budget")),
     (Param::JobType, "type", None),
 ];
 

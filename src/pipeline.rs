@@ -95,9 +95,16 @@ impl Pipeline {
     /// [`Pipeline::load`] with provider settings (TensorRT precision, engine cache, profiles,
     /// the transformer variant).
     pub fn load_with(dir: &Path, options: &RuntimeOptions, config: &ProviderConfig) -> Result<Pipeline> {
+        let bundle = Bundle::load_variant(dir, config.variant.as_deref())?;
+        Pipeline::load_bundle(bundle, options, config)
+    }
+
+    /// [`Pipeline::load_with`] for a bundle already read and checked (the service's catalog);
+    /// `config.variant` is the bundle's own.
+    pub fn load_bundle(bundle: Bundle, options: &RuntimeOptions, config: &ProviderConfig) -> Result<Pipeline> {
         let start = Instant::now();
         let runtime = Runtime::init(options)?;
-        let bundle = Bundle::load_variant(dir, config.variant.as_deref())?;
+        let dir = bundle.dir().to_path_buf();
         let graphs = Graphs::load(&bundle, runtime, config)?;
         let load_time = start.elapsed();
         log::info!(
@@ -197,7 +204,12 @@ impl Pipeline {
                 mask,
                 keep_input: true,
                 ..
-            } => image::composite(&mut pixels[0], &image::to_pixels(image, range), mask),
+            } => {
+                let input = image::to_pixels(image, range);
+                for p in &mut pixels {
+                    image::composite(p, &input, mask);
+                }
+            }
             Start::Outpaint {
                 image,
                 at,
@@ -313,7 +325,7 @@ impl Pipeline {
                         *t = space.mask_id;
                     }
                 }
-                vec![one(tokens, &chunk[0])?]
+                chunk.iter().map(|id| one(tokens.clone(), id)).collect::<Result<_>>()?
             }
             Start::Outpaint {
                 image,

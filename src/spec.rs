@@ -428,6 +428,8 @@ pub struct InpaintSpec {
     pub sampling: Sampling,
     /// Keep the input's own pixels outside the mask (else the decoder's everywhere).
     pub keep_input: bool,
+    /// How many inpaintings, images `0..count` of the seed (each from its own stream).
+    pub count: usize,
     /// The service's caps.
     pub caps: Caps,
 }
@@ -442,6 +444,7 @@ impl InpaintSpec {
             seed: 0,
             sampling: Sampling::default(),
             keep_input: true,
+            count: 1,
             caps: Caps::NONE,
         }
     }
@@ -457,13 +460,22 @@ impl InpaintSpec {
                 "the mask is empty: mark the region to regenerate in white",
             ));
         }
+        let count = limits::check_range(Param::Count, self.count, self.caps.max_count.min(limits::MAX_IMAGES))?;
         let start = Start::Inpaint {
             image: self.image,
             mask: self.mask,
             token_mask,
             keep_input: self.keep_input,
         };
-        Ok(Job::one(start, self.seed, settings, self.sampling.class(bundle)?, None))
+        let job = Job::one(start, self.seed, settings, self.sampling.class(bundle)?, None);
+        if count == 1 {
+            return Ok(job);
+        }
+        job.with_images(
+            (0..count as u64)
+                .map(|index| ImageId { seed: self.seed, index })
+                .collect(),
+        )
     }
 }
 

@@ -320,6 +320,18 @@ fn bad_parameters_are_rejected_with_exit_code_2() {
         &["--threads", "0", "1..=256"],
     );
     fails(d.path(), &["generate", "--bogus"], 2, &["--bogus"]);
+    fails(
+        d.path(),
+        &["generate", "-m", &m, "-m", &m, "-o", "x.png"],
+        2,
+        &["invalid --model", "only `absorb serve` takes several"],
+    );
+    fails(
+        d.path(),
+        &["serve", "--models", "no-such-dir", "--listen", "127.0.0.1:0"],
+        2,
+        &["--models", "no-such-dir"],
+    );
 }
 
 #[test]

@@ -506,10 +506,7 @@ fn serve_is_ready_after_warm_up_and_answers_with_the_cli_bytes() {
         s.metric(r#"absorb_requests_total{route="/v1/inpaint",status="200"}"#),
         2.0
     );
-    assert_eq!(
-        s.metric(r#"absorb_requests_total{route="/v1/vary",status="200"}"#),
-        2.0
-    );
+    assert_eq!(s.metric(r#"absorb_requests_total{route="/v1/vary",status="200"}"#), 2.0);
     // 10 generated and edited, 3 variations.
     assert_eq!(s.metric("absorb_images_total"), 13.0);
     assert!(s.metric(r#"absorb_request_duration_seconds_count{route="/v1/generate"}"#) >= 2.0);
@@ -629,6 +626,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
         "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4]}}"#) => 400 "rect" "invalid";
         "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "decode_all": "yes"}}"#) => 400 "decode_all" "invalid type";
         "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "steps": 0}}"#) => 400 "steps" "out of range";
+        "POST" "/v1/inpaint" format!(r#"{{"image": "{good}", "rect": [0, 0, 4, 4], "count": 5}}"#) => 400 "count" "1..=4";
         // Larger grids, outpainting and previews.
         "POST" "/v1/generate" r#"{"grid": [8, 400]}"# => 400 "grid" "limit of 32";
         "POST" "/v1/generate" r#"{"grid": [4, 16]}"# => 400 "grid" "smaller than the trained";
@@ -1780,4 +1778,154 @@ fn a_followed_job_streams_live_previews_with_the_masked_tokens_grey_and_an_unfol
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(job_status(&s, id)["previews"], 0);
+}
+
+/// A copy of the bundle in `src` at `dst`, its model.json's name set to `name` (and, with
+/// `graph`, its transformer replaced by those bytes, the manifest's sha256 updated to match, so
+/// the bundle reads but its graph cannot load).
+fn bundle_named(src: &Path, dst: &Path, name: &str, graph: Option<&[u8]>) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    let path = dst.join("model.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if j["name"] == name && graph.is_none() {
+        // Untouched: the same bundle (sha256 and all) in another directory.
+        return;
+    }
+    j["name"] = name.into();
+    if let Some(bytes) = graph {
+        let file = j["graphs"]["transformer"]["file"].as_str().unwrap().to_string();
+        std::fs::write(dst.join(&file), bytes).unwrap();
+        j["graphs"]["transformer"]["sha256"] = common::sha256(bytes).into();
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+}
+
+/// The process's resident memory in MiB (Linux).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn several_bundles_load_on_demand_within_max_loaded_and_a_broken_one_fails_only_its_own_requests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let dir = tempfile::tempdir().unwrap();
+    let many = dir.path().join("many");
+    bundle_named(&root.join("scenes"), &many.join("a-scenes"), "scenes", None);
+    bundle_named(
+        &root.join("digits"),
+        &many.join("b-noload"),
+        "noload",
+        Some(b"not an onnx graph"),
+    );
+    std::fs::create_dir_all(many.join("c-unreadable")).unwrap();
+    std::fs::write(many.join("c-unreadable/model.json"), b"{\"name\": ").unwrap();
+    let m = many.to_string_lossy().into_owned();
+    // -m digits (Server::start) first: the default and the one warmed up.
+    let s = Server::start(&["--models", &m, "--max-loaded", "1"], &[]);
+    let names: Vec<String> = s.get("/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["digits", "scenes", "noload", "c-unreadable"]);
+    assert_eq!(s.metric("absorb_models_loaded"), 1.0);
+
+    // Alternating requests under --max-loaded 1: each succeeds with the CLI's bytes, one bundle
+    // is loaded at a time, and the memory stays bounded.
+    let d = tempfile::tempdir().unwrap();
+    cli(
+        d.path(),
+        &["generate", "-m", &model_arg(), "--seed", "3", "-o", "d.png"],
+    );
+    let scenes = root.join("scenes").to_string_lossy().into_owned();
+    cli(d.path(), &["generate", "-m", &scenes, "--seed", "3", "-o", "s.png"]);
+    let (want_d, want_s) = (
+        std::fs::read(d.path().join("d.png")).unwrap(),
+        std::fs::read(d.path().join("s.png")).unwrap(),
+    );
+    let mut rss = Vec::new();
+    for round in 0..4 {
+        let a = s.post("/v1/generate", r#"{"seed": 3, "model": "scenes"}"#);
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let b = s.post("/v1/generate", r#"{"seed": 3}"#);
+        assert_eq!(b.status, 200, "{}", String::from_utf8_lossy(&b.body));
+        // The PNG's metadata names the bundle it was made with: scenes' bytes are the CLI's
+        // from the scenes directory (the copy has the same model.json).
+        assert!(a.body == want_s, "round {round}: scenes != the CLI's");
+        assert!(b.body == want_d, "round {round}: digits != the CLI's");
+        assert_eq!(s.metric("absorb_models_loaded"), 1.0);
+        rss.push(rss_mib(s.pid()));
+    }
+    eprintln!("RSS after each round of two bundles under --max-loaded 1: {rss:.0?} MiB");
+    assert!(
+        rss[3] < rss[1] * 1.25 + 32.0,
+        "RSS grows with every load: {rss:.0?} MiB"
+    );
+    assert!(s.metric("absorb_model_loads_total") >= 8.0);
+    assert!(s.metric("absorb_model_unloads_total") >= 7.0);
+
+    // The broken bundles answer their own requests with their error; the others go on.
+    for (name, needle) in [
+        ("noload", "model \"noload\" cannot be used"),
+        ("c-unreadable", "model.json"),
+    ] {
+        let r = s.post("/v1/generate", &format!(r#"{{"seed": 1, "model": "{name}"}}"#));
+        assert_eq!(r.status, 500, "{name}: {}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        assert!(j["error"].as_str().unwrap().contains(needle), "{name}: {j}");
+        assert_eq!(j["field"], "model", "{j}");
+        assert_eq!(s.post("/v1/generate", r#"{"seed": 3}"#).body, want_d, "after {name}");
+    }
+    assert!(s.metric("absorb_model_load_failures_total") >= 1.0);
+    let r = s.post("/v1/generate", r#"{"model": "nope"}"#);
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("digits, scenes, noload, c-unreadable"));
+    let r = s.post("/v1/generate", r#"{"model": 7}"#);
+    assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("model")));
+    // /v1/model?name= describes one bundle.
+    let info = s.get("/v1/model?name=scenes").json();
+    assert_eq!(info["bundle"]["manifest"]["name"], "scenes");
+    assert_eq!(info["models"].as_array().unwrap().len(), 4);
+
+    // Reload: a new bundle appears without a restart (route and SIGHUP).
+    bundle_named(&root.join("digits"), &many.join("d-twin"), "twin", None);
+    let r = s.post("/v1/models/reload", "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["models"].as_array().unwrap().len(), 5);
+    let t = s.post("/v1/generate", r#"{"seed": 3, "model": "twin"}"#);
+    assert_eq!(t.status, 200, "{}", String::from_utf8_lossy(&t.body));
+    std::fs::remove_dir_all(many.join("d-twin")).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let start = Instant::now();
+    while s.get("/v1/models").json()["data"].as_array().unwrap().len() != 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "SIGHUP did not reload: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.post("/v1/generate", r#"{"model": "twin"}"#).status, 404);
+    assert_eq!(s.get("/healthz").status, 200);
 }

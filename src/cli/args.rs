@@ -15,9 +15,10 @@ use absorb::{Bundle, Canvas, DecodeMode, Provider, Sampling};
 /// Options every command shares.
 #[derive(Args, Clone)]
 pub struct Common {
-    /// Bundle directory (model.json + graphs). Default: the bundled models/digits.
-    #[arg(long, short = 'm', value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    /// Bundle directory (model.json + graphs). Default: the bundled models/digits. `serve` takes
+    /// several (`--model A --model B`); the other commands take one.
+    #[arg(long, short = 'm', value_name = "DIR", action = clap::ArgAction::Append)]
+    pub model: Vec<PathBuf>,
     /// ONNX Runtime library to load (default: ORT_DYLIB_PATH, next to the binary, the repo's .ort/,
     /// an installed Python onnxruntime, the system loader).
     #[arg(long, value_name = "PATH")]
@@ -406,6 +407,18 @@ pub struct InfoArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub common: Common,
+    /// A directory of bundles: every subdirectory with a model.json is served, by its name
+    /// (repeatable; with --model, the --model bundles come first). Default, with neither: the
+    /// bundled models/digits.
+    #[arg(long, value_name = "DIR", action = clap::ArgAction::Append)]
+    pub models: Vec<PathBuf>,
+    /// Bundles loaded at once at most; a request for another unloads the least recently used.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = max_loaded, allow_hyphen_values = true)]
+    pub max_loaded: usize,
+    /// Memory the loaded bundles may hold, in MiB (estimated from their graph files); the least
+    /// recently used are unloaded to stay within it. Default: no budget but --max-loaded.
+    #[arg(long, value_name = "MIB", value_parser = memory_budget, allow_hyphen_values = true)]
+    pub memory_budget: Option<u64>,
     /// Address to listen on; port 0 picks a free one (printed as `listening on ADDR`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
@@ -531,6 +544,16 @@ fn drain_ms(s: &str) -> Result<u64, String> {
 
 fn max_jobs(s: &str) -> Result<usize, String> {
     in_range(s, absorb::limits::MAX_JOBS)
+}
+
+/// At most 64 bundles loaded at once.
+fn max_loaded(s: &str) -> Result<usize, String> {
+    in_range(s, 64)
+}
+
+/// At most 1 TiB, in MiB.
+fn memory_budget(s: &str) -> Result<u64, String> {
+    in_range(s, 1 << 20).map(|v| v as u64)
 }
 
 /// At most a day.

@@ -27,7 +27,7 @@ use args::{Common, FrameArgs};
 /// The bundled default model: `models/digits` under the working directory, else under the
 /// source tree this binary was built from.
 pub fn model_dir(common: &Common) -> PathBuf {
-    if let Some(m) = &common.model {
+    if let Some(m) = common.model.first() {
         return m.clone();
     }
     let local = PathBuf::from("models/digits");

@@ -6,9 +6,25 @@ use super::args::ServeArgs;
 use super::{model_dir, provider_config, runtime_options};
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let dir = model_dir(&a.common);
+    // Neither --model nor --models: the bundled default.
+    let models = if a.common.model.is_empty() && a.models.is_empty() {
+        vec![model_dir(&a.common)]
+    } else {
+        a.common.model.clone()
+    };
+    let shown: Vec<String> = models
+        .iter()
+        .chain(&a.models)
+        .map(|d| d.display().to_string())
+        .collect();
     let options = absorb::server::ServeOptions {
-        model: dir.clone(),
+        sources: absorb::server::registry::Sources {
+            models,
+            dirs: a.models.clone(),
+            variant: a.common.variant.clone(),
+        },
+        max_loaded: a.max_loaded,
+        memory_budget: a.memory_budget.map(|mib| mib << 20),
         runtime: runtime_options(&a.common),
         // The same provider settings as every command; TensorRT profiles cover the service's batches.
         provider: provider_config(&a.common, a.max_batch, Some([a.max_grid, a.max_grid])),
@@ -29,5 +45,5 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             job_keep_s: a.job_keep_s,
         },
     };
-    absorb::server::serve(options).with_context(|| format!("serving the model from {}", dir.display()))
+    absorb::server::serve(options).with_context(|| format!("serving the models of {}", shown.join(", ")))
 }

@@ -23,12 +23,16 @@ const LATENCY_BUCKETS_S: [f64; 14] = [
 ];
 
 /// Routes are a fixed set of labels, so a scanner cannot blow up the series count.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 14] = [
     "/",
     "/v1/generate",
     "/v1/inpaint",
     "/v1/outpaint",
     "/v1/vary",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/models",
     "/v1/jobs",
     "/v1/model",
     "/healthz",
@@ -104,6 +108,17 @@ pub struct Metrics {
     busy_s: Counter<f64, AtomicU64>,
     images_per_s: Gauge<f64, AtomicU64>,
     steps_per_s: Gauge<f64, AtomicU64>,
+    /// Bundles loaded by the worker now.
+    pub models_loaded: Gauge,
+    /// Bundle loads started (the first use of a bundle, or again after it was unloaded).
+    pub model_loads: Counter,
+    /// Bundle loads that failed (answered to the requests for that bundle only).
+    pub model_load_failures: Counter,
+    /// Bundles unloaded to make room (`--max-loaded`, `--memory-budget`).
+    pub model_unloads: Counter,
+    /// Jobs waiting for their bundle to load (the one being loaded for; the others wait in the
+    /// queue).
+    pub waiting_for_model: Gauge,
     /// Jobs answered (for Retry-After; not exported).
     jobs: AtomicU64,
 }
@@ -142,9 +157,35 @@ impl Metrics {
             busy_s: Counter::default(),
             images_per_s: Gauge::default(),
             steps_per_s: Gauge::default(),
+            models_loaded: Gauge::default(),
+            model_loads: Counter::default(),
+            model_load_failures: Counter::default(),
+            model_unloads: Counter::default(),
+            waiting_for_model: Gauge::default(),
             jobs: AtomicU64::new(0),
             registry: Registry::default(),
         };
+        registry.register("absorb_models_loaded", "Bundles loaded now", m.models_loaded.clone());
+        registry.register(
+            "absorb_model_loads",
+            "Bundle loads started (first use, or again after an unload)",
+            m.model_loads.clone(),
+        );
+        registry.register(
+            "absorb_model_load_failures",
+            "Bundle loads that failed: answered to that bundle's requests only",
+            m.model_load_failures.clone(),
+        );
+        registry.register(
+            "absorb_model_unloads",
+            "Bundles unloaded to make room (--max-loaded, --memory-budget)",
+            m.model_unloads.clone(),
+        );
+        registry.register(
+            "absorb_jobs_waiting_for_model",
+            "Jobs waiting while their bundle loads",
+            m.waiting_for_model.clone(),
+        );
         m.queue_capacity.set(max_queue as i64);
         // Help texts without a final period: the encoder adds one.
         registry.register(
@@ -342,11 +383,22 @@ pub async fn track(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -
         .copied()
         .find(|r| {
             let path = req.uri().path();
-            *r == path || (*r == "/v1/jobs" && path.starts_with("/v1/jobs/"))
+            *r == path
+                || (*r == "/v1/jobs" && path.starts_with("/v1/jobs/"))
+                || (*r == "/v1/models" && path.starts_with("/v1/models/"))
         })
         .unwrap_or("other");
     let start = Instant::now();
-    let work = matches!(route, "/v1/generate" | "/v1/inpaint" | "/v1/outpaint" | "/v1/vary");
+    let work = matches!(
+        route,
+        "/v1/generate"
+            | "/v1/inpaint"
+            | "/v1/outpaint"
+            | "/v1/vary"
+            | "/v1/images/generations"
+            | "/v1/images/edits"
+            | "/v1/images/variations"
+    );
     let mut guard = work.then(|| {
         s.metrics.in_flight.inc();
         InFlight {

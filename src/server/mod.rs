@@ -30,6 +30,8 @@
 
 mod connections;
 mod metrics;
+mod openai;
+pub mod registry;
 pub mod requests;
 mod routes;
 mod shared;
@@ -38,7 +40,6 @@ pub mod tasks;
 mod worker;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -142,11 +143,17 @@ impl Default for Limits {
 /// heaviest one a client can ask for without changing the service's flags.
 pub const DEFAULT_MAX_STEPS: usize = 256;
 
-/// What `absorb serve` needs: the bundle, how to run it, where to listen, the limits.
+/// What `absorb serve` needs: the bundles, how to run them, where to listen, the limits.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Bundle directory.
-    pub model: PathBuf,
+    /// The bundles: `--model` directories and `--models` directories of bundles.
+    pub sources: registry::Sources,
+    /// Bundles loaded at once at most (`--max-loaded`); the least recently used is unloaded
+    /// to load another.
+    pub max_loaded: usize,
+    /// Estimated bytes the loaded bundles may hold (`--memory-budget`, in MiB on the command
+    /// line); `None`: only `max_loaded` bounds them.
+    pub memory_budget: Option<u64>,
     /// ONNX Runtime library and threads.
     pub runtime: RuntimeOptions,
     /// Execution provider and its settings (TensorRT engine cache, precision, variant). Without a
@@ -206,7 +213,29 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     log::info!("serving on {addr} (limits: {limits:?})");
     notify.ready(&format!("serving on {addr}"));
 
+    let hangup = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        signal(SignalKind::hangup())
+    };
     rt.block_on(async {
+        // SIGHUP reads the bundle list again; running jobs finish on the bundle they hold.
+        match hangup {
+            Ok(mut hup) => {
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let s = s.clone();
+                        match tokio::task::spawn_blocking(move || s.reload()).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => log::error!("SIGHUP: the bundle list was kept: {e}"),
+                            Err(e) => log::error!("SIGHUP: reading the bundle list failed: {e}"),
+                        }
+                    }
+                });
+            }
+            Err(e) => log::warn!("no SIGHUP handler ({e}): reload with POST /v1/models/reload"),
+        }
         if let Some(period) = systemd::watchdog_period() {
             tokio::spawn(systemd::watchdog(notify.clone(), shared.clone(), period));
         }

@@ -20,6 +20,9 @@ use crate::{Bundle, DecodeMode};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GenerateRequest {
+    /// The bundle, read before the body is parsed ([`model_of`]).
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
     seed: Option<u64>,
     count: Option<usize>,
     steps: Option<usize>,
@@ -44,6 +47,9 @@ struct GenerateRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutpaintRequest {
+    /// The bundle, read before the body is parsed ([`model_of`]).
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
     image: String,
     extend: Extend,
     seed: Option<u64>,
@@ -82,10 +88,14 @@ struct Extend {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InpaintRequest {
+    /// The bundle, read before the body is parsed ([`model_of`]).
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
     image: String,
     mask: Option<String>,
     rect: Option<[usize; 4]>,
     seed: Option<u64>,
+    count: Option<usize>,
     steps: Option<usize>,
     temperature: Option<f32>,
     temperature_end: Option<f32>,
@@ -102,6 +112,9 @@ struct InpaintRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VaryRequest {
+    /// The bundle, read before the body is parsed ([`model_of`]).
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
     image: String,
     strength: Option<f32>,
     seed: Option<u64>,
@@ -154,6 +167,7 @@ enum Pending {
         image: Vec<u8>,
         region: Region,
         seed: u64,
+        count: usize,
         sampling: Sampling,
         keep_input: bool,
         caps: Caps,
@@ -212,6 +226,7 @@ impl Parsed {
                 image,
                 region,
                 seed,
+                count,
                 sampling,
                 keep_input,
                 caps,
@@ -227,6 +242,7 @@ impl Parsed {
                     seed,
                     sampling,
                     keep_input,
+                    count,
                     caps,
                 }
                 .job(bundle)
@@ -270,6 +286,29 @@ impl Parsed {
             }
             .job(bundle),
         }
+    }
+}
+
+/// The bundle a body names in `model` (a string; absent or null: none). A body that is not a
+/// JSON object says nothing here: its parse reports it.
+pub fn model_of(body: &[u8]) -> Result<Option<String>> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        model: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Peek>(body) {
+        Ok(Peek {
+            model: Some(serde_json::Value::String(name)),
+        }) => Ok(Some(name)),
+        Ok(Peek {
+            model: None | Some(serde_json::Value::Null),
+        })
+        | Err(_) => Ok(None),
+        Ok(Peek { model: Some(other) }) => Err(Error::Request {
+            field: "model".into(),
+            message: format!("invalid model: {other} is not a bundle's name (a string)"),
+        }),
     }
 }
 
@@ -367,6 +406,11 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             image,
             region,
             seed: req.seed.unwrap_or_else(crate::fresh_seed),
+            count: limits::check_range(
+                Param::Count,
+                req.count.unwrap_or(1),
+                limits.caps().max_count.min(limits::MAX_IMAGES),
+            )?,
             sampling,
             keep_input: !req.decode_all,
             caps: limits.caps(),
@@ -448,7 +492,7 @@ fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option
 }
 
 /// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

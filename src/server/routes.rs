@@ -20,7 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use super::connections::Phase;
 use super::metrics::{self, track, RequestId};
 use super::requests::{self, Route};
-use super::shared::{self, Answer, Refused, Shared, Work};
+use super::shared::{self, Answer, Model, Refused, Shared, Work};
 use super::tasks;
 use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
@@ -41,8 +41,10 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/images/{k}", get(job_image))
         .route("/v1/model", get(model))
+        .route("/v1/models/reload", post(reload))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(super::openai::routes())
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(CatchPanicLayer::custom(HandlerPanicked(shared.metrics.panics.clone())))
@@ -77,8 +79,17 @@ async fn submit(
     body: Body,
     route: Route,
 ) -> Result<Response, AppError> {
-    let (job, animation, canvas) = prepare(&s, &headers, body, route).await?;
-    answer(&s, id, job, animation, canvas).await
+    let (job, animation, canvas, model) = prepare(&s, &headers, body, route).await?;
+    answer(&s, id, job, animation, canvas, model).await
+}
+
+/// The bundle a request names (`model`; none: the first), checked usable.
+pub(super) fn model_of(s: &Shared, name: Option<&str>) -> Result<Arc<Model>, AppError> {
+    let model = s
+        .model(name)
+        .map_err(|(name, known)| AppError::NoModel { name, known })?;
+    model.usable()?;
+    Ok(model)
 }
 
 /// The body read, parsed and checked ([`requests::parse`]), its images decoded off the async
@@ -88,20 +99,22 @@ async fn prepare(
     headers: &HeaderMap,
     body: Body,
     route: Route,
-) -> Result<(Job, Option<AnimationFormat>, bool), AppError> {
+) -> Result<(Job, Option<AnimationFormat>, bool, Arc<Model>), AppError> {
     let bytes = read_body(s, headers, body).await?;
-    let parsed = requests::parse(route, &s.bundle, &s.limits, &bytes)?;
+    let model = model_of(s, requests::model_of(&bytes)?.as_deref())?;
+    let bundle = model.usable()?;
+    let parsed = requests::parse(route, bundle, &s.limits, &bytes)?;
     if route == Route::Generate && s.test_panic.handler == Some(parsed.seed()) {
         panic!("injected by ABSORB_TEST_PANIC (handler:{})", parsed.seed());
     }
     let (animation, canvas) = (parsed.animation, parsed.canvas);
     let job = if parsed.decodes_images() {
-        let shared = s.clone();
-        decode_off_thread(s, move || parsed.into_job(&shared.bundle)).await?
+        let m = model.clone();
+        decode_off_thread(s, move || parsed.into_job(m.usable()?)).await?
     } else {
-        parsed.into_job(&s.bundle)?
+        parsed.into_job(bundle)?
     };
-    Ok((job, animation, canvas))
+    Ok((job, animation, canvas, model))
 }
 
 async fn generate(
@@ -168,7 +181,7 @@ async fn create_job(
             .into())
         }
     };
-    let (job, animation, _) = prepare(&s, &headers, body, route).await?;
+    let (job, animation, _, model) = prepare(&s, &headers, body, route).await?;
     let Some((job_id, entry)) = s.tasks.create(&s, route, job.seed(), job.settings().steps) else {
         return Err(AppError::Busy {
             retry_after_s: s.metrics.retry_after_s(),
@@ -182,6 +195,7 @@ async fn create_job(
         animation,
         reply,
         progress: Some(entry.clone()),
+        model,
     });
     if let Err(r) = queued {
         s.tasks.discard(job_id);
@@ -308,7 +322,7 @@ async fn page() -> Response {
 /// The browser UI: `src/server/page.html`.
 const PAGE: &str = include_str!("page.html");
 
-fn refused(r: Refused) -> AppError {
+pub(super) fn refused(r: Refused) -> AppError {
     match r {
         Refused::Busy { retry_after_s } => AppError::Busy { retry_after_s },
         Refused::WorkerGone => AppError::WorkerGone,
@@ -318,7 +332,7 @@ fn refused(r: Refused) -> AppError {
 /// Runs `decode` (request images: bounded by their declared size) on a blocking thread, at
 /// most [`Shared::decode_slots`] at once, so that the async threads stay free for `/healthz`
 /// and the other routes.
-async fn decode_off_thread<T: Send + 'static>(
+pub(super) async fn decode_off_thread<T: Send + 'static>(
     s: &Shared,
     decode: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T, AppError> {
@@ -340,9 +354,10 @@ async fn answer(
     job: Job,
     animation: Option<AnimationFormat>,
     canvas: bool,
+    model: Arc<Model>,
 ) -> Result<Response, AppError> {
     let (reply, rx) = oneshot::channel();
-    let (seed, settings, grid) = (job.seed(), *job.settings(), job.grid(&s.bundle));
+    let (seed, settings, grid) = (job.seed(), *job.settings(), job.grid(model.usable()?));
     let strength = match job.start() {
         crate::job::Start::Vary { strength, .. } => Some(*strength),
         _ => None,
@@ -353,6 +368,7 @@ async fn answer(
         animation,
         reply,
         progress: None,
+        model,
     })
     .map_err(refused)?;
     let format = animation;
@@ -393,7 +409,7 @@ async fn answer(
 
 /// Waits for a job's answer, at most the request timeout, and no longer than the drain deadline
 /// once the service is stopping (dropping `rx` then tells the worker nobody waits).
-async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answer, AppError> {
+pub(super) async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answer, AppError> {
     let mut phase = s.phase.subscribe();
     let answer = tokio::select! {
         answer = tokio::time::timeout(shared::timeout(&s.limits), rx) => answer,
@@ -412,10 +428,70 @@ async fn wait(s: &Shared, rx: oneshot::Receiver<Result<Answer>>) -> Result<Answe
     }
 }
 
-async fn model(State(s): State<Arc<Shared>>) -> Response {
-    let mut info = s.model_info.clone();
+/// `GET /v1/model[?name=NAME]`: one bundle (default: the first), the provider, ONNX Runtime,
+/// the CPU, the samplers, the limits, and the names of every bundle.
+async fn model(State(s): State<Arc<Shared>>, uri: axum::http::Uri) -> Result<Response, AppError> {
+    let name = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("name="))
+        .map(percent_decode);
+    let model = s
+        .model(name.as_deref())
+        .map_err(|(name, known)| AppError::NoModel { name, known })?;
+    let mut info = s.model_info(&model);
     info["limits"] = serde_json::to_value(&s.limits).unwrap_or_default();
-    json_response(StatusCode::OK, &info)
+    info["models"] = s.catalog().names().into();
+    Ok(json_response(StatusCode::OK, &info))
+}
+
+/// `%XX` escapes and `+` of a query value (bundle names are plain, but a client may escape them).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(c) => {
+                        out.push(c);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `POST /v1/models/reload`: reads the bundle list again (as SIGHUP does) and answers the names.
+async fn reload(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
+    // Reading the bundles hashes their graph files: off the async threads.
+    let shared = s.clone();
+    let read = tokio::task::spawn_blocking(move || shared.reload())
+        .await
+        .map_err(|e| {
+            AppError::Internal(Error::Panicked {
+                during: "the bundle list was read again".into(),
+                message: e.to_string(),
+            })
+        })?;
+    let catalog = read.map_err(|message| AppError::Input {
+        field: "models".into(),
+        message,
+    })?;
+    let models: Vec<serde_json::Value> = catalog
+        .entries
+        .iter()
+        .map(|e| serde_json::json!({"name": e.name, "dir": e.dir, "error": e.bundle.as_ref().err()}))
+        .collect();
+    Ok(json_response(StatusCode::OK, &serde_json::json!({ "models": models })))
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
@@ -442,7 +518,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
 
 /// Reads the whole body, refusing more than the limit (by `Content-Length` before reading) and a
 /// body that takes longer than the body timeout (408).
-async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, AppError> {
+pub(super) async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, AppError> {
     let limit = s.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -503,7 +579,7 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings, strength: Option<f
     r
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     let mut r = (status, value.to_string()).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -515,7 +591,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
 
 /// Every way a request can fail, and its status.
 #[derive(Debug)]
-enum AppError {
+pub(super) enum AppError {
     /// The caller's input: 400 (413 for size), naming the field.
     Input {
         field: String,
@@ -548,12 +624,23 @@ enum AppError {
     ShuttingDown {
         drain_ms: u64,
     },
+    /// The bundle asked for cannot be read or loaded: 500 with the reason (it is the
+    /// service's configuration, not a secret), the other bundles unaffected.
+    ModelUnavailable(String),
+    /// No bundle of that name: 404 naming the field `model` and the names there are.
+    NoModel {
+        name: String,
+        known: String,
+    },
     /// The model or the machine failed: a generic 500, the chain goes to the log.
     Internal(Error),
 }
 
 impl From<Error> for AppError {
     fn from(e: Error) -> Self {
+        if let Error::ModelUnavailable { .. } = e {
+            return AppError::ModelUnavailable(e.to_string());
+        }
         if !e.is_input_error() {
             return AppError::Internal(e);
         }
@@ -571,8 +658,19 @@ impl From<Error> for AppError {
     }
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
+/// An error as every route family renders it: its status, the field it names, the message, the
+/// seconds of `Retry-After`, and whether the connection closes after it.
+pub(super) struct ErrorParts {
+    pub status: StatusCode,
+    pub field: Option<String>,
+    pub message: String,
+    pub retry_after: Option<u64>,
+    pub close: bool,
+}
+
+impl AppError {
+    /// What the answer says; [`IntoResponse`] renders it as absorb's JSON, `openai.rs` as OpenAI's.
+    pub(super) fn parts(self) -> ErrorParts {
         let (status, field, message, retry_after) = match self {
             AppError::Input { field, message } => (StatusCode::BAD_REQUEST, Some(field), message, None),
             AppError::TooLarge { limit } => (
@@ -626,17 +724,26 @@ impl IntoResponse for AppError {
                 Some(5),
             ),
             AppError::BodyTimeout { within_ms } => {
-                let mut r = json_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    &serde_json::json!({
-                        "error": format!("the request body did not arrive within {within_ms} ms (--body-timeout-ms)"),
-                        "field": "body",
-                    }),
-                );
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return r;
+                return ErrorParts {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    field: Some("body".into()),
+                    message: format!("the request body did not arrive within {within_ms} ms (--body-timeout-ms)"),
+                    retry_after: None,
+                    close: true,
+                };
             }
+            AppError::ModelUnavailable(message) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("model".into()),
+                message,
+                None,
+            ),
+            AppError::NoModel { name, known } => (
+                StatusCode::NOT_FOUND,
+                Some("model".into()),
+                format!("\"{name}\" is not a model of this service: {known}"),
+                None,
+            ),
             AppError::ShuttingDown { drain_ms } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
@@ -657,14 +764,38 @@ impl IntoResponse for AppError {
                 (StatusCode::INTERNAL_SERVER_ERROR, None, message.into(), None)
             }
         };
-        let mut json = serde_json::json!({ "error": message });
-        if let Some(f) = field {
-            json["field"] = f.into();
+        ErrorParts {
+            status,
+            field,
+            message,
+            retry_after,
+            close: false,
         }
-        let mut r = json_response(status, &json);
-        if let Some(s) = retry_after {
+    }
+}
+
+impl ErrorParts {
+    /// `body` as the answer, with the status and headers these parts call for.
+    pub(super) fn respond(&self, body: &serde_json::Value) -> Response {
+        let mut r = json_response(self.status, body);
+        if let Some(s) = self.retry_after {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if self.close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let parts = self.parts();
+        let mut json = serde_json::json!({ "error": parts.message });
+        if let Some(f) = &parts.field {
+            json["field"] = f.as_str().into();
+        }
+        parts.respond(&json)
     }
 }

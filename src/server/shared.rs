@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
+use super::registry::{Catalog, Sources};
 use super::Limits;
 use crate::bundle::Bundle;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
 use crate::job::{Job, Start};
 use crate::Pipeline;
@@ -42,6 +43,8 @@ pub struct Work {
     pub reply: Reply,
     /// An asynchronous job's entry, told when the job starts and after every transformer call.
     pub progress: Option<Arc<super::tasks::Entry>>,
+    /// The bundle the job is for (held: a reload meanwhile does not change it).
+    pub model: Arc<Model>,
 }
 
 impl Work {
@@ -72,12 +75,17 @@ pub struct Shared {
     pub(super) queue: SyncSender<Queued>,
     /// Request and queue limits.
     pub limits: Limits,
-    /// The bundle (its manifest validates requests without the pipeline).
-    pub bundle: Bundle,
+    /// The bundles (their manifests validate requests without the pipelines); replaced whole
+    /// by a reload.
+    catalog: std::sync::RwLock<Arc<Catalog>>,
+    /// Where the bundles come from, read again by a reload.
+    pub sources: Sources,
+    /// The names of the bundles the worker has loaded now, most recently used last.
+    pub loaded: std::sync::Mutex<Vec<String>>,
     /// The provider the graphs run on, as recorded in PNG metadata.
     pub provider: String,
-    /// `/v1/model`'s answer.
-    pub model_info: serde_json::Value,
+    /// What `/v1/model` says besides the bundle: provider, ONNX Runtime, CPU, samplers.
+    runtime_info: serde_json::Value,
     /// False once the worker thread has ended.
     pub worker_alive: AtomicBool,
     /// Serving, draining after SIGTERM, or past the drain deadline (see `connections.rs`).
@@ -123,15 +131,19 @@ impl TestPanic {
     }
 }
 
+/// A bundle of the catalog.
+pub type Model = super::registry::Entry;
+
 impl Shared {
-    pub(super) fn new(p: &Pipeline, queue: SyncSender<Queued>, limits: Limits) -> Shared {
+    pub(super) fn new(
+        p: &Pipeline,
+        catalog: Catalog,
+        sources: Sources,
+        queue: SyncSender<Queued>,
+        limits: Limits,
+    ) -> Shared {
         let rt = p.runtime();
-        let model_info = serde_json::json!({
-            "bundle": {
-                "dir": p.bundle().dir(),
-                "sha256": p.bundle().sha256(),
-                "manifest": p.bundle().manifest(),
-            },
+        let runtime_info = serde_json::json!({
             "provider": p.provider(),
             "onnxruntime": {
                 "library": rt.library(),
@@ -149,9 +161,11 @@ impl Shared {
             queue,
             metrics: Metrics::new(limits.max_queue),
             limits,
-            bundle: p.bundle().clone(),
+            catalog: std::sync::RwLock::new(Arc::new(catalog)),
+            sources,
+            loaded: std::sync::Mutex::new(vec![p.bundle().manifest().name.clone()]),
             provider: p.provider().to_string(),
-            model_info,
+            runtime_info,
             worker_alive: AtomicBool::new(true),
             phase: tokio::sync::watch::Sender::new(super::connections::Phase::Serving),
             requests: AtomicU64::new(0),
@@ -159,6 +173,50 @@ impl Shared {
             test_panic: TestPanic::from_env(),
             tasks: super::tasks::Tasks::new(),
         }
+    }
+
+    /// The bundles now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The bundle `name` names (none: the first), if it is one of the catalog's.
+    pub fn model(&self, name: Option<&str>) -> std::result::Result<Arc<Model>, (String, String)> {
+        let catalog = self.catalog();
+        catalog
+            .get(name)
+            .cloned()
+            .map_err(|known| (name.unwrap_or_default().to_string(), known))
+    }
+
+    /// Reads the bundles again (SIGHUP, `POST /v1/models/reload`). Queued and running jobs keep
+    /// the bundle they hold; a bundle that changed or left is unloaded by the worker when it next
+    /// loads one. An unreadable `--models` directory keeps the catalog as it was.
+    pub fn reload(&self) -> std::result::Result<Arc<Catalog>, String> {
+        let catalog = Arc::new(Catalog::read(&self.sources)?);
+        log::info!("reloaded the bundle list: {}", catalog.names().join(", "));
+        *self.catalog.write().unwrap_or_else(std::sync::PoisonError::into_inner) = catalog.clone();
+        Ok(catalog)
+    }
+
+    /// `/v1/model`'s answer for `model`.
+    pub fn model_info(&self, model: &Model) -> serde_json::Value {
+        let mut info = self.runtime_info.clone();
+        let loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&model.name);
+        info["name"] = model.name.clone().into();
+        info["loaded"] = loaded.into();
+        info["bundle"] = match &model.bundle {
+            Ok(b) => serde_json::json!({"dir": b.dir(), "sha256": b.sha256(), "manifest": b.manifest()}),
+            Err(e) => serde_json::json!({"dir": model.dir, "error": e}),
+        };
+        info
     }
 
     /// A new request id.
@@ -205,4 +263,14 @@ pub enum Refused {
 /// How long a reply may take: see [`Limits::timeout_ms`].
 pub fn timeout(limits: &Limits) -> Duration {
     Duration::from_millis(limits.timeout_ms)
+}
+
+impl Model {
+    /// The bundle, or the error its requests get.
+    pub fn usable(&self) -> Result<&Bundle> {
+        self.bundle.as_ref().map_err(|message| Error::ModelUnavailable {
+            name: self.name.clone(),
+            message: message.clone(),
+        })
+    }
 }

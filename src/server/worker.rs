@@ -1,5 +1,8 @@
-//! The worker: the one thread that owns the [`Pipeline`] (its sessions need `&mut`) and takes
-//! jobs from the bounded queue (`shared.rs` holds the queue and the state the routes share).
+//! The worker: the one thread that owns the [`Pipeline`]s (their sessions need `&mut`), one per
+//! loaded bundle, and takes jobs from the bounded queue (`shared.rs` holds the queue and the state
+//! the routes share). A job for a bundle not loaded loads it first, unloading the least recently
+//! used ones beyond `--max-loaded` or the memory budget (`registry.rs`); a bundle that fails to
+//! load answers that job with its error, and the worker goes on.
 //!
 //! Jobs of one batch's worth of images from all-masked grids with equal settings are run
 //! together (one [`Job`] of several seeds: shared transformer calls); everything else runs
@@ -13,7 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::metrics::Metrics;
-use super::shared::{Answer, Item, Queued, Shared, Work};
+use super::registry::{to_evict, Catalog, Key, Resident};
+use super::shared::{Answer, Item, Model, Queued, Shared, Work};
 use super::ServeOptions;
 use crate::error::{Error, Result};
 use crate::image::{self, Pixels};
@@ -45,19 +49,63 @@ impl Service {
                         .and_then(|d| d.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from))
                         .map(|d| d.join("tensorrt"));
                 }
-                let loaded = Pipeline::load_with(&options.model, &options.runtime, &config)
+                let catalog = match Catalog::read(&options.sources) {
+                    Ok(c) => c,
+                    Err(message) => {
+                        // An unreadable --models directory names that flag; no bundle at all, --model.
+                        let param = match message.strip_prefix("--models ") {
+                            Some(_) => crate::param::Param::Models,
+                            None => crate::param::Param::Model,
+                        };
+                        let message = message.strip_prefix("--models ").unwrap_or(&message).to_string();
+                        let _ = ready_tx.send(Err(Error::Param { param, message }));
+                        return;
+                    }
+                };
+                // The first bundle that reads is loaded and warmed up before READY=1; the others
+                // load on first use. None reads: the service cannot start, and says why.
+                let readable = catalog
+                    .entries
+                    .iter()
+                    .find_map(|e| e.bundle.as_ref().ok().map(|b| (e.clone(), b.clone())));
+                let Some((first, bundle)) = readable else {
+                    let why: Vec<String> = catalog
+                        .entries
+                        .iter()
+                        .map(|e| format!("{}: {}", e.dir.display(), e.bundle.as_ref().err().map_or("", |s| s)))
+                        .collect();
+                    let _ = ready_tx.send(Err(Error::ModelUnavailable {
+                        name: catalog.names().join(", "),
+                        message: format!("no bundle can be read: {}", why.join("; ")),
+                    }));
+                    return;
+                };
+                let loaded = Pipeline::load_bundle(bundle, &options.runtime, &config)
                     .and_then(|mut p| warm_up(&mut p).map(|()| p));
-                let mut p = match loaded {
+                let p = match loaded {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                let shared = Arc::new(Shared::new(&p, sender, options.limits.clone()));
+                let shared = Arc::new(Shared::new(
+                    &p,
+                    catalog,
+                    options.sources.clone(),
+                    sender,
+                    options.limits.clone(),
+                ));
                 let _alive = AliveGuard(shared.clone());
                 let _ = ready_tx.send(Ok(shared.clone()));
-                work(&mut p, &queue, &shared);
+                let mut residents = Residents {
+                    loaded: Vec::new(),
+                    clock: 0,
+                    options: &options,
+                    config: &config,
+                };
+                residents.push(&first, p, &shared);
+                work(&mut residents, &queue, &shared);
             })
             .map_err(Error::os("starting the worker thread"))?;
         match ready_rx.recv() {
@@ -109,7 +157,99 @@ fn warm_up(p: &mut Pipeline) -> Result<()> {
     Ok(())
 }
 
-fn work(p: &mut Pipeline, queue: &Receiver<Queued>, shared: &Shared) {
+/// The loaded pipelines, one per bundle, and when each was last used.
+struct Residents<'a> {
+    loaded: Vec<Loaded>,
+    clock: u64,
+    options: &'a ServeOptions,
+    config: &'a crate::ProviderConfig,
+}
+
+struct Loaded {
+    key: Key,
+    name: String,
+    pipeline: Pipeline,
+    last_used: u64,
+    bytes: u64,
+}
+
+impl Residents<'_> {
+    /// The pipeline of `model`, loaded if it is not (unloading others first as the limits say).
+    fn get(&mut self, model: &Model, shared: &Shared) -> Result<&mut Pipeline> {
+        self.clock += 1;
+        let key = model.key();
+        if let Some(i) = self.loaded.iter().position(|l| l.key == key) {
+            self.loaded[i].last_used = self.clock;
+            self.publish(shared);
+            return Ok(&mut self.loaded[i].pipeline);
+        }
+        let bundle = model.usable()?.clone();
+        let m = &shared.metrics;
+        // Bundles a reload changed or removed go first; then the least recently used, as needed.
+        let catalog = shared.catalog();
+        let before = self.loaded.len();
+        self.loaded.retain(|l| catalog.has(&l.key));
+        let residents: Vec<Resident> = self
+            .loaded
+            .iter()
+            .map(|l| Resident {
+                key: l.key.clone(),
+                last_used: l.last_used,
+                bytes: l.bytes,
+            })
+            .collect();
+        let mut unload = to_evict(
+            &residents,
+            self.options.max_loaded,
+            self.options.memory_budget,
+            model.bytes,
+        );
+        unload.sort_unstable_by(|a, b| b.cmp(a));
+        for i in unload {
+            let gone = self.loaded.remove(i);
+            log::info!("unloaded bundle \"{}\" to make room for \"{}\"", gone.name, model.name);
+        }
+        m.model_unloads.inc_by((before - self.loaded.len()) as u64);
+        self.publish(shared);
+        m.model_loads.inc();
+        m.waiting_for_model.inc();
+        let loaded = Pipeline::load_bundle(bundle, &self.options.runtime, self.config);
+        m.waiting_for_model.dec();
+        let pipeline = loaded.map_err(|e| {
+            m.model_load_failures.inc();
+            Error::ModelUnavailable {
+                name: model.name.clone(),
+                message: format!("{e:#}"),
+            }
+        })?;
+        self.push(model, pipeline, shared);
+        let last = self.loaded.len() - 1;
+        Ok(&mut self.loaded[last].pipeline)
+    }
+
+    fn push(&mut self, model: &Model, pipeline: Pipeline, shared: &Shared) {
+        self.clock += 1;
+        self.loaded.push(Loaded {
+            key: model.key(),
+            name: model.name.clone(),
+            pipeline,
+            last_used: self.clock,
+            bytes: model.bytes,
+        });
+        self.publish(shared);
+    }
+
+    /// Tells /metrics and /v1/model which bundles are loaded.
+    fn publish(&self, shared: &Shared) {
+        shared.metrics.models_loaded.set(self.loaded.len() as i64);
+        let mut names: Vec<(u64, String)> = self.loaded.iter().map(|l| (l.last_used, l.name.clone())).collect();
+        names.sort();
+        *shared.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            names.into_iter().map(|(_, n)| n).collect();
+    }
+}
+
+fn work(residents: &mut Residents, queue: &Receiver<Queued>, shared: &Shared) {
     let m = &shared.metrics;
     let max_batch = shared.limits.max_batch;
     // A job taken from the queue while gathering a batch that it could not join: it runs next,
@@ -134,7 +274,25 @@ fn work(p: &mut Pipeline, queue: &Receiver<Queued>, shared: &Shared) {
             held = gather(&mut batch, queue, max_batch, m);
         }
         let answered = batch.len();
-        let images = execute(p, batch, shared);
+        let model = batch[0].model.clone();
+        let images = match residents.get(&model, shared) {
+            Ok(p) => execute(p, batch, shared),
+            Err(e) => {
+                // Only this bundle's requests hear of it.
+                log::error!("{e:#}");
+                let (name, message) = match e {
+                    Error::ModelUnavailable { name, message } => (name, message),
+                    e => (model.name.clone(), format!("{e:#}")),
+                };
+                for w in batch {
+                    let _ = w.reply.send(Err(Error::ModelUnavailable {
+                        name: name.clone(),
+                        message: message.clone(),
+                    }));
+                }
+                0
+            }
+        };
         let busy = start.elapsed();
         m.worked(answered, busy);
         log::debug!("{answered} jobs: first waited {waited:.1?}, ran {busy:.1?}, {images} images");
@@ -144,13 +302,14 @@ fn work(p: &mut Pipeline, queue: &Receiver<Queued>, shared: &Shared) {
 /// Moves queued batchable jobs with the same settings into `batch` while all their images fit
 /// in one transformer batch. Returns the first job that cannot join, which must run next.
 fn gather(batch: &mut Vec<Work>, queue: &Receiver<Queued>, max_batch: usize, m: &Metrics) -> Option<Queued> {
-    let (settings, class) = (*batch[0].job.settings(), batch[0].job.class());
+    let (settings, class, model) = (*batch[0].job.settings(), batch[0].job.class(), batch[0].model.clone());
     let mut images: usize = batch[0].job.images().len();
     while images < max_batch {
         let q = queue.try_recv().ok()?;
         match q.item {
             Item::Work(w)
                 if w.batchable()
+                    && Arc::ptr_eq(&w.model, &model)
                     && *w.job.settings() == settings
                     && w.job.class() == class
                     && images + w.job.images().len() <= max_batch =>
@@ -261,7 +420,7 @@ fn make(p: &mut Pipeline, job: &Job, batch: &[Work], shared: &Shared) -> Result<
         .pixels
         .iter()
         .enumerate()
-        .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(&shared.bundle, &shared.provider, k, 1))))
+        .map(|(k, px)| image::png_bytes(px, Some(&job.metadata(p.bundle(), &shared.provider, k, 1))))
         .collect::<Result<Vec<_>>>()?;
     let animation = match (&made.frames, batch[0].animation) {
         (Some(frames), Some(format)) => Some(image::animation_bytes(frames, format, 100, 1500)?),
