@@ -176,7 +176,7 @@ $(BROWSER_DIR)/.installed: $(BROWSER_LOCK) tests/browser/package.json
 
 browser-test: browser-tools ort build
 	PLAYWRIGHT_DIR=$(BROWSER_DIR) CHROMIUM=$(CHROMIUM) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) \
-	  node tests/browser/ui.mjs $(abspath target/release/absorb) $(abspath models/digits)
+	  node tests/browser/ui.mjs $(abspath target/release/absorb) $(abspath models/digits) $(abspath models/scenes)
 
 # Fuzzing (fuzz/, scripts/fuzz.sh): cargo-fuzz on a pinned nightly, both installed here. The
 # build lives outside the clone so that its dependencies (3.5 minutes here) are built once per

@@ -430,6 +430,8 @@ pub struct InpaintSpec {
     pub keep_input: bool,
     /// How many inpaintings, images `0..count` of the seed (each from its own stream).
     pub count: usize,
+    /// Images per transformer call.
+    pub max_batch: usize,
     /// The service's caps.
     pub caps: Caps,
 }
@@ -445,6 +447,7 @@ impl InpaintSpec {
             sampling: Sampling::default(),
             keep_input: true,
             count: 1,
+            max_batch: DEFAULT_MAX_BATCH,
             caps: Caps::NONE,
         }
     }
@@ -467,7 +470,8 @@ impl InpaintSpec {
             token_mask,
             keep_input: self.keep_input,
         };
-        let job = Job::one(start, self.seed, settings, self.sampling.class(bundle)?, None);
+        let job =
+            Job::one(start, self.seed, settings, self.sampling.class(bundle)?, None).with_max_batch(self.max_batch)?;
         if count == 1 {
             return Ok(job);
         }

@@ -582,6 +582,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
     let cases = cases! {
         "POST" "/v1/generate" "{" => 400 "body" "malformed JSON";
         "POST" "/v1/generate" r#"{"seed": 1,}"# => 400 "body" "malformed JSON";
+        "POST" "/v1/generate" r#"{"seed": 1} {"seed": 2}"# => 400 "body" "malformed JSON";
         "POST" "/v1/generate" r#""hello""# => 400 "body" "invalid";
         "POST" "/v1/generate" r#"{"seed": 1, "colour": 2}"# => 400 "colour" "unknown field";
         "POST" "/v1/generate" r#"{"steps": 0}"# => 400 "steps" "out of range";
@@ -1890,7 +1891,17 @@ fn several_bundles_load_on_demand_within_max_loaded_and_a_broken_one_fails_only_
         assert_eq!(j["field"], "model", "{j}");
         assert_eq!(s.post("/v1/generate", r#"{"seed": 3}"#).body, want_d, "after {name}");
     }
-    assert!(s.metric("absorb_model_load_failures_total") >= 1.0);
+    // A bundle that failed to load fails at once from then on (until a reload): no new load,
+    // nothing unloaded for it.
+    let (loads, unloads) = (
+        s.metric("absorb_model_loads_total"),
+        s.metric("absorb_model_unloads_total"),
+    );
+    let r = s.post("/v1/generate", r#"{"seed": 1, "model": "noload"}"#);
+    assert_eq!(r.status, 500);
+    assert_eq!(s.metric("absorb_model_load_failures_total"), 1.0);
+    assert_eq!(s.metric("absorb_model_loads_total"), loads);
+    assert_eq!(s.metric("absorb_model_unloads_total"), unloads);
     let r = s.post("/v1/generate", r#"{"model": "nope"}"#);
     assert_eq!(r.status, 404);
     assert!(r.json()["error"]

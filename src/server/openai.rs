@@ -66,12 +66,8 @@ impl From<Error> for OpenAiError {
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
         let parts = self.0.parts();
-        // absorb's names for what OpenAI calls otherwise.
-        let param = parts.field.as_deref().map(|f| match f {
-            "count" => "n",
-            "class" => "prompt",
-            f => f,
-        });
+        // absorb's name for what OpenAI calls otherwise.
+        let param = parts.field.as_deref().map(|f| if f == "count" { "n" } else { f });
         let (kind, code) = match parts.status.as_u16() {
             404 if param == Some("model") => ("invalid_request_error", Some("model_not_found")),
             429 => ("rate_limit_error", Some("rate_limit_exceeded")),
@@ -383,7 +379,9 @@ async fn read_form(s: &Shared, headers: &HeaderMap, body: Body, known: &[&str]) 
     while let Some(field) = parts.next_field().await.map_err(bad_form)? {
         let raw = field.name().unwrap_or("").to_string();
         let name = raw.strip_suffix("[]").unwrap_or(&raw).to_string();
-        let is_file = field.file_name().is_some();
+        // Files by name, whatever the part says: a client may send an image without a filename,
+        // or a number as a file part; either way it is read as what the field is.
+        let is_file = FILE_FIELDS.contains(&name.as_str());
         let data = field.bytes().await.map_err(bad_form)?;
         if !known.contains(&name.as_str()) {
             return Err(AppError::Input {
@@ -468,6 +466,9 @@ impl Form {
     }
 }
 
+/// The form fields that are files; every other field is text.
+const FILE_FIELDS: [&str; 2] = ["image", "mask"];
+
 /// The form fields every multipart route takes.
 const FORM_COMMON: [&str; 22] = [
     "image",
@@ -517,7 +518,7 @@ async fn edits(
     let mask_png = form.files.get("mask").cloned();
     let seed = extras.seed.unwrap_or_else(crate::fresh_seed);
     let count = form.value("n")?.unwrap_or(1);
-    let (sampling, caps) = (extras.sampling(class), s.limits.caps());
+    let (sampling, caps, max_batch) = (extras.sampling(class), s.limits.caps(), s.limits.max_batch);
     let m = model.clone();
     let job = routes::decode_off_thread(&s, move || {
         let bundle = m.usable()?;
@@ -543,6 +544,7 @@ async fn edits(
             seed,
             sampling,
             count,
+            max_batch,
             caps,
             ..InpaintSpec::new(image, mask)
         }
@@ -649,11 +651,7 @@ fn model_object(s: &Shared, model: &Model) -> serde_json::Value {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
-    let loaded = s
-        .loaded
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&model.name);
+    let loaded = s.is_loaded(model);
     let absorb = match &model.bundle {
         Ok(b) => {
             let m = b.manifest();

@@ -164,28 +164,45 @@ impl Catalog {
         }
         let mut entries: Vec<Arc<Entry>> = Vec::new();
         for dir in dirs {
+            // One entry per directory, however it was spelled.
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            if entries.iter().any(|o| o.dir == dir) {
+                continue;
+            }
             let mut e = Entry::read(&dir, sources.variant.as_deref());
-            if let Some(first) = entries.iter().find(|o| o.name == e.name && o.dir != e.dir) {
-                e.bundle = Err(format!(
-                    "the name \"{}\" is taken by {}: names come from model.json and must differ",
-                    e.name,
-                    first.dir.display()
-                ));
-                e.name = dir.display().to_string();
+            // Only a usable bundle holds its name; a second of the same name is listed under
+            // a name of its own (its directory's, numbered if need be) with the reason.
+            if let Some(first) = entries.iter().find(|o| o.name == e.name && o.bundle.is_ok()) {
+                if e.bundle.is_ok() {
+                    e.bundle = Err(format!(
+                        "the name \"{}\" is taken by {}: names come from model.json and must differ",
+                        e.name,
+                        first.dir.display()
+                    ));
+                }
+                let base = dir
+                    .file_name()
+                    .map_or_else(|| "bundle".to_string(), |n| n.to_string_lossy().into_owned());
+                e.name = (1..)
+                    .map(|k| if k == 1 { base.clone() } else { format!("{base}-{k}") })
+                    .find(|n| !entries.iter().any(|o| &o.name == n))
+                    .unwrap_or(base);
             }
-            if !entries.iter().any(|o| o.dir == e.dir) {
-                entries.push(Arc::new(e));
-            }
+            entries.push(Arc::new(e));
         }
         Ok(Catalog { entries })
     }
 
-    /// The entry `name` names (none: the first); else the names there are, for the error.
+    /// The entry `name` names (a usable one before a broken one of the same name; none: the
+    /// first usable, else the first); else the names there are, for the error.
     pub fn get(&self, name: Option<&str>) -> std::result::Result<&Arc<Entry>, String> {
-        let found = match name {
-            None => self.entries.first(),
-            Some(n) => self.entries.iter().find(|e| e.name == n),
-        };
+        let named = |e: &&Arc<Entry>| name.is_none_or(|n| e.name == n);
+        let found = self
+            .entries
+            .iter()
+            .filter(named)
+            .find(|e| e.bundle.is_ok())
+            .or_else(|| self.entries.iter().find(named));
         found.ok_or_else(|| format!("the models are {} (GET /v1/models)", self.names().join(", ")))
     }
 
@@ -258,6 +275,19 @@ mod tests {
         assert_eq!(c.get(None).unwrap().name, "digits");
         assert!(c.get(Some("nope")).unwrap_err().contains("digits, broken, scenes"));
         assert!(c.get(Some("digits")).unwrap().bytes > 0);
+        // A broken first bundle is not the default; a second bundle of a taken name gets its own.
+        let twice = Sources {
+            models: vec![broken.clone(), root.join("scenes"), root.join("digits")],
+            dirs: vec![root.clone()],
+            variant: None,
+        };
+        let c = Catalog::read(&twice).unwrap();
+        assert_eq!(
+            c.names()[..3],
+            ["broken", "scenes", "digits"],
+            "models/ holds the same ones again"
+        );
+        assert_eq!(c.get(None).unwrap().name, "scenes", "the first usable is the default");
         let empty = Sources::default();
         assert!(Catalog::read(&empty).unwrap_err().contains("no bundles"));
     }

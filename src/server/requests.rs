@@ -170,6 +170,7 @@ enum Pending {
         count: usize,
         sampling: Sampling,
         keep_input: bool,
+        max_batch: usize,
         caps: Caps,
     },
     Outpaint {
@@ -229,6 +230,7 @@ impl Parsed {
                 count,
                 sampling,
                 keep_input,
+                max_batch,
                 caps,
             } => {
                 let (w, h) = (spec.width, spec.height);
@@ -243,6 +245,7 @@ impl Parsed {
                     sampling,
                     keep_input,
                     count,
+                    max_batch,
                     caps,
                 }
                 .job(bundle)
@@ -413,6 +416,7 @@ fn inpaint(bundle: &Bundle, limits: &Limits, body: &[u8]) -> Result<Parsed> {
             )?,
             sampling,
             keep_input: !req.decode_all,
+            max_batch: limits.max_batch,
             caps: limits.caps(),
         },
         animation: None,
@@ -493,8 +497,8 @@ fn class_of(bundle: &Bundle, given: Option<&serde_json::Value>) -> Result<Option
 
 /// Parses JSON, naming the field in errors (`steps: invalid type: string "x", expected usize`).
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         // A number that does not fit (1e400, 2^64) is a syntax error to serde_json, raised while
@@ -514,7 +518,13 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
             (path.clone(), format!("invalid {path}: {inner}"))
         };
         Error::Request { field, message }
-    })
+    })?;
+    // One JSON value and nothing after it (else `{"model": "a"} x` would be half read).
+    de.end().map_err(|e| Error::Request {
+        field: "body".into(),
+        message: format!("malformed JSON: {e}"),
+    })?;
+    Ok(value)
 }
 
 fn base64_field(text: &str, field: Param) -> Result<Vec<u8>> {

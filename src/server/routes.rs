@@ -482,9 +482,11 @@ async fn reload(State(s): State<Arc<Shared>>) -> Result<Response, AppError> {
                 message: e.to_string(),
             })
         })?;
-    let catalog = read.map_err(|message| AppError::Input {
-        field: "models".into(),
-        message,
+    // Another reload running: try again shortly. An unreadable list is the service's own
+    // configuration: 500 with the reason (the list in use is kept).
+    let catalog = read.map_err(|message| match message.as_str() {
+        shared::RELOAD_BUSY => AppError::Busy { retry_after_s: 1 },
+        _ => AppError::ModelUnavailable(format!("the bundle list was kept: {message}")),
     })?;
     let models: Vec<serde_json::Value> = catalog
         .entries

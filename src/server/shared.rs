@@ -80,8 +80,10 @@ pub struct Shared {
     catalog: std::sync::RwLock<Arc<Catalog>>,
     /// Where the bundles come from, read again by a reload.
     pub sources: Sources,
-    /// The names of the bundles the worker has loaded now, most recently used last.
-    pub loaded: std::sync::Mutex<Vec<String>>,
+    /// The bundles the worker has loaded now (directory and model.json sha256).
+    pub(super) loaded: std::sync::Mutex<Vec<super::registry::Key>>,
+    /// Held while the bundle list is read again: one reload at a time.
+    reloading: std::sync::Mutex<()>,
     /// The provider the graphs run on, as recorded in PNG metadata.
     pub provider: String,
     /// What `/v1/model` says besides the bundle: provider, ONNX Runtime, CPU, samplers.
@@ -134,6 +136,9 @@ impl TestPanic {
 /// A bundle of the catalog.
 pub type Model = super::registry::Entry;
 
+/// What [`Shared::reload`] says when another reload is running.
+pub const RELOAD_BUSY: &str = "the bundle list is being read again already";
+
 impl Shared {
     pub(super) fn new(
         p: &Pipeline,
@@ -163,7 +168,8 @@ impl Shared {
             limits,
             catalog: std::sync::RwLock::new(Arc::new(catalog)),
             sources,
-            loaded: std::sync::Mutex::new(vec![p.bundle().manifest().name.clone()]),
+            loaded: std::sync::Mutex::new(Vec::new()),
+            reloading: std::sync::Mutex::new(()),
             provider: p.provider().to_string(),
             runtime_info,
             worker_alive: AtomicBool::new(true),
@@ -196,20 +202,32 @@ impl Shared {
     /// the bundle they hold; a bundle that changed or left is unloaded by the worker when it next
     /// loads one. An unreadable `--models` directory keeps the catalog as it was.
     pub fn reload(&self) -> std::result::Result<Arc<Catalog>, String> {
+        // A second reload while one runs is refused, not queued: each hashes every graph file.
+        let _one = match self.reloading.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(RELOAD_BUSY.into());
+            }
+        };
         let catalog = Arc::new(Catalog::read(&self.sources)?);
         log::info!("reloaded the bundle list: {}", catalog.names().join(", "));
         *self.catalog.write().unwrap_or_else(std::sync::PoisonError::into_inner) = catalog.clone();
         Ok(catalog)
     }
 
+    /// Whether the worker has `model`'s pipeline loaded now.
+    pub fn is_loaded(&self, model: &Model) -> bool {
+        self.loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&model.key())
+    }
+
     /// `/v1/model`'s answer for `model`.
     pub fn model_info(&self, model: &Model) -> serde_json::Value {
         let mut info = self.runtime_info.clone();
-        let loaded = self
-            .loaded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&model.name);
+        let loaded = self.is_loaded(model);
         info["name"] = model.name.clone().into();
         info["loaded"] = loaded.into();
         info["bundle"] = match &model.bundle {

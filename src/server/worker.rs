@@ -100,6 +100,8 @@ impl Service {
                 let _ = ready_tx.send(Ok(shared.clone()));
                 let mut residents = Residents {
                     loaded: Vec::new(),
+                    failed: Default::default(),
+                    catalog_seen: shared.catalog(),
                     clock: 0,
                     options: &options,
                     config: &config,
@@ -160,6 +162,10 @@ fn warm_up(p: &mut Pipeline) -> Result<()> {
 /// The loaded pipelines, one per bundle, and when each was last used.
 struct Residents<'a> {
     loaded: Vec<Loaded>,
+    /// Bundles that failed to load since the catalog was last read, and why.
+    failed: std::collections::HashMap<Key, String>,
+    /// The catalog `failed` is about.
+    catalog_seen: Arc<Catalog>,
     clock: u64,
     options: &'a ServeOptions,
     config: &'a crate::ProviderConfig,
@@ -185,8 +191,28 @@ impl Residents<'_> {
         }
         let bundle = model.usable()?.clone();
         let m = &shared.metrics;
-        // Bundles a reload changed or removed go first; then the least recently used, as needed.
         let catalog = shared.catalog();
+        let unavailable = |message: String| Error::ModelUnavailable {
+            name: model.name.clone(),
+            message,
+        };
+        // A bundle a reload changed or removed after this job was accepted: its files are no
+        // longer the ones its metadata would record.
+        if !catalog.has(&key) {
+            return Err(unavailable(
+                "it was changed or removed by a reload after this request was accepted: send it again".into(),
+            ));
+        }
+        // A bundle that failed to load fails again at once until the next reload, and unloads
+        // nothing for it.
+        if !Arc::ptr_eq(&catalog, &self.catalog_seen) {
+            self.failed.clear();
+            self.catalog_seen = catalog.clone();
+        }
+        if let Some(message) = self.failed.get(&key) {
+            return Err(unavailable(message.clone()));
+        }
+        // Bundles a reload changed or removed go first; then the least recently used, as needed.
         let before = self.loaded.len();
         self.loaded.retain(|l| catalog.has(&l.key));
         let residents: Vec<Resident> = self
@@ -213,18 +239,26 @@ impl Residents<'_> {
         self.publish(shared);
         m.model_loads.inc();
         m.waiting_for_model.inc();
-        let loaded = Pipeline::load_bundle(bundle, &self.options.runtime, self.config);
+        let (runtime, config) = (&self.options.runtime, self.config);
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Pipeline::load_bundle(bundle, runtime, config)
+        }));
         m.waiting_for_model.dec();
-        let pipeline = loaded.map_err(|e| {
-            m.model_load_failures.inc();
-            Error::ModelUnavailable {
-                name: model.name.clone(),
-                message: format!("{e:#}"),
+        let message = match loaded {
+            Ok(Ok(pipeline)) => {
+                self.push(model, pipeline, shared);
+                let last = self.loaded.len() - 1;
+                return Ok(&mut self.loaded[last].pipeline);
             }
-        })?;
-        self.push(model, pipeline, shared);
-        let last = self.loaded.len() - 1;
-        Ok(&mut self.loaded[last].pipeline)
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(panic) => {
+                m.panics.inc();
+                format!("loading it panicked: {}", crate::error::panic_message(panic.as_ref()))
+            }
+        };
+        m.model_load_failures.inc();
+        self.failed.insert(key, message.clone());
+        Err(unavailable(message))
     }
 
     fn push(&mut self, model: &Model, pipeline: Pipeline, shared: &Shared) {
@@ -242,10 +276,8 @@ impl Residents<'_> {
     /// Tells /metrics and /v1/model which bundles are loaded.
     fn publish(&self, shared: &Shared) {
         shared.metrics.models_loaded.set(self.loaded.len() as i64);
-        let mut names: Vec<(u64, String)> = self.loaded.iter().map(|l| (l.last_used, l.name.clone())).collect();
-        names.sort();
         *shared.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            names.into_iter().map(|(_, n)| n).collect();
+            self.loaded.iter().map(|l| l.key.clone()).collect();
     }
 }
 

@@ -12,7 +12,7 @@ import { createRequire } from "node:module";
 
 const require = createRequire(process.env.PLAYWRIGHT_DIR + "/");
 const { chromium } = require("playwright-core");
-const [bin, model] = process.argv.slice(2);
+const [bin, model, second] = process.argv.slice(2);
 const work = mkdtempSync(join(tmpdir(), "absorb-ui-"));
 const shots = process.env.SHOTS;
 let failures = 0;
@@ -21,7 +21,9 @@ const cli = (...args) => execFileSync(bin, [...args, "-m", model], { cwd: work, 
 const same = (b64, file) => Buffer.from(b64, "base64").equals(readFileSync(join(work, file)));
 
 // The service on a free port.
-const server = spawn(bin, ["serve", "-m", model, "--listen", "127.0.0.1:0"], { stdio: ["ignore", "ignore", "pipe"] });
+// With a second bundle: both, the first the default (the page's model menu is tested on them).
+const server = spawn(bin, ["serve", "-m", model, ...(second ? ["-m", second] : []), "--listen", "127.0.0.1:0"],
+  { stdio: ["ignore", "ignore", "pipe"] });
 const base = await new Promise((resolve, reject) => {
   let err = "";
   server.stderr.on("data", (d) => {
@@ -150,6 +152,28 @@ try {
   const varied = await page.$eval("#after", (i) => i.src.split(",")[1]);
   cli("vary", "--image", "many/5-000000.png", "--strength", "0.3", "--seed", "5", "--steps", "5", "-o", "varied.png");
   check(varyBody.strength === 0.3 && same(varied, "varied.png"), "a variation at strength 0.3 = the CLI's vary");
+
+  // 3c. The model menu: another bundle, its own classes, its images the CLI's; then back.
+  if (second) {
+    const other = JSON.parse(readFileSync(join(second, "model.json"), "utf8"));
+    const names = await page.$$eval("#modelsel option", (os) => os.map((o) => o.value));
+    check((await page.isVisible("#modelsel")) && JSON.stringify(names) === JSON.stringify([manifest.name, other.name]),
+      `the model menu lists both bundles (${names.join(", ")})`);
+    await page.selectOption("#modelsel", other.name);
+    await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), other.name);
+    check((await page.isVisible("#class")) === !!other.classes, "the class menu follows the bundle");
+    await page.fill("#count", "1");
+    await page.click("#go");
+    await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 1 && !document.getElementById("go").disabled, finals, { timeout: 60000 });
+    const theirs = await page.$eval(finals, (i) => i.src.split(",")[1]);
+    const body = JSON.parse(posted.filter((p) => p.url.includes("type=generate")).pop().body);
+    execFileSync(bin, ["generate", "-m", second, "--seed", "5", "--steps", "5", "-t", "0.9", "--sampler", body.sampler, "-o", "other.png"],
+      { cwd: work, stdio: ["ignore", "ignore", "inherit"] });
+    check(body.model === other.name && same(theirs, "other.png"), `a generation with "${other.name}" chosen = the CLI's with that bundle`);
+    await page.selectOption("#modelsel", manifest.name);
+    await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), manifest.name);
+    await page.fill("#count", "3");
+  }
 
   // 4. Watch a longer generation reveal itself (one event per transformer call, a decoded
   // preview every few), then cancel it: it ends as cancelled, and the worker stops.

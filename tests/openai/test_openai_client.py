@@ -200,3 +200,10 @@ def test_malformed_requests_are_400s_in_openais_shape_and_the_service_goes_on(cl
         assert err["type"] == "invalid_request_error" and err["param"] == param and needle in err["message"], \
             (path, body[:60], err)
     assert len(client.images.generate(prompt="2", extra_body={"seed": 2}).data) == 1
+    # Parts are read by their field's name: an image sent without a filename, a number sent as a
+    # file part, are what their field is.
+    status, j = raw(client, "/images/variations",
+                    *form([("image", image, None), ("seed", b"4", "seed.txt"), ("steps", b"8", None)]))
+    assert status == 200, j
+    want = client.images.create_variation(image=open(SOURCE, "rb"), extra_body={"seed": 4, "steps": 8})
+    assert j["data"][0]["b64_json"] == want.data[0].b64_json and j["seed"] == 4
