@@ -240,3 +240,26 @@ def test_a_conditional_prior_needs_labels_learns_no_class_too_and_old_checkpoint
     old = {k: v for k, v in now.items() if k != "conditional"}
     assert train.settings_differ(old, now) == ["conditional"]
     assert train.settings_differ(old, {**now, "conditional": False}) == []
+
+
+def test_farthest_first_spreads_codes_over_the_data_not_over_its_mode():
+    # 90% of the rows are one background value (with tiny noise), 10% are spread out: random picks
+    # would be mostly background, farthest-first takes the background once.
+    g = torch.Generator().manual_seed(0)
+    background = torch.ones(900, 4) + 1e-3 * torch.randn(900, 4, generator=g)
+    ink = 5 * torch.randn(100, 4, generator=g)
+    z = torch.cat([background, ink])
+    picks = train.farthest_first(z, z[:0], 20)
+    near_background = ((picks - 1).norm(dim=1) < 0.1).sum().item()
+    assert near_background <= 1, picks
+    assert len({tuple(r.tolist()) for r in picks}) == 20  # distinct
+    # with codes already there, the picks avoid them: restarting near the background adds none
+    picks = train.farthest_first(z, torch.ones(1, 4), 10)
+    assert ((picks - 1).norm(dim=1) < 0.1).sum().item() == 0
+    assert torch.equal(picks, train.farthest_first(z, torch.ones(1, 4), 10))  # deterministic
+
+
+def test_restart_and_codebook_init_names_are_checked():
+    cfg = dataclasses.replace(train.Config(), **train.QUICK, restart="nearest")
+    with pytest.raises(ValueError, match="restart is 'nearest'"):
+        train.train_autoencoder(cfg, lambda n, g: torch.rand(n, 1, 32, 32, generator=g), torch.Generator())
