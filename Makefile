@@ -292,11 +292,13 @@ bench-paper-256:
 # Train models/emoji (issue 40): hours on a 2-core CPU, so it checkpoints inside every stage and
 # goes on where it stopped (the same bytes as a run that never stopped). EMOJI_MINUTES=N stops it at a
 # checkpoint after N minutes of training; run the target again to go on. Run nothing heavy alongside.
+# When training ends, the int8 and fp16 variants are written and measured (export/variants.py).
 EMOJI_MINUTES ?= 0
 .PHONY: train-emoji
 train-emoji: venv ort build
 	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) \
 	  $(PY) -m export train-emoji --out models/emoji --resume --minutes $(EMOJI_MINUTES)
+	$(PY) -m export variants --bundle models/emoji
 
 # The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle); the scenes
 # bundle's wide images and one held-out crop of each source outpainted (the split is fixed).

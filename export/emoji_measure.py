@@ -70,7 +70,7 @@ def generate(absorb: Path, bundle: Path, names, per_class: int, seed: int, sampl
     imgs, classes = [], []
     t0 = time.time()
     for c, name in enumerate(names):
-        out = tmp / f"{sampler}-{steps}-{temperature}-{seed}-{c}"
+        out = tmp / f"{sampler}-{steps}-{temperature}-{seed}-{per_class}-{c}"  # one folder per call: reads only its own
         absorb_cmd(absorb, "generate", "--model", bundle, "--class", name, "--count", per_class, "--seed", seed + c,
                    "--sampler", sampler, "--steps", steps, "--temperature", temperature, "--out", f"{out}/")
         imgs += [J.read_png(p, 3) for p in sorted(out.glob("*.png"))]
