@@ -45,7 +45,7 @@ def main():
         q = f"{r['kid_x1000']:.1f}" if kid else f"{r['ratio_to_real']:.3f}"
         agree = "" if r.get("class_agreement") is None else f"{r['class_agreement']:.3f}"
         tok = "exact" if r["cache"] == "off" else f"{r['token_agreement_with_exact']:.2f}"
-        print(f"| {name} | {r['steps']} | {r['cache']} | {r['calls_per_image']:.1f} | "
+        print(f"| {name} | {r['steps']} | {r['cache']} | {r['calls_per_batch']:.1f} | "
               f"{r['full_passes_per_image']:.2f} | {r['ms_per_image']:.1f} | {q} | {agree} | {tok} | "
               f"{'yes' if f else ''} |")
 
