@@ -3,7 +3,7 @@
 // outpaint, vary, watch the live previews reveal a generation, cancel a running job, then the same
 // on a phone's screen with touch; every PNG the page got must equal the CLI's for the same
 // parameters. `make browser-test` runs it; SHOTS=DIR saves screenshots there.
-//   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR
+//   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR [SECOND_MODEL_DIR]   (the second: the model menu)
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -161,15 +161,21 @@ try {
       `the model menu lists both bundles (${names.join(", ")})`);
     await page.selectOption("#modelsel", other.name);
     await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), other.name);
-    check((await page.isVisible("#class")) === !!other.classes, "the class menu follows the bundle");
+    const theirClasses = await page.$$eval("#class option", (os) => os.map((o) => o.value));
+    check((await page.isVisible("#class")) === !!other.classes
+      && JSON.stringify(theirClasses) === JSON.stringify(["", ...(other.classes || [])]),
+      `the class menu follows the bundle (${theirClasses.length - 1} classes${other.classes ? ": " + other.classes.slice(0, 3).join(", ") + ", ..." : ""})`);
+    if (other.classes) await page.selectOption("#class", other.classes.at(-1));
     await page.fill("#count", "1");
     await page.click("#go");
     await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 1 && !document.getElementById("go").disabled, finals, { timeout: 60000 });
     const theirs = await page.$eval(finals, (i) => i.src.split(",")[1]);
     const body = JSON.parse(posted.filter((p) => p.url.includes("type=generate")).pop().body);
-    execFileSync(bin, ["generate", "-m", second, "--seed", "5", "--steps", "5", "-t", "0.9", "--sampler", body.sampler, "-o", "other.png"],
+    const theirClass = other.classes ? ["--class", other.classes.at(-1)] : [];
+    execFileSync(bin, ["generate", "-m", second, "--seed", "5", "--steps", "5", "-t", "0.9", "--sampler", body.sampler, ...theirClass, "-o", "other.png"],
       { cwd: work, stdio: ["ignore", "ignore", "inherit"] });
     check(body.model === other.name && same(theirs, "other.png"), `a generation with "${other.name}" chosen = the CLI's with that bundle`);
+    if (other.classes) await page.selectOption("#class", "");
     await page.selectOption("#modelsel", manifest.name);
     await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), manifest.name);
     await page.fill("#count", "3");
