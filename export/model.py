@@ -226,10 +226,13 @@ class Autoencoder(nn.Module):
     def decode_tokens(self, tokens):  # (B, h, w) int64 -> (B, C, H, W), unclamped
         return self.generator(self.quantize.lookup(tokens))
 
-    def forward(self, x):
-        """Training pass: (x_rec, vq_loss, tokens), straight-through gradients to the encoder."""
+    def forward(self, x, background=None):
+        """Training pass: (x_rec, vq_loss, tokens), straight-through gradients to the encoder.
+        background: (B, h, w) bool, positions that take code 0 whatever code is nearest (None: none)."""
         z = self.encode(x)  # (B, D, h, w)
         tokens = self.quantize_tokens(z)  # (B, h, w)
+        if background is not None:
+            tokens = tokens.masked_fill(background, 0)
         z_q = self.quantize.lookup(tokens)
         # weights as in the official VectorQuantizer: 1 on the encoder term, beta on the codebook
         vq_loss = F.mse_loss(z, z_q.detach()) + self.cfg.beta * F.mse_loss(z_q, z.detach())

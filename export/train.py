@@ -70,6 +70,11 @@ class Config:
     # random restarts), pure-white patches took 267 distinct codes, which the prior cannot tell
     # apart. "spread" as codebook_init: the first batch's outputs picked farthest-first.
     restart: str = "random"
+    # True: while the autoencoder trains, every token position whose 4x4 patch and a margin of
+    # BACKGROUND_MARGIN pixels around it are pure white (every channel >= BACKGROUND_WHITE) takes
+    # code 0, whatever code is nearest, so that the encoder learns to put plain background on that
+    # one code (images on a white background; emoji). Off: the nearest code everywhere.
+    background_code: bool = False
     denoise_iters: int = 300  # then the decoder alone learns to decode grids with some random tokens
     token_noise: float = 0.2  # ... up to this fraction of tokens replaced by random codes
     # stage 2: absorbing prior
@@ -333,6 +338,19 @@ def farthest_first(z: torch.Tensor, codes: torch.Tensor, n: int) -> torch.Tensor
     return z[picks]
 
 
+BACKGROUND_WHITE = 0.98
+BACKGROUND_MARGIN = 2
+
+
+def background_positions(x, down: int, margin: int = BACKGROUND_MARGIN, white: float = BACKGROUND_WHITE):
+    """(B, C, S, S) in [0, 1] -> (B, S/down, S/down) bool: token positions whose down x down patch
+    and `margin` pixels around it are all white in every channel."""
+    ink = (x.min(1, keepdim=True).values < white).float()  # (B, 1, S, S)
+    if margin:
+        ink = F.max_pool2d(ink, 2 * margin + 1, stride=1, padding=margin)
+    return F.max_pool2d(ink, down, stride=down)[:, 0] == 0
+
+
 def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device = CPU,
                       progress: Progress | None = None) -> Autoencoder:
     """draw(n, gen) -> a training batch (n, C, S, S) in [0, 1]. Trains on `dev`, returns on the CPU.
@@ -361,7 +379,8 @@ def train_autoencoder(cfg: Config, draw, gen: torch.Generator, dev: torch.device
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.ae_iters, cfg.ae_lr, cfg.ae_iters // 20 + 1)
         x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
-        x_rec, vq_loss, tokens = ae(x)
+        bg = background_positions(x, cfg.vq.img_size // cfg.vq.token_size) if cfg.background_code else None
+        x_rec, vq_loss, tokens = ae(x, bg)
         rec = F.mse_loss(x_rec, x) + 0.1 * (x_rec - x).abs().mean()
         loss = rec + vq_loss
         opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export import train
+from export.model import Autoencoder
 from export.classifier import BAR, confidence, nucleus, sampling_flags, schedule, session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -263,3 +264,22 @@ def test_restart_and_codebook_init_names_are_checked():
     cfg = dataclasses.replace(train.Config(), **train.QUICK, restart="nearest")
     with pytest.raises(ValueError, match="restart is 'nearest'"):
         train.train_autoencoder(cfg, lambda n, g: torch.rand(n, 1, 32, 32, generator=g), torch.Generator())
+
+
+def test_background_positions_are_the_white_patches_far_from_ink_and_take_code_0():
+    x = torch.ones(1, 3, 32, 32)
+    x[0, 1, 10, 10] = 0.5  # one pixel of ink (one channel is enough)
+    bg = train.background_positions(x, 4, margin=2)
+    want = torch.ones(1, 8, 8, dtype=torch.bool)
+    want[0, 2:4, 2:4] = False  # pixels 8..12 around the ink touch tokens 2 and 3 each way
+    assert torch.equal(bg, want)
+    no_margin = train.background_positions(x, 4, margin=0)
+    assert (~no_margin).nonzero().tolist() == [[0, 2, 2]]  # only the patch that holds the ink
+    cfg = train.Config(img_size=32, n_channels=3, codebook_size=8, nf=8, emb_dim=4)
+    ae = Autoencoder(cfg.vq)
+    with torch.no_grad():
+        ae.quantize.embedding.weight[0] = 100.0  # far from every encoder output: never the nearest
+        _, _, free = ae(x)
+        _, _, forced = ae(x, bg)
+    assert not (free == 0).any()
+    assert torch.equal(forced == 0, bg) and torch.equal(forced[~bg], free[~bg])
