@@ -323,7 +323,7 @@ docs-pictures: ort build
 
 # The quality-versus-cost frontier (README "Cached attention"): every sampler, step count and cache
 # schedule on a bundle (FRONTIER_BUNDLE, default digits), judged by its eval classifier or judge,
-# with the threshold sampler also at 0.5 and 0.7; docs/frontier-NAME.md is the table.
+# with the threshold samplers also at 0.5 and 0.7; docs/frontier-NAME.md is the table.
 FRONTIER_BUNDLE ?= models/digits
 FRONTIER_NAME = $(notdir $(FRONTIER_BUNDLE))
 FRONTIER_ARGS ?= --steps 8,16,64 --cache off,2,4,8 --count 256
@@ -331,9 +331,9 @@ FRONTIER_ARGS ?= --steps 8,16,64 --cache off,2,4,8 --count 256
 frontier: ort build
 	mkdir -p out
 	ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb eval --model $(FRONTIER_BUNDLE) \
-	  --samplers absorbing,maskgit,halton,threshold $(FRONTIER_ARGS) --json out/frontier-$(FRONTIER_NAME).json
+	  --samplers absorbing,maskgit,halton,threshold,maskgit-threshold $(FRONTIER_ARGS) --json out/frontier-$(FRONTIER_NAME).json
 	for p in 0.5 0.7; do ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) target/release/absorb eval \
-	  --model $(FRONTIER_BUNDLE) --samplers threshold --threshold $$p $(FRONTIER_ARGS) \
+	  --model $(FRONTIER_BUNDLE) --samplers threshold,maskgit-threshold --threshold $$p $(FRONTIER_ARGS) \
 	  --json out/frontier-$(FRONTIER_NAME)-t$$p.json || exit 1; done
 	python3 scripts/frontier-table.py out/frontier-$(FRONTIER_NAME)*.json > docs/frontier-$(FRONTIER_NAME).md
 

@@ -252,7 +252,7 @@ impl Sampling {
         // The bundle's threshold goes with its threshold sampler only; a request's must match.
         let threshold = self
             .threshold
-            .or(d.threshold.filter(|_| settings.sampler == SamplerKind::Threshold));
+            .or(d.threshold.filter(|_| settings.sampler.uses_threshold()));
         let cache = self.cache.map_or(d.cache, CacheMode::period);
         settings.with_threshold(threshold)?.with_cache(cache)
     }
@@ -583,8 +583,7 @@ impl Job {
         meta.temperature = Some(self.settings.temperature);
         meta.temperature_end = self.settings.temperature_end;
         meta.top_p = self.settings.top_p;
-        meta.threshold =
-            (self.settings.sampler == SamplerKind::Threshold).then(|| self.settings.threshold_or_default());
+        meta.threshold = (self.settings.sampler.uses_threshold()).then(|| self.settings.threshold_or_default());
         meta.cache = self.settings.cache;
         if let Start::Vary {
             strength,

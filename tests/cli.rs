@@ -575,6 +575,18 @@ fn the_threshold_sampler_and_cached_attention_are_recorded_reproduced_and_checke
         &["generate", "-m", &bs, "--from", "t5.png", "-o", "t5-again.png"],
     );
     assert_eq!(fs::read(d.path().join("t5-again.png")).unwrap(), t5);
+    // maskgit-threshold: recorded with its threshold, reproduced by --from.
+    let (m5, meta) = gen(&["--sampler", "maskgit-threshold", "--threshold", "0.5"], "m5.png");
+    assert_eq!(
+        (meta["sampler"].as_str(), meta["threshold"].as_f64()),
+        (Some("maskgit-threshold"), Some(0.5)),
+        "{meta}"
+    );
+    ok(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "m5.png", "-o", "m5-again.png"],
+    );
+    assert_eq!(fs::read(d.path().join("m5-again.png")).unwrap(), m5);
     fails(
         d.path(),
         &[
@@ -1317,6 +1329,24 @@ fn golden_bytes_of_every_kind_of_output() {
                 "0.8",
                 "-o",
                 "threshold.png",
+            ],
+        ),
+        (
+            "maskgit-threshold",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--count",
+                "2",
+                "--steps",
+                "8",
+                "--sampler",
+                "maskgit-threshold",
+                "--threshold",
+                "0.8",
+                "-o",
+                "maskgit-threshold.png",
             ],
         ),
         (

@@ -600,7 +600,7 @@ fn bad_requests_get_a_4xx_json_error_naming_the_field() {
         "POST" "/v1/generate" r#"{"top_p": 1.5}"# => 400 "top_p" "out of range";
         "POST" "/v1/generate" r#"{"top_p": 0}"# => 400 "top_p" "out of range";
         "POST" "/v1/generate" r#"{"sampler": "threshold", "threshold": 1.5}"# => 400 "threshold" "out of range";
-        "POST" "/v1/generate" r#"{"sampler": "maskgit", "threshold": 0.5}"# => 400 "threshold" "only the threshold sampler";
+        "POST" "/v1/generate" r#"{"sampler": "maskgit", "threshold": 0.5}"# => 400 "threshold" "only the threshold samplers";
         "POST" "/v1/generate" r#"{"cache": 0}"# => 400 "cache" "out of range";
         "POST" "/v1/generate" r#"{"cache": "sometimes"}"# => 400 "cache" "not a cache mode";
         "POST" "/v1/generate" r#"{"cache": -3}"# => 400 "cache" "not a cache mode";
@@ -977,6 +977,11 @@ fn golden_bytes_of_every_kind_of_answer() {
             r#"{"seed": 3, "count": 2, "steps": 16, "sampler": "threshold", "threshold": 0.8}"#.into(),
         ),
         (
+            "maskgit-threshold",
+            "/v1/generate",
+            r#"{"seed": 3, "count": 2, "steps": 8, "sampler": "maskgit-threshold", "threshold": 0.8}"#.into(),
+        ),
+        (
             "cache",
             "/v1/generate",
             r#"{"seed": 3, "count": 2, "steps": 16, "sampler": "absorbing", "cache": 4}"#.into(),
@@ -1025,9 +1030,9 @@ fn golden_bytes_of_every_kind_of_answer() {
             got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
         }
     }
-    // single PNGs, the grid's 4, halton's, threshold's, the cache's and vary's 2 each, the
-    // preview's 2 + frames
-    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 2 + 3, "{got:?}");
+    // single PNGs, the grid's 4, halton's, threshold's, maskgit-threshold's, the cache's and
+    // vary's 2 each, the preview's 2 + frames
+    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 2 + 2 + 3, "{got:?}");
     common::check_golden("server", &got);
 }
 

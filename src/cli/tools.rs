@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use absorb::image;
-use absorb::sampler::SamplerKind;
 use absorb::{GenerateSpec, Progress, Sampling};
 
 use super::args::{BenchArgs, CheckVariantArgs, Common, EvalArgs, InfoArgs, WarmupArgs};
@@ -203,7 +202,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     top_p: a.top_p,
                     sampler: Some(kind),
                     // The threshold is the threshold sampler's; the other rows take none.
-                    threshold: a.threshold.filter(|_| kind == SamplerKind::Threshold),
+                    threshold: a.threshold.filter(|_| kind.uses_threshold()),
                     cache: Some(cache),
                     class: None,
                 };
@@ -258,7 +257,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 rows.push(serde_json::json!({
                     "sampler": kind.name(), "steps": s, "cache": cache, "temperature": settings.temperature,
                     "temperature_end": settings.temperature_end, "top_p": settings.top_p,
-                    "threshold": (kind == SamplerKind::Threshold).then(|| settings.threshold_or_default()),
+                    "threshold": (kind.uses_threshold()).then(|| settings.threshold_or_default()),
                     "count": v.count, "calls_per_batch": calls, "full_passes_per_image": full,
                     "ms_per_image": 1000.0 * seconds / n,
                     "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,

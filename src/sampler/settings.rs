@@ -25,6 +25,9 @@ pub enum SamplerKind {
     Halton,
     /// Adaptive: each call reveals every masked position drawn with probability >= the threshold.
     Threshold,
+    /// MaskGIT that also reveals every draw whose probability reaches the threshold.
+    #[serde(rename = "maskgit-threshold")]
+    MaskgitThreshold,
 }
 
 impl SamplerKind {
@@ -35,6 +38,7 @@ impl SamplerKind {
         SamplerKind::Maskgit,
         SamplerKind::Halton,
         SamplerKind::Threshold,
+        SamplerKind::MaskgitThreshold,
     ];
 
     /// The name used on the command line, in JSON and in PNG metadata.
@@ -57,14 +61,20 @@ impl SamplerKind {
         SamplerKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     }
 
+    /// Whether the sampler reads a threshold (`--threshold`).
+    pub fn uses_threshold(self) -> bool {
+        matches!(self, SamplerKind::Threshold | SamplerKind::MaskgitThreshold)
+    }
+
     /// The reveal rule.
     pub(super) fn rule(self) -> &'static dyn Rule {
         match self {
             SamplerKind::Absorbing => &rule::absorbing::Absorbing,
             SamplerKind::Even => &rule::even::Even,
-            SamplerKind::Maskgit => &rule::maskgit::Maskgit,
+            SamplerKind::Maskgit => &rule::maskgit::Maskgit { threshold: false },
             SamplerKind::Halton => &rule::halton::Halton,
             SamplerKind::Threshold => &rule::threshold::Threshold,
+            SamplerKind::MaskgitThreshold => &rule::maskgit::Maskgit { threshold: true },
         }
     }
 }
@@ -152,7 +162,7 @@ impl Settings {
 
     /// With another sampler (a threshold is kept only for the `threshold` sampler).
     pub fn with_sampler(self, sampler: SamplerKind) -> Settings {
-        let threshold = self.threshold.filter(|_| sampler == SamplerKind::Threshold);
+        let threshold = self.threshold.filter(|_| sampler.uses_threshold());
         Settings {
             sampler,
             threshold,
@@ -170,11 +180,11 @@ impl Settings {
                 format!("{p} is out of range: must be a number > 0 and <= 1"),
             ));
         }
-        if self.sampler != SamplerKind::Threshold {
+        if !self.sampler.uses_threshold() {
             return Err(Error::param(
                 Param::Threshold,
                 format!(
-                    "only the threshold sampler has a threshold (this is {}); add sampler threshold or leave it out",
+                    "only the threshold samplers have a threshold (this is {}); add sampler threshold or leave it out",
                     self.sampler.name()
                 ),
             ));
@@ -252,7 +262,10 @@ mod tests {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.name()), "serde spells it as name()");
         }
-        assert_eq!(SamplerKind::names(), "absorbing, even, maskgit, halton, threshold");
+        assert_eq!(
+            SamplerKind::names(),
+            "absorbing, even, maskgit, halton, threshold, maskgit-threshold"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::image::AnimationFormat;
 use crate::job::Job;
 use crate::param::Param;
-use crate::sampler::{SamplerKind, Settings};
+use crate::sampler::Settings;
 
 /// The routes over `shared`; tests may drive it without a socket.
 pub fn app(shared: Arc<Shared>) -> Router {
@@ -387,7 +387,7 @@ async fn answer(
     if let Some(p) = settings.top_p {
         json["top_p"] = serde_json::json!(p);
     }
-    if settings.sampler == SamplerKind::Threshold {
+    if settings.sampler.uses_threshold() {
         json["threshold"] = serde_json::json!(settings.threshold_or_default());
     }
     json["cache"] = settings
@@ -566,7 +566,7 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings, strength: Option<f
         h.insert("x-absorb-top-p", v);
     }
     h.insert("x-absorb-sampler", HeaderValue::from_static(settings.sampler.name()));
-    if settings.sampler == SamplerKind::Threshold {
+    if settings.sampler.uses_threshold() {
         if let Ok(v) = HeaderValue::from_str(&settings.threshold_or_default().to_string()) {
             h.insert("x-absorb-threshold", v);
         }
