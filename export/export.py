@@ -92,7 +92,7 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
     if quantizer != "nearest":
         raise ExportError(f"hparams: quantizer {quantizer!r} is not supported: the encoder graph "
                           f"holds the nearest-code quantizer (quantizer \"nearest\")")
-    known = set(HPARAM_KEYS) | {"norm_groups", "n_classes"}
+    known = set(HPARAM_KEYS) | {"norm_groups", "n_classes", "background_code"}
     ignored = sorted(set(hp) - known - {"sampler", "quantizer"})
     for k in ignored:
         close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
@@ -112,8 +112,11 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
             raise ExportError(f"hparams: {k} must be {kind}, got {v!r}")
         if not all(type(x) is int and x > 0 for x in vals):
             raise ExportError(f"hparams: {k} must hold positive integers, got {v!r}")
+    background = hp.get("background_code", False)
+    if type(background) is not bool:
+        raise ExportError(f"hparams: background_code must be true or false, got {background!r}")
     vq = VQConfig(**{k: tuple(hp[k]) if k in LIST_KEYS else hp[k] for k in VQ_KEYS},
-                  norm_groups=hp.get("norm_groups", 32))
+                  norm_groups=hp.get("norm_groups", 32), background_code=background)
     n_classes = hp.get("n_classes", 0)
     if type(n_classes) is not int or n_classes < 0:
         raise ExportError(f"hparams: n_classes must be an integer >= 0, got {n_classes!r}")
@@ -149,6 +152,8 @@ def hparams_of(vq: VQConfig, pc: PriorConfig) -> dict:
     """Inverse of config_from_hparams: the official-name dict stored in provenance."""
     hp = {k: list(v) if k in LIST_KEYS else v for k, v in dataclasses.asdict(vq).items()}
     hp.pop("beta")
+    if hp.pop("background_code"):  # absorb's code 0 for plain background (model.VQConfig); absent = off
+        hp["background_code"] = True
     hp["latent_shape"] = [1, vq.token_size, vq.token_size]
     hp.update({k: getattr(pc, k) for k in PRIOR_KEYS})
     if pc.n_classes:  # a class-conditional prior (not the paper's); absent = 0
@@ -220,7 +225,7 @@ class EncoderGraph(nn.Module):
         self.ae = ae
 
     def forward(self, image):  # (B, C, H, W) -> (B, h, w) int64
-        return self.ae.quantize_tokens(self.ae.encode(image))
+        return self.ae.tokens(image)  # nearest codes (code 0 on plain background with background_code)
 
 
 class DecoderGraph(nn.Module):

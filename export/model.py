@@ -31,6 +31,10 @@ class VQConfig:
     emb_dim: int = 256
     norm_groups: int = 32  # official GroupNorm(32, eps=1e-6); configurable so tiny models fit
     beta: float = 0.25  # commitment weight, training only
+    # images on a white background (emoji): token positions whose patch and BACKGROUND_MARGIN
+    # pixels around it are pure white take code 0, in training and in the exported encoder
+    # (background_positions); off: the nearest code everywhere
+    background_code: bool = False
 
     @property
     def token_size(self) -> int:
@@ -190,6 +194,19 @@ class Generator(nn.Module):
         return z
 
 
+BACKGROUND_WHITE = 0.98
+BACKGROUND_MARGIN = 2
+
+
+def background_positions(x, down: int, margin: int = BACKGROUND_MARGIN, white: float = BACKGROUND_WHITE):
+    """(B, C, S, S) in [0, 1] -> (B, S/down, S/down) bool: token positions whose down x down patch
+    and `margin` pixels around it are all white in every channel."""
+    ink = (x.min(1, keepdim=True).values < white).float()  # (B, 1, S, S)
+    if margin:
+        ink = F.max_pool2d(ink, 2 * margin + 1, stride=1, padding=margin)
+    return F.max_pool2d(ink, down, stride=down)[:, 0] == 0
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -223,16 +240,29 @@ class Autoencoder(nn.Module):
     def quantize_tokens(self, z_e):  # (B, emb_dim, h, w) -> (B, h, w) int64
         return self.quantize.tokens(z_e)
 
+    def background(self, x):  # (B, C, H, W) -> (B, h, w) bool, or None without a background code
+        if not self.cfg.background_code:
+            return None
+        return background_positions(x, self.cfg.img_size // self.cfg.token_size)
+
+    def tokens(self, x):
+        """(B, C, H, W) in [0, 1] -> (B, h, w) int64: the nearest codes, and code 0 on plain
+        background with `background_code` (what the exported encoder computes)."""
+        tokens = self.quantize_tokens(self.encode(x))
+        bg = self.background(x)
+        return tokens if bg is None else tokens.masked_fill(bg, 0)
+
     def decode_tokens(self, tokens):  # (B, h, w) int64 -> (B, C, H, W), unclamped
         return self.generator(self.quantize.lookup(tokens))
 
-    def forward(self, x, background=None):
-        """Training pass: (x_rec, vq_loss, tokens), straight-through gradients to the encoder.
-        background: (B, h, w) bool, positions that take code 0 whatever code is nearest (None: none)."""
+    def forward(self, x):
+        """Training pass: (x_rec, vq_loss, tokens), straight-through gradients to the encoder;
+        with `background_code`, plain background takes code 0 whatever code is nearest."""
         z = self.encode(x)  # (B, D, h, w)
         tokens = self.quantize_tokens(z)  # (B, h, w)
-        if background is not None:
-            tokens = tokens.masked_fill(background, 0)
+        bg = self.background(x)
+        if bg is not None:
+            tokens = tokens.masked_fill(bg, 0)
         z_q = self.quantize.lookup(tokens)
         # weights as in the official VectorQuantizer: 1 on the encoder term, beta on the codebook
         vq_loss = F.mse_loss(z, z_q.detach()) + self.cfg.beta * F.mse_loss(z_q, z.detach())

@@ -123,6 +123,10 @@ def test_churches_block_layout_and_shapes_match_the_spec():
 def test_hparams_round_trip():
     vq, pc = config_from_hparams(TINY)
     assert hparams_of(vq, pc) == TINY
+    vq, pc = config_from_hparams({**TINY, "background_code": True})
+    assert vq.background_code and hparams_of(vq, pc) == {**TINY, "background_code": True}
+    with pytest.raises(ExportError, match="background_code must be true or false"):
+        config_from_hparams({**TINY, "background_code": 1})
 
 
 @pytest.mark.parametrize("change, key", [

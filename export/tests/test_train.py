@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from export import train
-from export.model import Autoencoder
+from export.export import EncoderGraph
+from export.model import Autoencoder, background_positions
 from export.classifier import BAR, confidence, nucleus, sampling_flags, schedule, session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,17 +270,24 @@ def test_restart_and_codebook_init_names_are_checked():
 def test_background_positions_are_the_white_patches_far_from_ink_and_take_code_0():
     x = torch.ones(1, 3, 32, 32)
     x[0, 1, 10, 10] = 0.5  # one pixel of ink (one channel is enough)
-    bg = train.background_positions(x, 4, margin=2)
+    bg = background_positions(x, 4, margin=2)
     want = torch.ones(1, 8, 8, dtype=torch.bool)
     want[0, 2:4, 2:4] = False  # pixels 8..12 around the ink touch tokens 2 and 3 each way
     assert torch.equal(bg, want)
-    no_margin = train.background_positions(x, 4, margin=0)
+    no_margin = background_positions(x, 4, margin=0)
     assert (~no_margin).nonzero().tolist() == [[0, 2, 2]]  # only the patch that holds the ink
-    cfg = train.Config(img_size=32, n_channels=3, codebook_size=8, nf=8, emb_dim=4)
-    ae = Autoencoder(cfg.vq)
+    # code 0 far from every encoder output: never the nearest, yet the background's code when asked,
+    # in training (forward), in the tokens the prior learns from and in the exported encoder graph
+    small = dict(img_size=32, n_channels=3, codebook_size=8, nf=8, emb_dim=4)
+    free_ae = Autoencoder(train.Config(**small).vq)
     with torch.no_grad():
-        ae.quantize.embedding.weight[0] = 100.0  # far from every encoder output: never the nearest
-        _, _, free = ae(x)
-        _, _, forced = ae(x, bg)
-    assert not (free == 0).any()
+        free_ae.quantize.embedding.weight[0] = 100.0
+    ae = Autoencoder(train.Config(**small, background_code=True).vq)
+    ae.load_state_dict(free_ae.state_dict())
+    with torch.no_grad():
+        free = free_ae(x)[2]
+        forced = ae(x)[2]
+        graph = EncoderGraph(ae)(x)
+    assert not (free == 0).any() and torch.equal(free_ae.tokens(x), free)
     assert torch.equal(forced == 0, bg) and torch.equal(forced[~bg], free[~bg])
+    assert torch.equal(train.encode_all(ae, x), forced) and torch.equal(graph, forced)
