@@ -37,8 +37,8 @@ PAUSED_EXIT = 3  # exit status of a run that stopped at a checkpoint (go on with
 @dataclass
 class EmojiConfig(T.Config):
     """train.Config with the emoji bundle's settings (sizes measured on a 2-core AVX2 EPYC: the
-    autoencoder at nf 32 and batch 16 takes ~1.2 s per iteration, the prior at width 192, 8 layers,
-    batch 24 on 256 tokens ~1.9 s)."""
+    autoencoder at nf 32 and batch 16 takes ~1.35 s per iteration, the prior at width 128, 8 layers,
+    batch 24 on 256 tokens ~1.1 s)."""
     img_size: int = 64
     n_channels: int = 3
     nf: int = 32
