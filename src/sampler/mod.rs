@@ -214,6 +214,19 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// A fake denoiser sure (logit 50) of code 1 at the positions `sure` says, flat elsewhere.
+    pub(crate) fn sure_at(sure: fn(usize) -> bool) -> impl FnMut(&[i64], &[i64], &mut Vec<f32>) -> Result<()> {
+        move |_tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| {
+            out.clear();
+            for _ in 0..classes.len() {
+                for p in 0..SPACE.len {
+                    out.extend((0..SPACE.codebook_size).map(|c| if sure(p) && c == 1 { 50.0 } else { 0.0 }));
+                }
+            }
+            Ok(())
+        }
+    }
+
     /// Images `seeds` (seed, index) with `kind` at `steps`: tokens, totals, reveals per step.
     pub(crate) fn generate_with(
         kind: SamplerKind,

@@ -121,7 +121,7 @@ impl Rule for Maskgit {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests::{generate_with, SPACE};
+    use super::super::super::tests::{generate_with, sure_at, SPACE};
     use super::super::super::*;
     use crate::error::Result;
 
@@ -164,19 +164,6 @@ mod tests {
         assert_eq!(first[0], 5);
         let tokens = chains[0].tokens();
         assert!((0..16).step_by(2).all(|p| tokens[p] == 1), "{tokens:?}");
-    }
-
-    /// A denoiser sure (logit 50) of code 1 at the positions `sure` says, flat elsewhere.
-    fn sure_at(sure: fn(usize) -> bool) -> impl FnMut(&[i64], &[i64], &mut Vec<f32>) -> Result<()> {
-        move |_tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| {
-            out.clear();
-            for _ in 0..classes.len() {
-                for p in 0..16 {
-                    out.extend((0..8).map(|c| if sure(p) && c == 1 { 50.0 } else { 0.0 }));
-                }
-            }
-            Ok(())
-        }
     }
 
     fn run(kind: SamplerKind, steps: usize, sure: fn(usize) -> bool) -> (Vec<usize>, Vec<i64>) {

@@ -84,22 +84,8 @@ impl Rule for Threshold {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests::{generate_with, SPACE};
+    use super::super::super::tests::{generate_with, sure_at, SPACE};
     use super::super::super::*;
-    use crate::error::Result;
-
-    /// A denoiser sure (logit 50) of code 1 at the positions `sure` says, flat elsewhere.
-    fn sure_at(sure: fn(usize) -> bool) -> impl FnMut(&[i64], &[i64], &mut Vec<f32>) -> Result<()> {
-        move |_tokens: &[i64], classes: &[i64], out: &mut Vec<f32>| {
-            out.clear();
-            for _ in 0..classes.len() {
-                for p in 0..16 {
-                    out.extend((0..8).map(|c| if sure(p) && c == 1 { 50.0 } else { 0.0 }));
-                }
-            }
-            Ok(())
-        }
-    }
 
     fn run(settings: &Settings, denoise: &mut crate::sampler::Denoiser<'_>) -> (Vec<usize>, Vec<i64>) {
         let mut chains = vec![Chain::masked(&SPACE, settings, 9, 0).unwrap()];
