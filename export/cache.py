@@ -85,7 +85,9 @@ class Partial(nn.Module):
             new_v.append(v)
             K = keys[i].scatter(1, index, k)  # the cache with the query positions as they are now
             V = values[i].scatter(1, index, v)
-            att = F.softmax(_heads(q, a.n_head) @ _heads(K, a.n_head).transpose(-2, -1) / math.sqrt(a.head_size), -1)
+            logits = _heads(q, a.n_head) @ _heads(K, a.n_head).transpose(-2, -1) / math.sqrt(a.head_size)
+            bias = a.bias(positions)  # (B, nh, Q, L): the query positions' rows
+            att = F.softmax(logits if bias is None else logits + bias, -1)
             y = (att @ _heads(V, a.n_head)).transpose(1, 2).reshape(B, Q, D)
             x = x + a.proj(y)
             x = x + block.mlp(block.ln2(x))
@@ -289,6 +291,9 @@ def add_to_bundle(bundle: Path) -> dict:
 
     manifest = json.loads((bundle / "model.json").read_text())
     hp = manifest["provenance"]["hparams"]
+    if hp.get("attn_bias", False):
+        raise CacheError(f"{bundle}: a prior with attn_bias cannot be rebuilt from its graph (the bias is "
+                         f"folded into constants); its trainer writes the cached graph")
     pc = PriorConfig(**{k: hp[k] for k in PRIOR_KEYS}, codebook_size=manifest["tokens"]["codebook_size"],
                      n_classes=hp.get("n_classes", 0))
     prior = prior_from_onnx(bundle / manifest["graphs"]["transformer"]["file"], pc)

@@ -92,7 +92,7 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
     if quantizer != "nearest":
         raise ExportError(f"hparams: quantizer {quantizer!r} is not supported: the encoder graph "
                           f"holds the nearest-code quantizer (quantizer \"nearest\")")
-    known = set(HPARAM_KEYS) | {"norm_groups", "n_classes", "background_code"}
+    known = set(HPARAM_KEYS) | {"norm_groups", "n_classes", "background_code", "attn_bias"}
     ignored = sorted(set(hp) - known - {"sampler", "quantizer"})
     for k in ignored:
         close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.85)
@@ -120,7 +120,11 @@ def config_from_hparams(hp: dict) -> tuple[VQConfig, PriorConfig]:
     n_classes = hp.get("n_classes", 0)
     if type(n_classes) is not int or n_classes < 0:
         raise ExportError(f"hparams: n_classes must be an integer >= 0, got {n_classes!r}")
-    pc = PriorConfig(codebook_size=hp["codebook_size"], n_classes=n_classes, **{k: hp[k] for k in PRIOR_KEYS})
+    attn_bias = hp.get("attn_bias", False)
+    if type(attn_bias) is not bool:
+        raise ExportError(f"hparams: attn_bias must be true or false, got {attn_bias!r}")
+    pc = PriorConfig(codebook_size=hp["codebook_size"], n_classes=n_classes, attn_bias=attn_bias,
+                     **{k: hp[k] for k in PRIOR_KEYS})
     check_configs(vq, pc)
     h = vq.token_size
     if hp["latent_shape"] != [1, h, h]:
@@ -158,6 +162,8 @@ def hparams_of(vq: VQConfig, pc: PriorConfig) -> dict:
     hp.update({k: getattr(pc, k) for k in PRIOR_KEYS})
     if pc.n_classes:  # a class-conditional prior (not the paper's); absent = 0
         hp["n_classes"] = pc.n_classes
+    if pc.attn_bias:  # the grid-distance attention bias (model.PriorConfig); absent = off
+        hp["attn_bias"] = True
     return hp
 
 

@@ -36,10 +36,10 @@ def trained_like(pc: PriorConfig, seed: int = 0) -> Transformer:
     return prior.eval()
 
 
-@pytest.mark.parametrize("n_classes", [0, 5])
-def test_a_cheap_pass_on_a_fresh_cache_equals_the_full_pass(tmp_path, n_classes):
-    pc = PriorConfig(codebook_size=16, bert_n_emb=32, bert_n_head=4, bert_n_layers=3, block_size=24,
-                     n_classes=n_classes)
+@pytest.mark.parametrize("n_classes, attn_bias", [(0, False), (5, False), (5, True)])
+def test_a_cheap_pass_on_a_fresh_cache_equals_the_full_pass(tmp_path, n_classes, attn_bias):
+    pc = PriorConfig(codebook_size=16, bert_n_emb=32, bert_n_head=4, bert_n_layers=3,
+                     block_size=25 if attn_bias else 24, n_classes=n_classes, attn_bias=attn_bias)
     prior = trained_like(pc)
     report = Cache.export_cached(prior, tmp_path)
     assert report["max_abs_diff"]["partial"] <= Cache.PARITY_ATOL
@@ -48,7 +48,7 @@ def test_a_cheap_pass_on_a_fresh_cache_equals_the_full_pass(tmp_path, n_classes)
     assert names == ["tokens", "positions"] + (["class"] if n_classes else []) + ["keys", "values"]
     # By hand: the full pass, then a cheap pass at 5 positions after 3 of them changed token. The
     # changed positions see themselves as they are now; everything else is the cache's.
-    L, K, N, D = 24, 16, 3, 32
+    L, K, N, D = pc.block_size, 16, 3, 32
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, K + 1, (1, L), generator=g)
     cls = np.array([min(1, n_classes - 1)] if n_classes else [], np.int64) if n_classes else None
@@ -105,3 +105,22 @@ def test_a_graph_that_is_not_the_module_is_refused(tmp_path):
         prior.blocks[1].attn.value.weight.mul_(1.5)  # the module moved on; the graph did not
     with pytest.raises(Cache.CacheError, match="differs from the module"):
         Cache.check_parity(prior, tmp_path)
+
+
+def test_the_distance_bias_favours_near_positions_and_its_hparam_round_trips(tmp_path):
+    pc = PriorConfig(codebook_size=16, bert_n_emb=32, bert_n_head=4, bert_n_layers=1, block_size=25, attn_bias=True)
+    a = Transformer(pc).blocks[0].attn
+    b = a.bias(torch.arange(25))  # (heads, 25, 25) on a 5 x 5 grid
+    assert b.shape == (4, 25, 25) and torch.all(b[:, 12, 12] == 0)
+    assert torch.all(b[:, 12, 13] == b[:, 12, 7]), "left/right and up/down neighbours are as near"
+    assert torch.all(b[:, 12, 13] > b[:, 12, 14]) and torch.all(b[:, 12, 14] > b[:, 12, 0])
+    assert torch.all(b[0] <= b[1]) and b[0, 12, 13] < b[1, 12, 13], "the first head is the most local"
+    with pytest.raises(ValueError, match="square token grid; block_size is 24"):
+        Transformer(PriorConfig(codebook_size=16, bert_n_emb=32, bert_n_head=4, bert_n_layers=1, block_size=24,
+                                attn_bias=True))
+    hp = {**TINY, "attn_bias": True}
+    vq, pc2 = config_from_hparams(hp)
+    assert pc2.attn_bias
+    assert not config_from_hparams(TINY)[1].attn_bias
+    with pytest.raises(Exception, match="attn_bias must be true or false"):
+        config_from_hparams({**TINY, "attn_bias": 1})
