@@ -83,7 +83,7 @@ def measure(bundle: Path, absorb: Path, cfg, x_train, y_train, y_held, seed: int
     enc, dec = C.session(bundle / "encoder.onnx"), C.session(bundle / "decoder.onnx")
     judge = C.session(bundle / "eval" / "classifier.onnx")
     names = E.class_names(cfg.scheme)
-    K, grid = cfg.codebook_size, cfg.vq.token_size
+    K, grid = cfg.codes, cfg.vq.token_size
 
     def run(s, name, x):
         return np.concatenate([s.run(None, {name: x[i:i + 128]})[0] for i in range(0, len(x), 128)])
@@ -199,6 +199,8 @@ def readme(q: dict, source: str) -> str:
     c, s, h, sec = q["config"], q["samples"], q["heldout"], q["train_seconds"]
     ref = q["reference"]
     times = ", ".join(f"{k} {v / 60:.0f} min" for k, v in sec.items())
+    merged = (f", merged to {c['codebook_merge']} codes (k-means of the encoder's outputs)"
+              if c.get("codebook_merge") else "")
 
     def line(r):
         return (f"| {r['sampler']} | {r['steps']} | {r['temperature']} | {r['class_confidence']:.3f} | "
@@ -232,7 +234,7 @@ The held-out images under `eval/heldout/` are such emoji (same licences).
   {len(q['classes'])} classes (scheme `{c['scheme']}`: subcategories merged); {h['count']} held-out images of designs
   never trained on (every style and variant of a held-out design is held out).
 - Autoencoder: nf {c['nf']}, ch_mult {tuple(c['ch_mult'])}, codebook {c['codebook_size']} x {c['emb_dim']}, 16x16
-  tokens; {c['ae_iters']} iterations at batch {c['ae_batch']}, then {c['denoise_iters']} decoder-only iterations on
+  tokens; {c['ae_iters']} iterations at batch {c['ae_batch']}{merged}, then {c['denoise_iters']} decoder-only iterations on
   token grids with up to {c['token_noise']:.0%} random codes.
 - Prior: {c['n_layers']} layers, width {c['n_emb']}, {c['n_head']} heads, class-conditional ({c['prior_uncond']:.0%} of
   the rows without their class, so that edits run without one), {c['prior_iters']} iterations at batch

@@ -16,7 +16,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +134,7 @@ PRIOR_SETTINGS = ("n_emb", "n_head", "n_layers", "prior_iters", "prior_bf16", "p
 N_CLASSES = 10  # the digits
 # Settings whose default changed when they were added: a checkpoint or quality.json without one was
 # made with this value (the priors before `conditional` were unconditional).
-LEGACY = {"conditional": False}
+LEGACY = {"conditional": False, "codebook_merge": 0, "attn_bias": False}
 QUICK = dict(prior_copies=1, denoise_iters=2, ae_iters=4, ae_batch=16, prior_iters=4, prior_batch=16, warmup=2, n_layers=1, n_emb=32, n_head=4, steps=8)
 PIXEL_SHIFTS = ("shift", "prior_shift")  # shift_batch's range: whole pixels, each way
 SPLIT_SEED = 1234  # fixes the held-out digits, whatever --seed is
@@ -211,9 +211,13 @@ class Progress:
     time budget), the loop's whole state goes to one file: weights, optimiser, the CPU generator,
     the iteration and the seconds spent. Finished stages stay in it (`done`). A run started from the
     file continues where it stopped with the same ops on the same state: the same bytes as a run
-    that never stopped (test_train.py checks it). `config`: the settings the file must match."""
+    that never stopped (test_train.py checks it). `config`: the settings the file must match, except
+    `later`, the settings of the stages after `first`: when only those differ, --resume keeps `first`
+    (done, or part way) and trains the later stages again (each starts from its own seeds, so that
+    equals a whole run with the new settings)."""
 
-    def __init__(self, path: Path, config: dict, every: int = 100, budget_s: float = 0.0, resume: bool = False):
+    def __init__(self, path: Path, config: dict, every: int = 100, budget_s: float = 0.0, resume: bool = False,
+                 first: str = "autoencoder", later: tuple = ()):
         self.path, self.config, self.every = Path(path), config, every
         self.deadline = time.time() + budget_s if budget_s > 0 else None
         self.stop_asked = False
@@ -227,8 +231,16 @@ class Progress:
                 raise ValueError(f"--resume: cannot read {self.path} ({type(e).__name__}: {e})") from None
             if saved is not None:
                 differ = settings_differ(saved["config"], config)
+                if any(k not in later for k in differ):
+                    raise ValueError(f"--resume: {self.path} was trained with other settings "
+                                     f"({', '.join(k for k in differ if k not in later)})")
                 if differ:
-                    raise ValueError(f"--resume: {self.path} was trained with other settings ({', '.join(differ)})")
+                    cur = saved["current"]
+                    kept = {first: saved["done"][first]} if first in saved["done"] else {}
+                    saved = {"config": config, "done": kept,
+                             "current": cur if cur is not None and cur["stage"] == first else None}
+                    print(f"--resume: {', '.join(differ)} changed: kept the {first} stage of {self.path}, "
+                          f"training the stages after it again")
                 self.saved = saved
 
     def watch_signals(self):
@@ -405,7 +417,7 @@ def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, d
     ae = ae.to(dev)
     opt = torch.optim.Adam(ae.generator.parameters(), lr=cfg.ae_lr / 4, betas=(0.5, 0.9))
     start, spent = resumed(progress, "decoder", gen, {"ae": ae, "opt": opt})
-    K, t0 = cfg.codebook_size, time.time() - spent
+    K, t0 = ae.cfg.codebook_size, time.time() - spent  # the autoencoder's own (merged) codebook
     for it in range(start, cfg.denoise_iters):
         x = draw(cfg.ae_batch, gen).to(dev)  # (B, C, S, S)
         with torch.no_grad():
@@ -424,6 +436,47 @@ def finetune_decoder(cfg: Config, ae: Autoencoder, draw, gen: torch.Generator, d
             progress.step("decoder", it + 1, lambda: {"ae": ae.state_dict(), "opt": opt.state_dict(),
                                                       "gen": gen.get_state(), "seconds": time.time() - t0})
     return ae.cpu().eval()
+
+
+@torch.no_grad()
+def merge_codebook(ae: Autoencoder, k: int, x, seed: int, rounds: int = 30, sample: int = 65536) -> Autoencoder:
+    """The autoencoder with its codebook merged down to k codes, encoder and decoder unchanged (a
+    decoder stage then fits the decoder to the merged codes). The codes are k-means centres (Lloyd,
+    `rounds` rounds) of the encoder's outputs at `sample` token positions of the images x (drawn
+    with `seed`) off plain background, started farthest-first among the codes those outputs are
+    nearest to; code 0 stays as it is (plain background's, with background_code). Deterministic.
+    Measured on the emoji autoencoder (256 codes): a codebook whose nearest other code decodes
+    the same patch (swapping 10% of tokens for it: 42 dB) costs the prior its loss on which of the
+    near twins the encoder picked. -> a new Autoencoder with codebook_size k."""
+    K = ae.cfg.codebook_size
+    if not 1 < k < K:
+        raise ValueError(f"codebook_merge is {k}: 0 (no merge) or from 2 to codebook_size - 1 ({K - 1})")
+    ae = ae.cpu().eval()
+    z = []
+    for i in range(0, len(x), 256):
+        xb = x[i:i + 256]
+        zb = ae.encode(xb).permute(0, 2, 3, 1)  # (B, h, w, D)
+        bg = ae.background(xb)
+        z.append(zb.reshape(-1, zb.shape[-1]) if bg is None else zb[~bg])
+    z = torch.cat(z)
+    gen = torch.Generator().manual_seed(seed)
+    if len(z) > sample:
+        z = z[torch.randperm(len(z), generator=gen)[:sample]]
+    w = ae.quantize.embedding.weight.detach()
+    near = torch.unique(torch.cdist(z, w).argmin(1))
+    near = near[near != 0]
+    pool = w[near] if len(near) >= k - 1 else torch.cat([w[near], z])
+    centres = torch.cat([w[:1], farthest_first(pool, w[:1], k - 1)])
+    for _ in range(rounds):
+        a = torch.cdist(z, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, a, z)
+        counts = torch.bincount(a, minlength=k)
+        moved = counts > 0
+        moved[0] = False  # code 0 stays
+        centres[moved] = sums[moved] / counts[moved, None]
+    merged = Autoencoder(replace(ae.cfg, codebook_size=k))
+    merged.load_state_dict({**ae.state_dict(), "quantize.embedding.weight": centres})
+    return merged.eval()
 
 
 @torch.no_grad()

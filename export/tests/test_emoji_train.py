@@ -73,6 +73,26 @@ def test_resuming_with_other_settings_or_a_broken_file_is_refused_by_name(tmp_pa
         T.Progress(path, ET.stage_settings(c), resume=True)
 
 
+def test_other_later_settings_keep_the_autoencoder_and_equal_a_whole_run(tmp_path):
+    """codebook_merge and the prior's settings are later stages': resuming with other values keeps
+    the autoencoder stage and trains the rest again, to the bytes of a whole run with them."""
+    c, x, y = cfg(), *tiny_data()
+    other = dataclasses.replace(c, codebook_merge=8, prior_iters=5)
+    whole = T.Progress(tmp_path / "whole.pt", ET.stage_settings(other), every=2)
+    ae0, prior0, _, _ = ET.train_stages(other, x, y, x[:8], y[:8], whole, T.CPU)
+
+    path = tmp_path / "ck.pt"
+    ET.train_stages(c, x, y, x[:8], y[:8], T.Progress(path, ET.stage_settings(c), every=2), T.CPU)
+    again = T.Progress(path, ET.stage_settings(other), every=2, resume=True, later=ET.LATER_SETTINGS)
+    assert again.done("autoencoder") and not again.done("decoder") and not again.done("prior")
+    ae1, prior1, _, _ = ET.train_stages(other, x, y, x[:8], y[:8], again, T.CPU)
+    assert ae1.quantize.embedding.num_embeddings == 8
+    assert same_weights(ae0, ae1) and same_weights(prior0, prior1), "not the bytes of a whole run"
+    # an autoencoder setting is still refused, named
+    with pytest.raises(ValueError, match="other settings \\(nf\\)"):
+        T.Progress(path, ET.stage_settings(dataclasses.replace(other, nf=4)), resume=True, later=ET.LATER_SETTINGS)
+
+
 def test_the_judge_exports_with_logits_and_features(tmp_path):
     from export.classifier import session
 

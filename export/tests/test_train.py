@@ -291,3 +291,31 @@ def test_background_positions_are_the_white_patches_far_from_ink_and_take_code_0
     assert not (free == 0).any() and torch.equal(free_ae.tokens(x), free)
     assert torch.equal(forced == 0, bg) and torch.equal(forced[~bg], free[~bg])
     assert torch.equal(train.encode_all(ae, x), forced) and torch.equal(graph, forced)
+
+
+def test_merge_codebook_keeps_code_0_and_the_networks_and_lowers_the_quantisation_error():
+    from export.model import Autoencoder, VQConfig
+
+    torch.manual_seed(0)
+    vq = VQConfig(img_size=16, n_channels=3, nf=8, ch_mult=(1, 2, 4), res_blocks=1, attn_resolutions=(),
+                  codebook_size=32, emb_dim=4, norm_groups=4, background_code=True)
+    ae = Autoencoder(vq).eval()
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x[:8] = 1.0  # plain white: background positions, left out of the k-means
+    merged = train.merge_codebook(ae, 6, x, seed=0)
+    assert merged.cfg.codebook_size == 6 and merged.quantize.embedding.num_embeddings == 6
+    w, m = ae.quantize.embedding.weight, merged.quantize.embedding.weight
+    assert torch.equal(m[0], w[0]), "code 0 (plain background's) moved"
+    sa, sm = ae.state_dict(), merged.state_dict()
+    assert all(torch.equal(sa[k], sm[k]) for k in sa if "quantize" not in k), "encoder or decoder changed"
+    assert torch.equal(m, train.merge_codebook(ae, 6, x, seed=0).quantize.embedding.weight), "not deterministic"
+
+    with torch.no_grad():
+        z = ae.encode(x[8:]).permute(0, 2, 3, 1).reshape(-1, 4)
+    def err(codes):
+        return torch.cdist(z, codes).min(1).values.pow(2).mean().item()
+    start = torch.cat([w[:1], train.farthest_first(w[1:], w[:1], 5)])  # codes spread, not fitted
+    assert err(m) < err(start), "the k-means rounds did not lower the quantisation error"
+    assert err(m) < err(w[:6]), "no better than keeping the first 6 codes"
+    with pytest.raises(ValueError, match="codebook_merge is 32"):
+        train.merge_codebook(ae, 32, x, seed=0)
