@@ -630,7 +630,7 @@ def settings_differ(saved: dict, now: dict) -> list[str]:
     def norm(v):
         return json.loads(json.dumps(v))
     def before(k):  # what a setting's absence means
-        return LEGACY.get(k, getattr(Config(), k))
+        return LEGACY[k] if k in LEGACY else getattr(Config(), k)
     return sorted(k for k in now if norm(saved[k] if k in saved else before(k)) != norm(now[k]))
 
 

@@ -88,6 +88,13 @@ def test_other_later_settings_keep_the_autoencoder_and_equal_a_whole_run(tmp_pat
     ae1, prior1, _, _ = ET.train_stages(other, x, y, x[:8], y[:8], again, T.CPU)
     assert ae1.quantize.embedding.num_embeddings == 8
     assert same_weights(ae0, ae1) and same_weights(prior0, prior1), "not the bytes of a whole run"
+    # a checkpoint from before codebook_merge and attn_bias existed (v3's) reads them as off
+    saved = torch.load(path, weights_only=False)
+    for k in ("codebook_merge", "attn_bias"):
+        del saved["config"][k]
+    torch.save(saved, path)
+    old = dataclasses.replace(other, codebook_merge=0, attn_bias=False)
+    assert T.Progress(path, ET.stage_settings(old), resume=True).done("autoencoder")
     # an autoencoder setting is still refused, named
     with pytest.raises(ValueError, match="other settings \\(nf\\)"):
         T.Progress(path, ET.stage_settings(dataclasses.replace(other, nf=4)), resume=True, later=ET.LATER_SETTINGS)
