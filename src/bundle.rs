@@ -175,6 +175,10 @@ pub struct SamplingDefaults {
     /// `cache.json`); absent = exact mode. A request's `cache` replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<usize>,
+    /// Classifier-free guidance scale when a request gives none (a class-conditional bundle's,
+    /// without a default cache); absent = none. A request's `guidance` replaces it (0 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
     /// Variations (`absorb vary`): the share of an image's tokens masked and redone when a
     /// request gives no `strength`, in (0, 1]; absent = [`crate::job::DEFAULT_STRENGTH`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -532,6 +536,26 @@ fn validate(m: &Manifest) -> Result<(), String> {
             return Err(format!("sampling.{name} is {p}, must be a number > 0 and <= 1"));
         }
     }
+    if let Some(g) = s.guidance {
+        if !(g.is_finite() && (0.0..=crate::limits::MAX_GUIDANCE).contains(&g)) {
+            return Err(format!(
+                "sampling.guidance is {g}, must be a number >= 0 and <= {}",
+                crate::limits::MAX_GUIDANCE
+            ));
+        }
+        if m.classes.is_none() {
+            return Err(
+                "sampling.guidance is set but the model lists no classes: guidance needs a \
+                        class-conditional model"
+                    .to_string(),
+            );
+        }
+        if s.cache.is_some() {
+            return Err(
+                "sampling.guidance and sampling.cache are both set: cached attention does not guide".to_string(),
+            );
+        }
+    }
     let margin = s.window_margin.unwrap_or([0, 0]);
     if let Some([mh, mw]) = s.window_margin {
         if mh >= t.height.div_ceil(2) || mw >= t.width.div_ceil(2) {
@@ -828,6 +852,26 @@ mod tests {
             j["classes"] = bad;
             let e = parse(&j).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_default_guidance_needs_classes_no_default_cache_and_a_sane_scale() {
+        let mut j = serde_json::to_value(manifest()).unwrap();
+        let parse = |j: &serde_json::Value| parse_manifest(j.to_string().as_bytes(), Path::new("model.json"));
+        j["sampling"]["guidance"] = 2.0.into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.guidance") && e.contains("no classes"), "{e}");
+        j["classes"] = serde_json::json!(["cat", "dog"]);
+        assert_eq!(parse(&j).unwrap().sampling.guidance, Some(2.0));
+        j["sampling"]["cache"] = 4.into();
+        let e = parse(&j).unwrap_err().to_string();
+        assert!(e.contains("sampling.guidance and sampling.cache"), "{e}");
+        j["sampling"].as_object_mut().unwrap().remove("cache");
+        for bad in [-1.0, 1000.0] {
+            j["sampling"]["guidance"] = bad.into();
+            let e = parse(&j).unwrap_err().to_string();
+            assert!(e.contains("sampling.guidance is"), "{e}");
         }
     }
 

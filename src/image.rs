@@ -405,6 +405,9 @@ pub struct Metadata {
     /// Cached attention: a full pass every this many calls of the image (absent: exact mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<usize>,
+    /// Classifier-free guidance scale (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
     /// A variation's strength: the share of the source's tokens masked and redone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f32>,
@@ -720,6 +723,7 @@ mod tests {
             top_p: None,
             threshold: None,
             cache: None,
+            guidance: Some(2.5),
             strength: Some(0.25),
             source_sha256: Some("cd".into()),
             provider: Some("cpu".into()),

@@ -132,8 +132,12 @@ pub struct Sampling {
     /// The `threshold` sampler's least probability for a reveal, in (0, 1] (an error with
     /// another sampler).
     pub threshold: Option<f32>,
-    /// Cached attention between steps (`--cache N|off`); absent = the bundle's default, else off.
+    /// Cached attention between steps (`--cache N|off`); absent = the bundle's default, else off
+    /// (off too when guidance is on: cached attention does not guide).
     pub cache: Option<CacheMode>,
+    /// Classifier-free guidance scale (`--guidance W`, >= 0; 0 = none); absent = the bundle's
+    /// default, else none. Only a class-conditional bundle guides.
+    pub guidance: Option<f32>,
     /// The class to make, an index into a class-conditional bundle's `classes` ([`class_index`]
     /// reads a name). Absent: generation gives the classes in turn ([`sampler::spread_class`]),
     /// edits use none.
@@ -253,8 +257,23 @@ impl Sampling {
         let threshold = self
             .threshold
             .or(d.threshold.filter(|_| settings.sampler.uses_threshold()));
-        let cache = self.cache.map_or(d.cache, CacheMode::period);
-        settings.with_threshold(threshold)?.with_cache(cache)
+        let guidance = self.guidance.or(d.guidance).filter(|&w| w != 0.0);
+        if guidance.is_some() && bundle.manifest().classes.is_none() {
+            return Err(Error::param(
+                Param::Guidance,
+                "this model has no classes: guidance needs a class-conditional model; leave it out".to_string(),
+            ));
+        }
+        // Cached attention does not guide: with guidance the bundle's default cache is off, and a
+        // request's own cache period is refused (by with_guidance).
+        let cache = match (self.cache, guidance) {
+            (None, Some(_)) => None,
+            (c, _) => c.map_or(d.cache, CacheMode::period),
+        };
+        settings
+            .with_threshold(threshold)?
+            .with_cache(cache)?
+            .with_guidance(guidance)
     }
 }
 
@@ -565,6 +584,7 @@ impl Job {
             top_p: None,
             threshold: None,
             cache: None,
+            guidance: None,
             strength: None,
             source_sha256: None,
             provider: Some(provider.to_string()),
@@ -585,6 +605,7 @@ impl Job {
         meta.top_p = self.settings.top_p;
         meta.threshold = (self.settings.sampler.uses_threshold()).then(|| self.settings.threshold_or_default());
         meta.cache = self.settings.cache;
+        meta.guidance = self.settings.guidance;
         if let Start::Vary {
             strength,
             source_sha256,

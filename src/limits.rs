@@ -21,6 +21,10 @@ pub const MAX_GRID_SIDE: usize = 1024;
 /// before), it only keeps nonsense out.
 pub const MAX_TEMPERATURE: f32 = 1000.0;
 
+/// Largest classifier-free guidance scale accepted (`--guidance`): useful scales are under 10;
+/// far beyond, the logits only grow until one code takes every draw.
+pub const MAX_GUIDANCE: f32 = 100.0;
+
 /// Largest codebook a manifest may declare (the transformer's logits are `codebook_size` floats
 /// per position; 2^24 keeps every id exact in an f32 and far above any real VQGAN's).
 pub const MAX_CODEBOOK: usize = 1 << 24;

@@ -422,12 +422,25 @@ impl Pipeline {
         // The transformer and the preview decoder take turns: the sampler calls one, then
         // reports the step, never both at once.
         let this = RefCell::new(&mut *self);
-        // A cancelled run stops before its next transformer call.
+        // A cancelled run stops before its next transformer call. With guidance each call is two
+        // passes of the transformer (with the chains' classes, then without).
+        // Those second passes' positions count in the timings' positions computed.
+        let guidance = job.settings().guidance;
+        let guided_positions = std::cell::Cell::new(0usize);
         let mut denoise = |tokens: &[i64], classes: &[i64], logits: &mut Vec<f32>| {
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            this.borrow_mut().graphs.transformer(tokens, classes, logits)
+            let mut pass = |t: &[i64], c: &[i64], out: &mut Vec<f32>| this.borrow_mut().graphs.transformer(t, c, out);
+            match guidance {
+                Some(w) => {
+                    let rows = sampler::guide(w, tokens, classes, logits, &mut pass)?;
+                    let row_len = tokens.len() / classes.len().max(1);
+                    guided_positions.set(guided_positions.get() + rows * row_len);
+                    Ok(())
+                }
+                None => pass(tokens, classes, logits),
+            }
         };
         let mut report = |r: &StepReport| {
             on_step(r);
@@ -485,7 +498,7 @@ impl Pipeline {
         let in_graph = after.time - before.time;
         timings.transformer += in_graph;
         timings.transformer_calls += after.calls - before.calls;
-        timings.transformer_positions += stats.positions;
+        timings.transformer_positions += stats.positions + guided_positions.get();
         timings.sampler += total.saturating_sub(in_graph + previews.preview);
         timings.preview += previews.preview;
         timings.previews += previews.previews;

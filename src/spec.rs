@@ -229,6 +229,8 @@ impl Recorded {
             threshold: m.threshold,
             // Absent: exact mode (not the bundle's default).
             cache: Some(m.cache.map_or(CacheMode::Off, CacheMode::Every)),
+            // Absent: no guidance (not the bundle's default).
+            guidance: Some(m.guidance.unwrap_or(0.0)),
             // Absent: spread over the images again, by seed and index.
             class: m
                 .class

@@ -553,6 +553,63 @@ fn top_p_truncates_from_the_flag_or_the_bundle_is_recorded_and_one_turns_it_off(
 }
 
 #[test]
+fn guidance_is_recorded_reproduced_and_refused_where_it_cannot_steer() {
+    let d = tmp();
+    let bs = common::model_dir().to_string_lossy().into_owned();
+    let gen = |extra: &[&str], out: &str| {
+        generate_with_metadata(
+            d.path(),
+            &bs,
+            &["--seed", "5", "--count", "3", "--class", "4"],
+            extra,
+            out,
+        )
+    };
+    let (plain, meta) = gen(&[], "plain.png");
+    assert!(meta.get("guidance").is_none(), "{meta}");
+    let (zero, meta) = gen(&["--guidance", "0"], "zero.png");
+    assert!(meta.get("guidance").is_none(), "{meta}");
+    assert_eq!(zero, plain, "--guidance 0 is no guidance");
+    let (g2, meta) = gen(&["--guidance", "2"], "g2.png");
+    assert_eq!(meta["guidance"].as_f64(), Some(2.0), "{meta}");
+    assert_ne!(g2, plain, "guidance changed nothing");
+    ok(
+        d.path(),
+        &["generate", "-m", &bs, "--from", "g2.png", "-o", "g2-again.png"],
+    );
+    assert_eq!(fs::read(d.path().join("g2-again.png")).unwrap(), g2);
+    for bad in ["-1", "nan", "101"] {
+        fails(
+            d.path(),
+            &["generate", "-m", &bs, "--guidance", bad, "-o", "x.png"],
+            2,
+            &["invalid --guidance:"],
+        );
+    }
+    fails(
+        d.path(),
+        &["generate", "-m", &bs, "--guidance", "2", "--cache", "4", "-o", "x.png"],
+        2,
+        &["invalid --guidance:", "cache off"],
+    );
+    let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/scenes");
+    fails(
+        d.path(),
+        &[
+            "generate",
+            "-m",
+            &scenes.to_string_lossy(),
+            "--guidance",
+            "2",
+            "-o",
+            "x.png",
+        ],
+        2,
+        &["invalid --guidance:", "no classes"],
+    );
+}
+
+#[test]
 fn the_threshold_sampler_and_cached_attention_are_recorded_reproduced_and_checked() {
     let d = tmp();
     let b = bundle_copy(d.path());
@@ -1365,6 +1422,24 @@ fn golden_bytes_of_every_kind_of_output() {
                 "4",
                 "-o",
                 "cache.png",
+            ],
+        ),
+        (
+            "guidance",
+            &[
+                "generate",
+                "--seed",
+                "3",
+                "--count",
+                "2",
+                "--steps",
+                "8",
+                "--class",
+                "4",
+                "--guidance",
+                "2",
+                "-o",
+                "guidance.png",
             ],
         ),
         (

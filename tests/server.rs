@@ -987,6 +987,11 @@ fn golden_bytes_of_every_kind_of_answer() {
             r#"{"seed": 3, "count": 2, "steps": 16, "sampler": "absorbing", "cache": 4}"#.into(),
         ),
         (
+            "guidance",
+            "/v1/generate",
+            r#"{"seed": 3, "count": 2, "steps": 8, "class": 4, "guidance": 2}"#.into(),
+        ),
+        (
             "inpaint",
             "/v1/inpaint",
             format!(r#"{{"image": "{digit}", "rect": [8, 8, 16, 16], "seed": 5}}"#),
@@ -1030,9 +1035,9 @@ fn golden_bytes_of_every_kind_of_answer() {
             got.insert(format!("{name}/frames"), common::sha256(&B64.decode(frames).unwrap()));
         }
     }
-    // single PNGs, the grid's 4, halton's, threshold's, maskgit-threshold's, the cache's and
-    // vary's 2 each, the preview's 2 + frames
-    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 2 + 2 + 3, "{got:?}");
+    // single PNGs, the grid's 4, halton's, threshold's, maskgit-threshold's, the cache's,
+    // guidance's and vary's 2 each, the preview's 2 + frames
+    assert_eq!(got.len(), 7 + 4 + 2 + 2 + 2 + 2 + 2 + 2 + 3, "{got:?}");
     common::check_golden("server", &got);
 }
 

@@ -60,6 +60,9 @@ pub struct Entry {
     /// Cached attention's period (absent: exact mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<usize>,
+    /// Classifier-free guidance scale (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
     /// Execution provider that made the file (from its metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -88,6 +91,7 @@ impl Entry {
             top_p: expected.top_p,
             threshold: expected.threshold,
             cache: expected.cache,
+            guidance: expected.guidance,
             provider: made.provider.clone(),
             absorb: made.absorb.clone(),
         }

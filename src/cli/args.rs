@@ -76,6 +76,12 @@ pub struct SamplingArgs {
     /// bundle's cache.json); `off` = exact mode. Default: the bundle's, else off.
     #[arg(long, value_name = "N|off", value_parser = CacheMode::parse)]
     pub cache: Option<CacheMode>,
+    /// Classifier-free guidance with a class-conditional model: each transformer call is made
+    /// with the class and without, and the logits pushed W times their difference further
+    /// towards the class (c + W (c - u)); >= 0, 0 = none (default: the bundle's, else none).
+    /// Twice the transformer passes; not with --cache N.
+    #[arg(long, value_name = "W", allow_hyphen_values = true)]
+    pub guidance: Option<f32>,
     /// The class to make, by name or index, with a class-conditional model (`absorb info` lists
     /// its classes; the digits model's are 0-9). Default: generate takes the classes in turn,
     /// shuffled by the seed; inpaint and outpaint use none.
@@ -96,6 +102,7 @@ impl SamplingArgs {
             sampler: self.sampler,
             threshold: self.threshold,
             cache: self.cache,
+            guidance: self.guidance,
             class: self.class.as_deref().map(|c| class_index(bundle, c)).transpose()?,
         })
     }
@@ -126,7 +133,7 @@ pub struct GenerateArgs {
     pub max_batch: usize,
     /// Reproduce the PNG made by absorb with these parameters (seed, index, count, steps,
     /// temperature from its metadata).
-    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "class", "count", "first_index", "columns"])]
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "guidance", "class", "count", "first_index", "columns"])]
     pub from: Option<PathBuf>,
     /// Also write the generated token grids as JSON (one entry per image, with its index).
     #[arg(long, value_name = "JSON")]
@@ -277,7 +284,7 @@ pub struct VaryArgs {
     pub max_batch: usize,
     /// Reproduce the variation PNG made by absorb (strength, seed, index, count and sampling from
     /// its metadata); --image must be its source (checked by sha256).
-    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "class", "count", "first_index", "columns", "strength"])]
+    #[arg(long, value_name = "PNG", conflicts_with_all = ["seed", "steps", "temperature", "top_p", "sampler", "threshold", "cache", "guidance", "class", "count", "first_index", "columns", "strength"])]
     pub from: Option<PathBuf>,
 }
 
@@ -362,6 +369,10 @@ pub struct EvalArgs {
     /// also reports its tokens' agreement with exact mode at the same seed.
     #[arg(long = "cache", value_delimiter = ',', default_value = "off", value_parser = CacheMode::parse)]
     pub caches: Vec<CacheMode>,
+    /// Classifier-free guidance scale for every row, >= 0 (a class-conditional model; --cache off
+    /// only; default: the bundle's, else none).
+    #[arg(long, value_name = "W", allow_hyphen_values = true)]
+    pub guidance: Option<f32>,
     /// Images per row of the table.
     #[arg(long, short = 'n', default_value_t = 256, value_parser = images, allow_hyphen_values = true)]
     pub count: usize,

@@ -204,6 +204,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     // The threshold is the threshold sampler's; the other rows take none.
                     threshold: a.threshold.filter(|_| kind.uses_threshold()),
                     cache: Some(cache),
+                    guidance: a.guidance,
                     class: None,
                 };
                 let job = GenerateSpec {
@@ -258,6 +259,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     "sampler": kind.name(), "steps": s, "cache": cache, "temperature": settings.temperature,
                     "temperature_end": settings.temperature_end, "top_p": settings.top_p,
                     "threshold": (kind.uses_threshold()).then(|| settings.threshold_or_default()),
+                    "guidance": settings.guidance,
                     "count": v.count, "calls_per_batch": calls, "full_passes_per_image": full,
                     "ms_per_image": 1000.0 * seconds / n,
                     "mean_confidence": v.mean_confidence, "ratio_to_real": ratio, "histogram": v.histogram,

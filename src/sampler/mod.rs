@@ -15,6 +15,7 @@
 //!   [`rule::Rule`] trait (what is fixed before the first step, which positions a step draws,
 //!   which of them it keeps);
 //! - `draw.rs`: the categorical draw, nucleus truncation, softmax;
+//! - `guidance.rs`: classifier-free guidance over any denoiser;
 //! - `reverse.rs`: the one step loop, shared by single-window and windowed runs;
 //! - `tiling.rs`: windows of the trained grid over a larger one, and how they are fed.
 //!
@@ -49,12 +50,17 @@
 //!   every row of it (each window of a larger grid too). A class chosen for a request without
 //!   one ([`spread_class`]) comes from a stream of its own, so the image's stream is untouched:
 //!   image `i` made as class `c` is the image asked for with class `c`.
+//! - Classifier-free guidance (`guidance` w > 0, `guidance.rs`): a chain with a class reads the
+//!   logits `c + w (c - u)` (f32, element by element), c from a pass with its class and u from a
+//!   pass of its rows without one; chains without a class read theirs unchanged. The draws and
+//!   streams are as above.
 //!
 //! Changing any of this changes the tokens for a given seed: a breaking change.
 
 mod cached;
 mod chain;
 mod draw;
+mod guidance;
 mod reverse;
 pub(crate) mod rule;
 mod settings;
@@ -62,6 +68,7 @@ mod tiling;
 
 pub use cached::{CacheShape, CachedCall, CachedDenoiser, CachedOut};
 pub use chain::{image_rng, spread_class, Chain, NO_CLASS};
+pub use guidance::guide;
 pub use settings::{SamplerKind, Settings};
 pub use tiling::Tiling;
 

@@ -2,7 +2,7 @@
 //! truncation, and which sampler. Checked once, against the token space; nothing here draws.
 
 use crate::error::{Error, Result};
-use crate::limits::{MAX_CACHE_PERIOD, MAX_TEMPERATURE};
+use crate::limits::{MAX_CACHE_PERIOD, MAX_GUIDANCE, MAX_TEMPERATURE};
 use crate::param::Param;
 
 use super::rule::threshold::DEFAULT_THRESHOLD;
@@ -101,6 +101,10 @@ pub struct Settings {
     /// calls, cheap passes between (`--cache N`); `None` = exact mode (`--cache off`), every call
     /// a full pass of the bundle's transformer.
     pub cache: Option<usize>,
+    /// Classifier-free guidance scale w > 0 (`--guidance W`): a class-conditional bundle's logits
+    /// become `c + w (c - u)`, c with the chain's class and u with none (a second pass of the
+    /// transformer per call); `None` (or 0) = the class's logits as they are.
+    pub guidance: Option<f32>,
 }
 
 fn check_temperature(param: Param, t: f32) -> Result<()> {
@@ -135,6 +139,7 @@ impl Settings {
             sampler: SamplerKind::Absorbing,
             threshold: None,
             cache: None,
+            guidance: None,
         })
     }
 
@@ -202,6 +207,29 @@ impl Settings {
             crate::limits::check_range(Param::Cache, n, MAX_CACHE_PERIOD)?;
         }
         Ok(Settings { cache: period, ..self })
+    }
+
+    /// With classifier-free guidance of scale `w`, finite in [0, MAX_GUIDANCE]; 0 is stored as
+    /// `None` (no guidance). Set after the cache: cached attention does not guide (yet), so the
+    /// two together are refused.
+    pub fn with_guidance(self, w: Option<f32>) -> Result<Settings> {
+        let Some(w) = w else { return Ok(self) };
+        if !(w.is_finite() && (0.0..=MAX_GUIDANCE).contains(&w)) {
+            return Err(Error::param(
+                Param::Guidance,
+                format!("{w} is out of range: must be a number >= 0 and <= {MAX_GUIDANCE}"),
+            ));
+        }
+        if w > 0.0 && self.cache.is_some() {
+            return Err(Error::param(
+                Param::Guidance,
+                "cached attention (cache) does not guide: set cache off to use guidance".to_string(),
+            ));
+        }
+        Ok(Settings {
+            guidance: Some(w).filter(|&w| w > 0.0),
+            ..self
+        })
     }
 
     /// The threshold the `threshold` sampler uses.
@@ -278,5 +306,19 @@ mod tests {
             let e = Settings::new(4, t, &SPACE).unwrap_err().to_string();
             assert!(e.starts_with("invalid temperature"), "{e}");
         }
+        let s = Settings::new(4, 1.0, &SPACE).unwrap();
+        for w in [-0.5, f32::NAN, f32::INFINITY, 101.0] {
+            let e = s.with_guidance(Some(w)).unwrap_err().to_string();
+            assert!(e.starts_with("invalid guidance"), "{e}");
+        }
+        assert_eq!(s.with_guidance(Some(0.0)).unwrap().guidance, None, "0 is no guidance");
+        assert_eq!(s.with_guidance(Some(2.5)).unwrap().guidance, Some(2.5));
+        let e = s
+            .with_cache(Some(4))
+            .unwrap()
+            .with_guidance(Some(2.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid guidance") && e.contains("cache off"), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 //! `/v1/models/{id}`. Each request becomes the spec the native route builds (`GenerateSpec`,
 //! `InpaintSpec`, `VarySpec`) and runs through the same queue and worker, so its PNG bytes equal
 //! the native route's and the CLI's for the same seed and settings. absorb's own settings (`seed`,
-//! `steps`, `temperature`, `temperature_end`, `top_p`, `sampler`, `threshold`, `cache`, and
+//! `steps`, `temperature`, `temperature_end`, `top_p`, `sampler`, `threshold`, `cache`, `guidance`, and
 //! `strength` for variations) are extra fields (the SDKs' `extra_body`). Errors take OpenAI's
 //! shape, `{"error": {"message", "type", "param", "code"}}`, with the native route's status.
 //!
@@ -98,6 +98,7 @@ struct Extras {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
 }
 
 impl Extras {
@@ -110,6 +111,7 @@ impl Extras {
             sampler: self.sampler,
             threshold: self.threshold,
             cache: self.cache,
+            guidance: self.guidance,
             class,
         }
     }
@@ -289,6 +291,7 @@ struct Generation {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
 }
 
 impl Generation {
@@ -318,6 +321,7 @@ impl Generation {
             sampler: self.sampler,
             threshold: self.threshold,
             cache: self.cache,
+            guidance: self.guidance,
         };
         (self.prompt, self.n, output, extras)
     }
@@ -462,6 +466,7 @@ impl Form {
             sampler: self.value("sampler")?,
             threshold: self.value("threshold")?,
             cache: self.value("cache")?,
+            guidance: self.value("guidance")?,
         })
     }
 }
@@ -497,7 +502,7 @@ const FORM_COMMON: [&str; 22] = [
 
 fn form_fields(more: &[&'static str]) -> Vec<&'static str> {
     let mut v = FORM_COMMON.to_vec();
-    v.extend_from_slice(&["threshold", "cache"]);
+    v.extend_from_slice(&["threshold", "cache", "guidance"]);
     v.extend_from_slice(more);
     v
 }

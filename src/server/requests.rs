@@ -32,6 +32,7 @@ struct GenerateRequest {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
     /// A class-conditional bundle's class, by name or index (the CLI's `--class`).
     class: Option<serde_json::Value>,
     /// Token grid `[rows, cols]` larger than the bundle's (the CLI's `--grid`).
@@ -60,6 +61,7 @@ struct OutpaintRequest {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
     class: Option<serde_json::Value>,
     stride: Option<[usize; 2]>,
     window_margin: Option<[usize; 2]>,
@@ -103,6 +105,7 @@ struct InpaintRequest {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
     class: Option<serde_json::Value>,
     #[serde(default)]
     decode_all: bool,
@@ -126,6 +129,7 @@ struct VaryRequest {
     sampler: Option<SamplerKind>,
     threshold: Option<f32>,
     cache: Option<CacheMode>,
+    guidance: Option<f32>,
     class: Option<serde_json::Value>,
 }
 
@@ -464,6 +468,7 @@ macro_rules! sampling_of {
             sampler: $req.sampler,
             threshold: $req.threshold,
             cache: $req.cache,
+            guidance: $req.guidance,
             class: class_of($bundle, $req.class.as_ref())?,
         }
     };

@@ -393,6 +393,9 @@ async fn answer(
     json["cache"] = settings
         .cache
         .map_or(serde_json::json!("off"), |n| serde_json::json!(n));
+    if let Some(w) = settings.guidance {
+        json["guidance"] = serde_json::json!(w);
+    }
     if let Some(v) = strength {
         json["strength"] = serde_json::json!(v);
     }
@@ -574,6 +577,12 @@ fn png_response(png: Vec<u8>, seed: u64, settings: &Settings, strength: Option<f
     let cache = settings.cache.map_or_else(|| "off".to_string(), |n| n.to_string());
     if let Ok(v) = HeaderValue::from_str(&cache) {
         h.insert("x-absorb-cache", v);
+    }
+    if let Some(v) = settings
+        .guidance
+        .and_then(|w| HeaderValue::from_str(&w.to_string()).ok())
+    {
+        h.insert("x-absorb-guidance", v);
     }
     if let Some(v) = strength.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
         h.insert("x-absorb-strength", v);

@@ -101,6 +101,17 @@ try {
     const asked = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
     cli("generate", "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "--class", manifest.classes[3], "-o", "class/");
     check(asked.every((p, i) => same(p, `class/5-${String(i).padStart(6, "0")}.png`)), "with a class chosen, the 3 PNGs = the CLI's --class");
+    // Guidance, a class-conditional bundle's field: the CLI's --guidance.
+    check(await page.isVisible("#guidance"), "a class-conditional bundle shows the guidance field");
+    await page.fill("#guidance", "2");
+    await page.click("#go");
+    await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3 && document.getElementById("ptext").textContent.startsWith("done: ")
+      && !document.getElementById("go").disabled, finals, { timeout: 60000 });
+    const guided = await page.$$eval(finals, (imgs) => imgs.map((i) => i.src.split(",")[1]));
+    cli("generate", "--seed", "5", "--count", "3", "--steps", "5", "-t", "0.9", "--class", manifest.classes[3], "--guidance", "2", "-o", "guided/");
+    check(JSON.parse(posted.at(-1).body).guidance === 2 && guided.every((p, i) => same(p, `guided/5-${String(i).padStart(6, "0")}.png`))
+      && !guided.every((p, i) => same(p, `class/5-${String(i).padStart(6, "0")}.png`)), "guidance 2 = the CLI's --guidance 2, not the unguided PNGs");
+    await page.fill("#guidance", "");
     await page.selectOption("#class", "");
     // Back to the first results, which the steps below edit.
     await page.click("#go");
@@ -162,6 +173,7 @@ try {
     await page.selectOption("#modelsel", other.name);
     await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), other.name);
     const theirClasses = await page.$$eval("#class option", (os) => os.map((o) => o.value));
+    check((await page.isVisible("#guidance")) === !!other.classes, `the guidance field is shown only for a class-conditional bundle ("${other.name}")`);
     check((await page.isVisible("#class")) === !!other.classes
       && JSON.stringify(theirClasses) === JSON.stringify(["", ...(other.classes || [])]),
       `the class menu follows the bundle (${theirClasses.length - 1} classes${other.classes ? ": " + other.classes.slice(0, 3).join(", ") + ", ..." : ""})`);
