@@ -27,6 +27,8 @@ BAR_RATIO = 0.85  # samples' class confidence, x held-out real (issue 40)
 # (sampler, steps) candidates for the defaults, each at every temperature below
 CANDIDATES = (("maskgit", 16), ("halton", 16), ("absorbing", 32))
 TEMPERATURES = (0.6, 0.8, 1.0)
+# classifier-free guidance scales tried at the chosen (sampler, steps, temperature); 0 = none
+GUIDANCES = (0.0, 1.5, 3.0, 5.0)
 TABLE_STEPS = (8, 16, 32, 64)
 TABLE_SAMPLERS = ("absorbing", "maskgit", "halton")
 FACES = ("smiling faces", "worried faces")
@@ -65,14 +67,17 @@ def absorb_cmd(absorb: Path, *args) -> subprocess.CompletedProcess:
     return r
 
 
-def generate(absorb: Path, bundle: Path, names, per_class: int, seed: int, sampler, steps, temperature, tmp: Path):
+def generate(absorb: Path, bundle: Path, names, per_class: int, seed: int, sampler, steps, temperature, tmp: Path,
+             guidance: float = 0.0):
     """per_class images of every class, class by class: ((N, 3, 64, 64) in [0, 1], (N,) classes, seconds)."""
     imgs, classes = [], []
     t0 = time.time()
     for c, name in enumerate(names):
-        out = tmp / f"{sampler}-{steps}-{temperature}-{seed}-{per_class}-{c}"  # one folder per call: reads only its own
+        # one folder per call: reads only its own
+        out = tmp / f"{sampler}-{steps}-{temperature}-{guidance}-{seed}-{per_class}-{c}"
         absorb_cmd(absorb, "generate", "--model", bundle, "--class", name, "--count", per_class, "--seed", seed + c,
-                   "--sampler", sampler, "--steps", steps, "--temperature", temperature, "--out", f"{out}/")
+                   "--sampler", sampler, "--steps", steps, "--temperature", temperature, "--guidance", guidance,
+                   "--out", f"{out}/")
         imgs += [J.read_png(p, 3) for p in sorted(out.glob("*.png"))]
         classes += [c] * per_class
     return np.stack(imgs), np.array(classes), round(time.time() - t0, 1)
@@ -125,24 +130,31 @@ def measure(bundle: Path, absorb: Path, cfg, x_train, y_train, y_held, seed: int
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
-        def sample_row(sampler, steps, temperature, seed_, k=per_class):
-            x, cl, sec = generate(absorb, bundle, names, k, seed_, sampler, steps, temperature, tmp)
-            return row(x, cl, sampler=sampler, steps=steps, temperature=temperature, seconds=sec), x
+        def sample_row(sampler, steps, temperature, seed_, k=per_class, guidance=0.0):
+            x, cl, sec = generate(absorb, bundle, names, k, seed_, sampler, steps, temperature, tmp, guidance)
+            return row(x, cl, sampler=sampler, steps=steps, temperature=temperature, guidance=guidance,
+                       seconds=sec), x
+
+        def choose(rows):  # among the rows that meet the bar (else all), the lowest KID
+            return min([r for r in rows if r["ratio_to_real"] >= BAR_RATIO] or rows, key=lambda r: r["kid_x1000"])
 
         cands = [(s, n, t) for s, n in CANDIDATES for t in TEMPERATURES]
         if quick:
             cands = cands[:2]
         q["selection"] = [sample_row(s, n, t, seed + 1000)[0] for s, n, t in cands]
-        good = [r for r in q["selection"] if r["ratio_to_real"] >= BAR_RATIO] or q["selection"]
-        best = min(good, key=lambda r: r["kid_x1000"])
+        best = choose(q["selection"])
         sampler, steps, temperature = best["sampler"], best["steps"], best["temperature"]
-        q["samples"], imgs = sample_row(sampler, steps, temperature, seed, 2 * per_class)
-        q["samples_other_seed"] = sample_row(sampler, steps, temperature, seed + 7, 2 * per_class)[0]
+        # then guidance at that setting (each call two passes: it pays only if it meets the bar or KID)
+        q["selection_guidance"] = [best] + [sample_row(sampler, steps, temperature, seed + 1000, guidance=g)[0]
+                                            for g in GUIDANCES[1:2 if quick else None]]
+        guidance = choose(q["selection_guidance"])["guidance"]
+        q["samples"], imgs = sample_row(sampler, steps, temperature, seed, 2 * per_class, guidance)
+        q["samples_other_seed"] = sample_row(sampler, steps, temperature, seed + 7, 2 * per_class, guidance)[0]
         q["samples"]["bar_ratio"] = BAR_RATIO
         q["samples"]["meets_bar"] = bool(q["samples"]["ratio_to_real"] >= BAR_RATIO)
         q["grid"] = imgs  # taken out by ship()
         table = (8,) if quick else TABLE_STEPS
-        q["table"] = [sample_row(s, n, temperature, seed)[0] for s in TABLE_SAMPLERS for n in table]
+        q["table"] = [sample_row(s, n, temperature, seed, guidance=guidance)[0] for s in TABLE_SAMPLERS for n in table]
         q["inpaint"] = inpaint_faces(absorb, bundle, held, y, names, judge, tmp, sampler, steps, temperature, seed,
                                      quick)
     return q
@@ -183,7 +195,8 @@ def ship(out: Path, q: dict, ae, prior, cfg, source: str, names, tiles: dict, wr
     metrics = {"heldout_png_psnr_db": q["heldout_png_psnr_db"], "class_confidence_ratio": s["ratio_to_real"],
                "kid_x1000": s["kid_x1000"]}
     write_bundle(ae, prior, cfg.vq, cfg.prior, out, name="emoji", steps=s["steps"], temperature=s["temperature"],
-                 sampler=s["sampler"], source=source, metrics=metrics, classes=names, **tiles)
+                 sampler=s["sampler"], guidance=s.get("guidance") or None, source=source, metrics=metrics,
+                 classes=names, **tiles)
     shipped = json.loads((out / "model.json").read_text())["graphs"]
     assert shipped == measured, f"re-export changed the graphs: {measured} -> {shipped}"
     J.to_png(class_grid(grid, classes, len(names)), out / "samples.png")
@@ -203,11 +216,13 @@ def readme(q: dict, source: str) -> str:
               if c.get("codebook_merge") else "")
 
     def line(r):
-        return (f"| {r['sampler']} | {r['steps']} | {r['temperature']} | {r['class_confidence']:.3f} | "
-                f"{r['ratio_to_real']:.3f} | {r['class_agreement']:.1%} | {r['kid_x1000']:.1f} | {r['seconds']:.0f} |")
+        return (f"| {r['sampler']} | {r['steps']} | {r['temperature']} | {r.get('guidance') or 0:g} | "
+                f"{r['class_confidence']:.3f} | {r['ratio_to_real']:.3f} | {r['class_agreement']:.1%} | "
+                f"{r['kid_x1000']:.1f} | {r['seconds']:.0f} |")
 
-    head = ("| sampler | steps | temperature | class confidence | x real | class agreement | KID x 1000 | seconds |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| sampler | steps | temperature | guidance | class confidence | x real | class agreement | KID x 1000 "
+            "| seconds |\n|---|---|---|---|---|---|---|---|---|")
+    guided = f", guidance {s['guidance']:g}" if s.get("guidance") else ""
     refs = "\n".join(f"| {k.replace('_', ' ')} | {v['class_confidence']:.3f} | {v['kid_x1000']:.1f} |"
                      for k, v in ref.items())
     ip = q["inpaint"]
@@ -257,8 +272,10 @@ images on the judge's features):
 |---|---|---|
 {refs}
 
-Default sampling (model.json): **{s['sampler']}, {s['steps']} steps, temperature {s['temperature']}**: the lowest KID
-among the candidates whose class confidence is at least {BAR_RATIO} x real, on samples of another seed.
+Default sampling (model.json): **{s['sampler']}, {s['steps']} steps, temperature {s['temperature']}{guided}**: the
+lowest KID among the candidates whose class confidence is at least {BAR_RATIO} x real (all of them when none is), on
+samples of another seed; then the same among guidance scales at that setting (classifier-free guidance: each
+transformer call with the class and without, `absorb --guidance W`).
 At the defaults ({s['count']} samples): class confidence **{s['class_confidence']:.3f} = {s['ratio_to_real']:.3f} x real**
 (bar {BAR_RATIO}: {"met" if s['meets_bar'] else "not met"}), the judge names the class asked for {s['class_agreement']:.1%},
 KID x 1000 {s['kid_x1000']:.1f} (another seed: {other['kid_x1000']:.1f}, {other['ratio_to_real']:.3f} x real).
@@ -270,6 +287,11 @@ Candidates for the defaults (another seed):
 
 {head}
 {chr(10).join(line(r) for r in q['selection'])}
+
+Guidance at the chosen setting (another seed; 0 is the row above):
+
+{head}
+{chr(10).join(line(r) for r in q.get('selection_guidance', []))}
 
 Inpainting: the lower half (`--rect {ip['rect']}`) of {ip['count']} held-out faces regenerated: class
 confidence {ip['class_confidence']:.3f} (the same faces whole: {ip['whole_class_confidence']:.3f}).

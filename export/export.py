@@ -409,12 +409,13 @@ def clear_stale(out_dir: Path) -> None:
 
 
 def sampling_defaults(steps: int, temperature: float, temperature_end: float | None = None,
-                      top_p: float | None = None, sampler: str | None = None) -> dict:
-    """model.json's sampler keys of `sampling`, absent ones left out (top_p 1 = none)."""
+                      top_p: float | None = None, sampler: str | None = None, guidance: float | None = None) -> dict:
+    """model.json's sampler keys of `sampling`, absent ones left out (top_p 1 = none, guidance 0 = none)."""
     return {"steps": int(steps), "temperature": float(temperature),
             **({"temperature_end": float(temperature_end)} if temperature_end else {}),
             **({"top_p": float(top_p)} if top_p and top_p < 1 else {}),
-            **({"sampler": sampler} if sampler else {})}
+            **({"sampler": sampler} if sampler else {}),
+            **({"guidance": float(guidance)} if guidance else {})}
 
 
 def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorConfig, out_dir, *,
@@ -423,9 +424,11 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
                  window_stride: tuple[int, int] | None = None,
                  window_margin: tuple[int, int] | None = None, sampler: str | None = None,
                  temperature_end: float | None = None, outpaint_edge: int | None = None,
-                 top_p: float | None = None, classes: list[str] | None = None, cache: bool = True) -> Path:
+                 top_p: float | None = None, classes: list[str] | None = None, cache: bool = True,
+                 guidance: float | None = None) -> Path:
     """Export the three graphs to `out_dir`, check them against torch, then write model.json; with
-    `cache`, the cached-attention graph and cache.json too (cache.py)."""
+    `cache`, the cached-attention graph and cache.json too (cache.py). `guidance`: a
+    class-conditional bundle's default classifier-free guidance scale (absent or 0: none)."""
     check_configs(vq, pc)
     assert steps >= 1, f"steps {steps} must be >= 1"
     assert temperature > 0, f"temperature {temperature} must be > 0"
@@ -436,6 +439,8 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
         raise ExportError(f"a prior of {pc.n_classes} classes needs their {pc.n_classes} names (classes=)")
     if classes and not pc.n_classes:
         raise ExportError("class names given for a prior without classes")
+    if guidance and not (pc.n_classes and 0 < guidance <= 100):
+        raise ExportError(f"guidance {guidance}: a scale in (0, 100] for a class-conditional prior only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.json").unlink(missing_ok=True)  # no stale manifest over half-written graphs
@@ -453,7 +458,7 @@ def write_bundle(ae: Autoencoder, prior: Transformer, vq: VQConfig, pc: PriorCon
         "graphs": {g: {"file": f, "sha256": sha256_of(out_dir / f)}
                    for g, (f, _, _) in GRAPHS.items()},
         **({"classes": [str(c) for c in classes]} if classes else {}),
-        "sampling": {**sampling_defaults(steps, temperature, temperature_end, top_p, sampler),
+        "sampling": {**sampling_defaults(steps, temperature, temperature_end, top_p, sampler, guidance),
                      **({"window_stride": [int(v) for v in window_stride]} if window_stride else {}),
                      **({"window_margin": [int(v) for v in window_margin]} if window_margin else {}),
                      **({"outpaint_edge": int(outpaint_edge)} if outpaint_edge else {})},

@@ -286,9 +286,10 @@ def test_a_class_conditional_transformer_exports_a_class_input_that_changes_its_
     with pytest.raises(ExportError, match="needs their 3 names"):
         write_bundle(ae, prior, vq, pc, tmp_path / "x", name="c", steps=8, temperature=1.0, source="test")
     out = write_bundle(ae, prior, vq, pc, tmp_path / "c", name="c", steps=8, temperature=1.0, source="test",
-                       classes=["a", "b", "c"])
+                       classes=["a", "b", "c"], guidance=2.5)
     m = json.loads((out / "model.json").read_text())
     assert m["classes"] == ["a", "b", "c"] and m["provenance"]["hparams"]["n_classes"] == 3
+    assert m["sampling"]["guidance"] == 2.5
     s = session(out / "transformer.onnx")
     assert [(i.name, i.shape) for i in s.get_inputs()] == [(TRANSFORMER_INPUT, ["batch", 64]), ("class", ["batch"])]
     seq = np.full((4, 64), pc.mask_id, np.int64)
@@ -305,6 +306,9 @@ def test_a_class_conditional_transformer_exports_a_class_input_that_changes_its_
             assert np.abs(got[i] - got[j]).max() > 1e-2, (i, j)
     # An unconditional graph takes no class; the feed helper says so instead of onnxruntime's error.
     from export.feed import transformer_feed
+    with pytest.raises(ExportError, match="guidance 2"):
+        write_bundle(ae, random_init(*config_from_hparams(TINY), seed=4)[1], vq, config_from_hparams(TINY)[1],
+                     tmp_path / "g", name="g", steps=8, temperature=1.0, source="test", guidance=2)
     plain = write_bundle(ae, random_init(*config_from_hparams(TINY), seed=4)[1], vq,
                          config_from_hparams(TINY)[1], tmp_path / "p", name="p", steps=8, temperature=1.0,
                          source="test")
