@@ -293,11 +293,15 @@ bench-paper-256:
 # goes on where it stopped (the same bytes as a run that never stopped). EMOJI_MINUTES=N stops it at a
 # checkpoint after N minutes of training; run the target again to go on. Run nothing heavy alongside.
 # When training ends, the int8 and fp16 variants are written and measured (export/variants.py).
+# The checkpoint lives in the repository (export/checkpoints/, committed at pauses) because the
+# machines a run spans do not share a disk: a fresh clone goes on from the last committed pause.
 EMOJI_MINUTES ?= 0
+EMOJI_CHECKPOINT ?= export/checkpoints/emoji-seed0.pt
 .PHONY: train-emoji
 train-emoji: venv ort build
 	ABSORB_BIN=$(abspath target/release/absorb) ORT_DYLIB_PATH=$(abspath $(ORT_LIB)) \
-	  $(PY) -m export train-emoji --out models/emoji --resume --minutes $(EMOJI_MINUTES)
+	  $(PY) -m export train-emoji --out models/emoji --resume --minutes $(EMOJI_MINUTES) \
+	  --checkpoint $(EMOJI_CHECKPOINT)
 	$(PY) -m export variants --bundle models/emoji
 
 # The README's pictures: the reverse process, a 4-wide grid, outpainting (digits bundle); the scenes
