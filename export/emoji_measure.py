@@ -27,8 +27,10 @@ BAR_RATIO = 0.85  # samples' class confidence, x held-out real (issue 40)
 # (sampler, steps) candidates for the defaults, each at every temperature below
 CANDIDATES = (("maskgit", 16), ("halton", 16), ("absorbing", 32))
 TEMPERATURES = (0.6, 0.8, 1.0)
-# classifier-free guidance scales tried at the chosen (sampler, steps, temperature); 0 = none
-GUIDANCES = (0.0, 1.5, 3.0, 5.0)
+# classifier-free guidance scales tried at the chosen (sampler, steps, temperature); 0 = none.
+# Measured on recipe v4 (absorbing, 32 steps, temperature 0.8, 130 samples): 0.50 / 0.75 / 0.81 /
+# 0.85 x real at 0 / 1.5 / 3 / 5, so the range reaches past 5.
+GUIDANCES = (0.0, 3.0, 5.0, 8.0)
 TABLE_STEPS = (8, 16, 32, 64)
 TABLE_SAMPLERS = ("absorbing", "maskgit", "halton")
 FACES = ("smiling faces", "worried faces")
