@@ -3,7 +3,7 @@
 // outpaint, vary, watch the live previews reveal a generation, cancel a running job, then the same
 // on a phone's screen with touch; every PNG the page got must equal the CLI's for the same
 // parameters. `make browser-test` runs it; SHOTS=DIR saves screenshots there.
-//   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR [SECOND_MODEL_DIR]   (the second: the model menu)
+//   node tests/browser/ui.mjs ABSORB_BIN MODEL_DIR [OTHER_MODEL_DIR...]   (the others: the model menu)
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -12,7 +12,7 @@ import { createRequire } from "node:module";
 
 const require = createRequire(process.env.PLAYWRIGHT_DIR + "/");
 const { chromium } = require("playwright-core");
-const [bin, model, second] = process.argv.slice(2);
+const [bin, model, ...others] = process.argv.slice(2);
 const work = mkdtempSync(join(tmpdir(), "absorb-ui-"));
 const shots = process.env.SHOTS;
 let failures = 0;
@@ -21,8 +21,8 @@ const cli = (...args) => execFileSync(bin, [...args, "-m", model], { cwd: work, 
 const same = (b64, file) => Buffer.from(b64, "base64").equals(readFileSync(join(work, file)));
 
 // The service on a free port.
-// With a second bundle: both, the first the default (the page's model menu is tested on them).
-const server = spawn(bin, ["serve", "-m", model, ...(second ? ["-m", second] : []), "--listen", "127.0.0.1:0"],
+// With other bundles: all of them, the first the default (the page's model menu is tested on them).
+const server = spawn(bin, ["serve", "-m", model, ...others.flatMap((o) => ["-m", o]), "--listen", "127.0.0.1:0"],
   { stdio: ["ignore", "ignore", "pipe"] });
 const base = await new Promise((resolve, reject) => {
   let err = "";
@@ -164,12 +164,15 @@ try {
   cli("vary", "--image", "many/5-000000.png", "--strength", "0.3", "--seed", "5", "--steps", "5", "-o", "varied.png");
   check(varyBody.strength === 0.3 && same(varied, "varied.png"), "a variation at strength 0.3 = the CLI's vary");
 
-  // 3c. The model menu: another bundle, its own classes, its images the CLI's; then back.
-  if (second) {
-    const other = JSON.parse(readFileSync(join(second, "model.json"), "utf8"));
+  // 3c. The model menu: each other bundle, its own classes, its images the CLI's; then back.
+  const otherNames = others.map((dir) => JSON.parse(readFileSync(join(dir, "model.json"), "utf8")).name);
+  if (others.length) {
     const names = await page.$$eval("#modelsel option", (os) => os.map((o) => o.value));
-    check((await page.isVisible("#modelsel")) && JSON.stringify(names) === JSON.stringify([manifest.name, other.name]),
-      `the model menu lists both bundles (${names.join(", ")})`);
+    check((await page.isVisible("#modelsel")) && JSON.stringify(names) === JSON.stringify([manifest.name, ...otherNames]),
+      `the model menu lists every bundle (${names.join(", ")})`);
+  }
+  for (const second of others) {
+    const other = JSON.parse(readFileSync(join(second, "model.json"), "utf8"));
     await page.selectOption("#modelsel", other.name);
     await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), other.name);
     const theirClasses = await page.$$eval("#class option", (os) => os.map((o) => o.value));
