@@ -45,8 +45,9 @@ def choose_guidance(rows):
     """The guidance scale: among the rows that meet the bar, the lowest KID; when none does, the one
     closest to it (guidance costs KID for the class asked: v4 at 0 / 3 / 5 / 8 gave 0.50 / 0.81 /
     0.85 / 0.78 x real and KID 600 / 843 / 919 / 966, and the class is what a user asked for)."""
-    meet = [r for r in rows if r["ratio_to_real"] >= BAR_RATIO]
-    return min(meet, key=lambda r: r["kid_x1000"]) if meet else max(rows, key=lambda r: r["ratio_to_real"])
+    if any(r["ratio_to_real"] >= BAR_RATIO for r in rows):
+        return choose(rows)
+    return max(rows, key=lambda r: r["ratio_to_real"])
 
 
 def softmax(logits):
@@ -149,7 +150,6 @@ def measure(bundle: Path, absorb: Path, cfg, x_train, y_train, y_held, seed: int
             x, cl, sec = generate(absorb, bundle, names, k, seed_, sampler, steps, temperature, tmp, guidance)
             return row(x, cl, sampler=sampler, steps=steps, temperature=temperature, guidance=guidance,
                        seconds=sec), x
-
 
         cands = [(s, n, t) for s, n in CANDIDATES for t in TEMPERATURES]
         if quick:

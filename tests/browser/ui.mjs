@@ -165,14 +165,15 @@ try {
   check(varyBody.strength === 0.3 && same(varied, "varied.png"), "a variation at strength 0.3 = the CLI's vary");
 
   // 3c. The model menu: each other bundle, its own classes, its images the CLI's; then back.
-  const otherNames = others.map((dir) => JSON.parse(readFileSync(join(dir, "model.json"), "utf8")).name);
+  const otherManifests = others.map((dir) => JSON.parse(readFileSync(join(dir, "model.json"), "utf8")));
   if (others.length) {
     const names = await page.$$eval("#modelsel option", (os) => os.map((o) => o.value));
-    check((await page.isVisible("#modelsel")) && JSON.stringify(names) === JSON.stringify([manifest.name, ...otherNames]),
+    check((await page.isVisible("#modelsel"))
+      && JSON.stringify(names) === JSON.stringify([manifest.name, ...otherManifests.map((o) => o.name)]),
       `the model menu lists every bundle (${names.join(", ")})`);
   }
-  for (const second of others) {
-    const other = JSON.parse(readFileSync(join(second, "model.json"), "utf8"));
+  for (const [i, other] of otherManifests.entries()) {
+    const second = others[i];
     await page.selectOption("#modelsel", other.name);
     await page.waitForFunction((n) => document.getElementById("model").textContent.includes(`"${n}"`), other.name);
     const theirClasses = await page.$$eval("#class option", (os) => os.map((o) => o.value));
